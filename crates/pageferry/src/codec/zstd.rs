@@ -1,0 +1,55 @@
+//! Method `zstd` (levels 1–19, default 1): one zstd frame per batch, through the zstd crate.
+//!
+//! zstd copies literals into its sequence store as it parses and never re-reads the input to
+//! build entropy tables, so a page changing during compression yields a valid frame (with
+//! either version of the bytes) — it may be compressed straight from guest memory.
+
+use super::{Codec, CodecError, CodecInfo, Method};
+
+pub struct ZstdCodec {
+    level: u8,
+    cctx: zstd::bulk::Compressor<'static>,
+    dctx: zstd::bulk::Decompressor<'static>,
+}
+
+impl ZstdCodec {
+    pub fn new(level: u8) -> Result<Self, CodecError> {
+        let setup = |e: std::io::Error| CodecError::Setup { method: Method::Zstd, detail: e.to_string() };
+        let mut cctx = zstd::bulk::Compressor::new(level as i32).map_err(setup)?;
+        // The destination checks the length itself; a checksum would be redundant with CRC32C.
+        cctx.include_checksum(false).map_err(setup)?;
+        cctx.include_contentsize(true).map_err(setup)?;
+        let dctx = zstd::bulk::Decompressor::new().map_err(setup)?;
+        Ok(Self { level, cctx, dctx })
+    }
+}
+
+impl Codec for ZstdCodec {
+    fn info(&self) -> CodecInfo {
+        CodecInfo { method: Method::Zstd, level: self.level, provider: format!("libzstd {}", zstd::zstd_safe::version_string()) }
+    }
+    fn max_compressed_len(&self, input_len: usize) -> usize {
+        zstd::zstd_safe::compress_bound(input_len)
+    }
+    fn compress(&mut self, input: &[u8], out: &mut [u8]) -> Result<Option<usize>, CodecError> {
+        let n = self
+            .cctx
+            .compress_to_buffer(input, out)
+            .map_err(|e| CodecError::Compress { method: Method::Zstd, detail: e.to_string() })?;
+        Ok(Some(n))
+    }
+    fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+        let want = out.len();
+        let n = self
+            .dctx
+            .decompress_to_buffer(input, out)
+            .map_err(|e| CodecError::Decompress { method: Method::Zstd, detail: e.to_string() })?;
+        if n != want {
+            return Err(CodecError::Decompress { method: Method::Zstd, detail: format!("inflated to {n} bytes, expected {want}") });
+        }
+        Ok(())
+    }
+    fn tolerates_changing_input(&self) -> bool {
+        true
+    }
+}

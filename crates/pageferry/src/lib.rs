@@ -1,0 +1,1 @@
+pub mod codec; pub mod dirty; pub mod memory;

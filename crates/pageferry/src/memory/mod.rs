@@ -1,0 +1,121 @@
+//! Guest memory as the engine sees it: an ordered list of named regions, each a host mapping.
+//!
+//! The engine never knows who owns a region — an image file mapped shared, a memfd, anonymous
+//! memory, a KVM memory slot of a VMM — it only needs a name, a length and a host pointer.
+//! A VMM adopts pageferry by implementing [`MemoryRegion`] for its own mappings (or wrapping
+//! them with [`MmapRegion::from_raw`]).
+//!
+//! Concurrency: the guest may write a region while the source reads it. Reads therefore go
+//! through raw pointers into buffers the engine owns or into codecs that tolerate changing
+//! input; see `engine::source` for the rules.
+
+mod mmap;
+
+pub use mmap::MmapRegion;
+
+use std::sync::Arc;
+
+/// Size of a guest page; every offset on the wire counts in these.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Errors from creating or sizing memory backings.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{what} '{name}': {source}")]
+    Io { what: &'static str, name: String, #[source] source: std::io::Error },
+    #[error("region '{name}': length {len} is not a non-zero multiple of the page size ({PAGE_SIZE})")]
+    BadLength { name: String, len: u64 },
+    #[error("duplicate region name '{0}'")]
+    DuplicateName(String),
+}
+
+/// One contiguous piece of guest memory mapped into this process.
+///
+/// # Safety
+/// Implementors promise that `host_ptr()` points to `len()` bytes that stay mapped, readable
+/// and writable for as long as the region lives, and that `len()` is a multiple of
+/// [`PAGE_SIZE`].
+pub unsafe trait MemoryRegion: Send + Sync {
+    /// Stable name, matched between source and destination (e.g. "ram0", "image").
+    fn name(&self) -> &str;
+    /// Length in bytes (a multiple of [`PAGE_SIZE`]).
+    fn len(&self) -> u64;
+    /// Start of the host mapping.
+    fn host_ptr(&self) -> *mut u8;
+    /// True when every byte is known to be zero because the backing was just created; a
+    /// destination may then skip writing zero pages in the first round.
+    fn is_fresh_zeroed(&self) -> bool {
+        false
+    }
+    fn pages(&self) -> u64 {
+        self.len() / PAGE_SIZE as u64
+    }
+}
+
+/// The guest's memory: regions in a fixed order (their index is the region id on the wire).
+#[derive(Clone, Default)]
+pub struct GuestMemory {
+    regions: Vec<Arc<dyn MemoryRegion>>,
+}
+
+impl GuestMemory {
+    pub fn new(regions: Vec<Arc<dyn MemoryRegion>>) -> Result<Self, MemoryError> {
+        for (i, r) in regions.iter().enumerate() {
+            if r.len() == 0 || r.len() % PAGE_SIZE as u64 != 0 {
+                return Err(MemoryError::BadLength { name: r.name().into(), len: r.len() });
+            }
+            if regions[..i].iter().any(|o| o.name() == r.name()) {
+                return Err(MemoryError::DuplicateName(r.name().into()));
+            }
+        }
+        Ok(Self { regions })
+    }
+    pub fn single(region: impl MemoryRegion + 'static) -> Result<Self, MemoryError> {
+        Self::new(vec![Arc::new(region)])
+    }
+    pub fn regions(&self) -> &[Arc<dyn MemoryRegion>] {
+        &self.regions
+    }
+    pub fn region(&self, id: usize) -> Option<&Arc<dyn MemoryRegion>> {
+        self.regions.get(id)
+    }
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len()).sum()
+    }
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() / PAGE_SIZE as u64
+    }
+
+    /// A 128-bit digest of all regions (xxh3), in region order. Used to verify a migration end
+    /// to end; the caller must make sure nobody writes the memory meanwhile.
+    pub fn digest(&self) -> u128 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for r in &self.regions {
+            h.update(r.name().as_bytes());
+            // SAFETY: the region contract guarantees len bytes mapped at host_ptr.
+            let bytes = unsafe { std::slice::from_raw_parts(r.host_ptr(), r.len() as usize) };
+            for chunk in bytes.chunks(1 << 20) {
+                h.update(chunk);
+            }
+        }
+        h.digest128()
+    }
+
+    /// Region layout as sent in the handshake: (name, length) in order.
+    pub fn layout(&self) -> Vec<(String, u64)> {
+        self.regions.iter().map(|r| (r.name().to_string(), r.len())).collect()
+    }
+}
+
+/// Pointer to page `page` of `region`, or None when it lies outside the region.
+pub(crate) fn page_ptr(region: &dyn MemoryRegion, page: u64) -> Option<*mut u8> {
+    if page < region.pages() {
+        // SAFETY: in bounds by the check above and the region contract.
+        Some(unsafe { region.host_ptr().add(page as usize * PAGE_SIZE) })
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;
