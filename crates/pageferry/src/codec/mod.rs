@@ -142,6 +142,12 @@ pub trait Codec: Send {
     /// and build tables from the first read (libdeflate) say false, and the engine gives them
     /// a stable copy of live memory.
     fn tolerates_changing_input(&self) -> bool;
+    /// Batches a channel should keep in flight to this codec when the user does not say
+    /// (`--pipeline-depth`): 1 for CPU codecs (one core each), more for an accelerator that
+    /// takes parallel requests.
+    fn preferred_pipeline_depth(&self) -> usize {
+        1
+    }
 }
 
 /// Open a codec for one channel worker: the one place that maps a method to its file.

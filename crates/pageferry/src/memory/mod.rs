@@ -107,15 +107,5 @@ impl GuestMemory {
     }
 }
 
-/// Pointer to page `page` of `region`, or None when it lies outside the region.
-pub(crate) fn page_ptr(region: &dyn MemoryRegion, page: u64) -> Option<*mut u8> {
-    if page < region.pages() {
-        // SAFETY: in bounds by the check above and the region contract.
-        Some(unsafe { region.host_ptr().add(page as usize * PAGE_SIZE) })
-    } else {
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,475 @@
+//! The destination side: accept and check the channels, write pages in place, enforce the
+//! round order, verify, resume.
+//!
+//! Every data channel has a reader thread that validates each packet completely — header,
+//! offsets against the region, sizes, CRC32C — and writes pages straight into guest memory:
+//! raw contiguous payloads are read from the socket into place, compressed contiguous ones are
+//! decompressed into place (no copy of those pages at all); only scattered batches go
+//! through one batch-sized buffer. A reader that reaches the end of round k waits at a gate
+//! until every channel has; only then may anyone apply round k+1, so a late stale copy can
+//! never overwrite a newer page.
+
+use super::stats::{Counters, CpuMeter, DestinationReport};
+use super::{DestinationConfig, DestinationWorkload, MigrationError};
+use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::{self, decode_offsets, packet_crc, Control, Hello, PacketHeader, PacketKind, Role, SessionId, WireError, PACKET_HEADER_LEN};
+use crossbeam_channel::Sender;
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why a Hello is refused (the text both sides print), or None when acceptable.
+fn check_hello(h: &Hello, memory: &GuestMemory, config: &DestinationConfig) -> Option<String> {
+    if h.version != wire::PROTOCOL_VERSION {
+        return Some(format!("protocol version mismatch: source speaks version {}, destination speaks version {}", h.version, wire::PROTOCOL_VERSION));
+    }
+    if h.method != config.codec.method {
+        return Some(format!("compression method mismatch: source uses {}, destination expects {}", h.method, config.codec.method));
+    }
+    let ours = memory.layout();
+    if h.regions != ours {
+        let show = |v: &[(String, u64)]| v.iter().map(|(n, l)| format!("{n}: {l} bytes")).collect::<Vec<_>>().join(", ");
+        return Some(format!("memory layout mismatch: source has [{}], destination has [{}]", show(&h.regions), show(&ours)));
+    }
+    if h.channels == 0 || h.channels > 256 {
+        return Some(format!("bad channel count {}", h.channels));
+    }
+    None
+}
+
+fn refuse(sock: &mut TcpStream, reason: &str) {
+    let _ = wire::write_frame(sock, &Control::Refuse { reason: reason.to_string() }, &[]);
+}
+
+/// Accept the control channel and all data channels of one session.
+fn accept_session(listener: &TcpListener, memory: &GuestMemory, config: &DestinationConfig, fresh: bool) -> Result<(TcpStream, Vec<TcpStream>, Hello), MigrationError> {
+    listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
+    let deadline = Instant::now() + config.accept_timeout;
+    let mut control: Option<(TcpStream, Hello)> = None;
+    let mut data: Vec<Option<TcpStream>> = Vec::new();
+    loop {
+        if control.is_some() && data.iter().all(|d| d.is_some()) {
+            let (c, h) = control.take().unwrap();
+            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h));
+        }
+        if Instant::now() >= deadline {
+            return Err(MigrationError::Other(format!(
+                "timed out after {:?} waiting for the source ({} of {} data channels connected)",
+                config.accept_timeout,
+                data.iter().filter(|d| d.is_some()).count(),
+                data.len()
+            )));
+        }
+        let (mut sock, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(MigrationError::Other(format!("accept: {e}"))),
+        };
+        sock.set_nonblocking(false).ok();
+        sock.set_nodelay(true).ok();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let hello = match wire::read_frame(&mut sock) {
+            Ok((Control::Hello(h), _)) => h,
+            Ok((other, _)) => {
+                eprintln!("pageferry: dropping connection from {peer}: expected a handshake, got {other:?}");
+                continue;
+            }
+            Err(e) => {
+                eprintln!("pageferry: dropping connection from {peer}: {e}");
+                continue;
+            }
+        };
+        let session = control.as_ref().map(|(_, h)| h.session);
+        match (hello.role, session) {
+            (Role::Control, None) => {
+                if let Some(reason) = check_hello(&hello, memory, config) {
+                    refuse(&mut sock, &reason);
+                    return Err(MigrationError::Refused(reason));
+                }
+                wire::write_frame(&mut sock, &Control::Welcome { fresh_destination: fresh }, &[])
+                    .map_err(|source| MigrationError::Wire { channel: "control channel".into(), source })?;
+                data = (0..hello.channels).map(|_| None).collect();
+                control = Some((sock, hello));
+            }
+            (_, Some(s)) if s == hello.session => {
+                let idx = hello.channel as usize;
+                if hello.role != Role::Data || idx >= data.len() || data[idx].is_some() {
+                    refuse(&mut sock, &format!("unexpected or duplicate {:?} connection for channel {idx}", hello.role));
+                    continue;
+                }
+                if let Err(e) = wire::write_frame(&mut sock, &Control::Welcome { fresh_destination: fresh }, &[]) {
+                    eprintln!("pageferry: channel {idx}: {e}");
+                    continue;
+                }
+                data[idx] = Some(sock);
+            }
+            (_, current) => {
+                // Not our session (or data before control): drop without an answer.
+                eprintln!(
+                    "pageferry: dropping stray connection from {peer}: session {} is not {}",
+                    hello.session,
+                    current.map(|s: SessionId| s.to_string()).unwrap_or_else(|| "(no control channel yet)".into())
+                );
+            }
+        }
+    }
+}
+
+/// Rounds completed by all channels; readers wait here at the end of each round.
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+    channels: usize,
+}
+
+#[derive(Default)]
+struct GateState {
+    round: u32,
+    arrived: usize,
+    finished: bool,
+    failed: bool,
+}
+
+enum Event {
+    RoundComplete(u32),
+    Failed(MigrationError),
+    Control(Result<(Control, Vec<u8>), WireError>),
+}
+
+impl Gate {
+    /// Called by a channel that delivered all of `round`; returns when all channels have.
+    fn arrive(&self, round: u32, events: &Sender<Event>) -> Result<(), WireError> {
+        let mut s = self.state.lock().unwrap();
+        if round != s.round {
+            return Err(WireError::malformed("sync packet", format!("for round {round} during round {}", s.round)));
+        }
+        s.arrived += 1;
+        if s.arrived == self.channels {
+            s.arrived = 0;
+            s.round += 1;
+            let _ = events.send(Event::RoundComplete(round));
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.round == round && !s.failed {
+            s = self.cv.wait(s).unwrap();
+        }
+        Ok(())
+    }
+    fn current(&self) -> u32 {
+        self.state.lock().unwrap().round
+    }
+    fn fail(&self) {
+        self.state.lock().unwrap().failed = true;
+        self.cv.notify_all();
+    }
+}
+
+struct Reader<'a> {
+    idx: usize,
+    sock: TcpStream,
+    memory: &'a GuestMemory,
+    method: Method,
+    codec: Option<Box<dyn Codec>>,
+    gate: &'a Gate,
+    counters: &'a Counters,
+    fresh: &'a [bool],
+    events: Sender<Event>,
+}
+
+impl Reader<'_> {
+    fn err(&self, source: WireError) -> MigrationError {
+        let round = self.gate.current();
+        let source = match source {
+            WireError::Closed(_) => WireError::Closed(format!(" (channel {}, round {round}: did the source die?)", self.idx)),
+            s => s,
+        };
+        MigrationError::Wire { channel: format!("channel {} in round {round}", self.idx), source }
+    }
+
+    fn run(mut self) {
+        let mut payload = vec![0u8; MAX_BATCH_BYTES];
+        let mut offsets = vec![0u8; 2 * codec::MAX_BATCH_PAGES * 4];
+        let (mut normal, mut zero) = (Vec::with_capacity(128), Vec::with_capacity(128));
+        let mut expected_num = 0u64;
+        loop {
+            let mut hdr = [0u8; PACKET_HEADER_LEN];
+            match self.sock.read(&mut hdr[..1]) {
+                Ok(0) => {
+                    // End of stream at a packet boundary: fine once the migration finished.
+                    if !self.gate.state.lock().unwrap().finished {
+                        let e = self.err(WireError::Closed(String::new()));
+                        let _ = self.events.send(Event::Failed(e));
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !self.gate.state.lock().unwrap().finished {
+                        let e = self.err(WireError::Io(e));
+                        let _ = self.events.send(Event::Failed(e));
+                    }
+                    return;
+                }
+            }
+            let r = wire::read_exact(&mut self.sock, &mut hdr[1..], "inside a packet header")
+                .map_err(PacketError::from)
+                .and_then(|_| self.packet(&hdr, &mut expected_num, &mut payload, &mut offsets, &mut normal, &mut zero));
+            if let Err(e) = r {
+                let e = match e {
+                    PacketError::Wire(w) => self.err(w),
+                    PacketError::Other(m) => m,
+                };
+                let _ = self.events.send(Event::Failed(e));
+                return;
+            }
+        }
+    }
+
+    fn packet(
+        &mut self,
+        hdr: &[u8; PACKET_HEADER_LEN],
+        expected_num: &mut u64,
+        payload: &mut [u8],
+        offsets: &mut [u8],
+        normal: &mut Vec<u32>,
+        zero: &mut Vec<u32>,
+    ) -> Result<(), PacketError> {
+        let h = PacketHeader::decode(hdr)?;
+        if h.method != self.method {
+            return Err(WireError::malformed("packet", format!("method {} on a {} migration", h.method, self.method)).into());
+        }
+        if h.packet_num != *expected_num {
+            return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, expected_num)).into());
+        }
+        *expected_num += 1;
+        let round = self.gate.current();
+        if h.round != round {
+            return Err(WireError::malformed("packet", format!("of round {} during round {round} (stale or early)", h.round)).into());
+        }
+        if h.kind == PacketKind::Sync {
+            let mut crc = [0u8; 4];
+            wire::read_exact(&mut self.sock, &mut crc, "in a sync packet")?;
+            check_crc(hdr, &[], &[], crc)?;
+            self.gate.arrive(h.round, &self.events)?;
+            return Ok(());
+        }
+        let region = self
+            .memory
+            .region(h.region as usize)
+            .ok_or_else(|| WireError::malformed("packet", format!("region {} does not exist ({} regions)", h.region, self.memory.regions().len())))?
+            .clone();
+        let offsets = &mut offsets[..h.offsets_len()];
+        wire::read_exact(&mut self.sock, offsets, "in page offsets")?;
+        decode_offsets(&h, offsets, region.pages(), normal, zero)?;
+        let n_bytes = normal.len() * PAGE_SIZE;
+        let contiguous = !normal.is_empty() && (normal[normal.len() - 1] - normal[0]) as usize + 1 == normal.len();
+        let base = region.host_ptr();
+        let len = h.payload_len as usize;
+        // SAFETY (all guest slices below): offsets were checked against the region, and
+        // contiguous pages [first, first + n) lie inside it.
+        let direct = unsafe { contiguous.then(|| std::slice::from_raw_parts_mut(base.add(normal[0] as usize * PAGE_SIZE), n_bytes)) };
+        let mut crc = [0u8; 4];
+        match direct {
+            Some(dst) if h.raw => {
+                // Raw and contiguous: from the socket straight into place; a CRC mismatch
+                // fails the whole migration, so unverified bytes never count as migrated.
+                wire::read_exact(&mut self.sock, dst, "in a payload")?;
+                wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+                check_crc(hdr, offsets, dst, crc)?;
+            }
+            dst => {
+                wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
+                wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+                check_crc(hdr, offsets, &payload[..len], crc)?;
+                let codec = self.codec.as_mut();
+                let decode_err = |source| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), source });
+                match (dst, h.raw) {
+                    (Some(dst), false) => codec.expect("compressed payloads need a codec").decompress(&payload[..len], dst).map_err(decode_err)?,
+                    (None, raw) => {
+                        let mut bounce;
+                        let src: &[u8] = if raw {
+                            &payload[..n_bytes]
+                        } else {
+                            bounce = vec![0u8; n_bytes];
+                            codec.expect("compressed payloads need a codec").decompress(&payload[..len], &mut bounce).map_err(decode_err)?;
+                            &bounce
+                        };
+                        for (i, &p) in normal.iter().enumerate() {
+                            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i * PAGE_SIZE), base.add(p as usize * PAGE_SIZE), PAGE_SIZE) };
+                        }
+                    }
+                    (Some(_), true) => unreachable!("handled above"),
+                }
+            }
+        }
+        if !(round == 0 && self.fresh[h.region as usize]) {
+            for &p in zero.iter() {
+                unsafe { std::ptr::write_bytes(base.add(p as usize * PAGE_SIZE), 0, PAGE_SIZE) };
+            }
+        }
+        Counters::add(&self.counters.normal_pages, normal.len() as u64);
+        Counters::add(&self.counters.zero_pages, zero.len() as u64);
+        Counters::add(&self.counters.wire_bytes, h.wire_len() as u64);
+        Ok(())
+    }
+}
+
+enum PacketError {
+    Wire(WireError),
+    Other(MigrationError),
+}
+
+impl From<WireError> for PacketError {
+    fn from(e: WireError) -> Self {
+        PacketError::Wire(e)
+    }
+}
+
+fn check_crc(hdr: &[u8], offsets: &[u8], payload: &[u8], crc: [u8; 4]) -> Result<(), WireError> {
+    let computed = packet_crc(hdr, offsets, payload);
+    let expected = u32::from_le_bytes(crc);
+    if computed != expected {
+        return Err(WireError::Crc { computed, expected });
+    }
+    Ok(())
+}
+
+/// Receive a migration into `memory` on `listener`, then resume `workload` with the source's
+/// device state. Returns only after memory is complete (and verified, when the source asked).
+pub fn run_destination(
+    listener: &TcpListener,
+    memory: &GuestMemory,
+    workload: &mut dyn DestinationWorkload,
+    config: &DestinationConfig,
+) -> Result<DestinationReport, MigrationError> {
+    let cpu = CpuMeter::start();
+    let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
+    let provider = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), source })?.info().provider;
+    let (mut control, data, hello) = accept_session(listener, memory, config, fresh.iter().all(|&f| f))?;
+    let counters = Counters::default();
+    let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: data.len() };
+    let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
+
+    let mut ctl_reader = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
+    {
+        let ev_tx = ev_tx.clone();
+        std::thread::Builder::new()
+            .name("pf-dst-control".into())
+            .spawn(move || loop {
+                let r = wire::read_frame(&mut ctl_reader);
+                let stop = r.is_err();
+                if ev_tx.send(Event::Control(r)).is_err() || stop {
+                    break;
+                }
+            })
+            .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+    }
+
+    let result = std::thread::scope(|scope| {
+        let mut socks = Vec::new();
+        for (idx, sock) in data.into_iter().enumerate() {
+            sock.set_read_timeout(Some(config.io_timeout)).ok();
+            socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
+            let codec = match hello.method {
+                Method::None => None,
+                _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), source })?),
+            };
+            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone() };
+            std::thread::Builder::new()
+                .name(format!("pf-c{idx}-rx"))
+                .spawn_scoped(scope, move || reader.run())
+                .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+        }
+        let outcome = control_loop(&ev_rx, &mut control, memory, workload, &gate, &counters, &cpu, &provider);
+        if let Err(e) = &outcome {
+            let _ = wire::write_frame(&mut control, &Control::Abort { reason: e.to_string() }, &[]);
+        }
+        // Unblock readers (at the gate or in read) so the scope can end.
+        gate.fail();
+        for s in &socks {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        outcome
+    });
+    let _ = control.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn control_loop(
+    events: &crossbeam_channel::Receiver<Event>,
+    control: &mut TcpStream,
+    memory: &GuestMemory,
+    workload: &mut dyn DestinationWorkload,
+    gate: &Gate,
+    counters: &Counters,
+    cpu: &CpuMeter,
+    provider: &str,
+) -> Result<DestinationReport, MigrationError> {
+    let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), source };
+    let mut completed: Option<u32> = None;
+    let mut finish: Option<(u32, Option<String>, Vec<u8>)> = None;
+    loop {
+        if let (Some((f, _, _)), Some(c)) = (&finish, completed) {
+            if c >= *f {
+                break;
+            }
+        }
+        match events.recv().expect("event senders live in this scope") {
+            Event::RoundComplete(k) => {
+                completed = Some(k);
+                wire::write_frame(control, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
+            }
+            Event::Failed(e) => return Err(e),
+            Event::Control(Ok((Control::Finish { round, digest }, state))) => {
+                if finish.is_some() || completed.is_some_and(|c| c > round) {
+                    return Err(ctl_err(WireError::malformed("Finish", format!("for round {round} after round {completed:?}"))));
+                }
+                finish = Some((round, digest, state));
+            }
+            Event::Control(Ok((Control::Abort { reason }, _))) => return Err(MigrationError::PeerAborted(reason)),
+            Event::Control(Ok((other, _))) => return Err(ctl_err(WireError::malformed("control message", format!("unexpected {other:?}")))),
+            Event::Control(Err(WireError::Closed(_))) => {
+                return Err(MigrationError::Other(format!("the source closed the control channel during round {} (did it die?)", gate.current())))
+            }
+            Event::Control(Err(e)) => return Err(ctl_err(e)),
+        }
+    }
+    let (round, digest, state) = finish.expect("loop exits with a finish");
+    gate.state.lock().unwrap().finished = true;
+    let t = Instant::now();
+    let verified = match digest {
+        Some(hex) => {
+            let source_digest = u128::from_str_radix(&hex, 16).map_err(|_| ctl_err(WireError::malformed("Finish", "bad digest")))?;
+            let dest_digest = memory.digest();
+            if dest_digest != source_digest {
+                return Err(MigrationError::Verify { source_digest, dest_digest });
+            }
+            true
+        }
+        None => false,
+    };
+    let verify_ms = t.elapsed().as_secs_f64() * 1000.0;
+    workload.resume(&state).map_err(|source| MigrationError::Workload { what: "resume", source })?;
+    let (cpu_s, wall_s) = cpu.read();
+    let report = DestinationReport {
+        cpu_s,
+        wall_s,
+        pages: counters.pages(),
+        zero_pages: counters.zero_pages.load(Relaxed),
+        wire_bytes: counters.wire(),
+        verify_ms,
+        verified,
+        rounds: round + 1,
+        provider: provider.to_string(),
+    };
+    wire::write_frame(control, &Control::Done { stats: serde_json::to_value(&report).expect("report serializes") }, &[]).map_err(ctl_err)?;
+    Ok(report)
+}

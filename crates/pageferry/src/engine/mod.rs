@@ -1,0 +1,156 @@
+//! The migration engine: pre-copy rounds over a control channel and N data channels.
+//!
+//! Source side ([`run_source`]): round 0 sends every page, each later round the pages the
+//! [`DirtyTracker`] reports, until the rest fits the downtime budget; then it pauses the
+//! [`SourceWorkload`], sends the last dirty set and the workload's device state, and the
+//! destination resumes its [`DestinationWorkload`]. Destination side ([`run_destination`]):
+//! accepts the channels, writes pages straight into its [`GuestMemory`], enforces the
+//! per-round ordering rule, verifies and resumes.
+//!
+//! Threads per side: one control thread (the caller's); per channel one socket thread and
+//! `pipeline_depth` compression (or decompression) stages on the source (destination: one
+//! reader that decompresses in place). See `source.rs` and `destination.rs`.
+
+mod channel;
+mod destination;
+pub mod ratelimit;
+mod source;
+pub mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use destination::run_destination;
+pub use source::run_source;
+pub use stats::{DestinationReport, MigrationReport, NoProgress, Progress, ProgressSink};
+
+use crate::codec::{CodecError, CodecSpec};
+use crate::dirty::DirtyError;
+use crate::wire::WireError;
+use std::time::Duration;
+
+/// Errors a workload hook may return (a VMM's own error type, boxed).
+pub type WorkloadError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What runs on the source and must stop for the switchover.
+pub trait SourceWorkload: Send {
+    /// Stop the guest (vCPUs, device emulation) and return its device state, which the
+    /// destination receives in [`DestinationWorkload::resume`]. Called at most once.
+    fn pause(&mut self) -> Result<Vec<u8>, WorkloadError>;
+    /// The migration failed after `pause`: keep running here.
+    fn resume_after_failure(&mut self) -> Result<(), WorkloadError>;
+}
+
+/// What the destination starts once all memory has arrived.
+pub trait DestinationWorkload: Send {
+    /// Restore `device_state` (from the source's `pause`) and start running.
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), WorkloadError>;
+}
+
+/// A workload with nothing to pause (image files): state is empty.
+#[derive(Default)]
+pub struct NoWorkload;
+
+impl SourceWorkload for NoWorkload {
+    fn pause(&mut self) -> Result<Vec<u8>, WorkloadError> {
+        Ok(Vec::new())
+    }
+    fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
+        Ok(())
+    }
+}
+
+impl DestinationWorkload for NoWorkload {
+    fn resume(&mut self, _device_state: &[u8]) -> Result<(), WorkloadError> {
+        Ok(())
+    }
+}
+
+/// Source settings (CLI names in brackets).
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Data channels [`--multifd-channels`, default 2].
+    pub channels: usize,
+    /// Method and level [`--multifd-compression`, `--multifd-<method>-level`].
+    pub codec: CodecSpec,
+    /// Batches in flight to the compressor per channel [`--pipeline-depth`]; `None` picks the
+    /// codec's default.
+    pub pipeline_depth: Option<usize>,
+    /// Switch over when the remaining dirty pages fit this at the measured rate
+    /// [`--downtime-limit`, ms, default 300].
+    pub downtime_limit: Duration,
+    /// Give up (source untouched) after this many rounds [`--max-rounds`, default 30].
+    pub max_rounds: u32,
+    /// Give up (source untouched) after this long [`--timeout`, default 600 s].
+    pub timeout: Duration,
+    /// Cap on wire bytes per second across all channels [`--max-bandwidth`].
+    pub max_bandwidth: Option<u64>,
+    /// Compare a digest of all memory at the end (both sides hash their memory).
+    pub verify: bool,
+    /// Keep retrying a refused connection this long (the destination may still be starting).
+    pub connect_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        Self {
+            channels: 2,
+            codec: CodecSpec::new(crate::codec::Method::None),
+            pipeline_depth: None,
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            timeout: Duration::from_secs(600),
+            max_bandwidth: None,
+            verify: true,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Destination settings.
+#[derive(Clone, Debug)]
+pub struct DestinationConfig {
+    /// The method this destination expects; a source offering another is refused.
+    pub codec: CodecSpec,
+    /// How long to wait for the source to connect all channels.
+    pub accept_timeout: Duration,
+    /// A connection silent for this long is considered dead.
+    pub io_timeout: Duration,
+}
+
+impl Default for DestinationConfig {
+    fn default() -> Self {
+        Self {
+            codec: CodecSpec::new(crate::codec::Method::None),
+            accept_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why a migration ended without success. The source's memory is never modified, and a
+/// source whose workload was paused has been resumed when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, #[source] source: std::io::Error },
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    #[error("peer aborted the migration: {0}")]
+    PeerAborted(String),
+    #[error("protocol error on {channel}: {source}")]
+    Wire { channel: String, #[source] source: WireError },
+    #[error("{channel}: {source}")]
+    Codec { channel: String, #[source] source: CodecError },
+    #[error("dirty tracking: {0}")]
+    Dirty(#[from] DirtyError),
+    #[error("migration did not converge: {0}")]
+    NotConverged(String),
+    #[error("workload {what} failed: {source}")]
+    Workload { what: &'static str, #[source] source: WorkloadError },
+    #[error("verification failed: source memory digest {source_digest:032x}, destination {dest_digest:032x}")]
+    Verify { source_digest: u128, dest_digest: u128 },
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,439 @@
+//! The source side: connect, handshake, pre-copy rounds, switchover, report.
+//!
+//! Threads: the caller's thread plans rounds and talks on the control channel; a reader
+//! thread forwards control messages; per data channel one socket writer and
+//! `pipeline_depth` compression workers (see `channel.rs`), all pulling batches from one
+//! shared queue so a slow channel never holds the others back.
+//!
+//! Round k: collect the dirty set, cut it into batches of ≤ 128 pages in address order, wait
+//! until every batch is queued to a socket, then queue `Sync{k}` on every channel and wait
+//! for the destination's `RoundDone{k}`. The source never writes guest memory, so any failure
+//! leaves it untouched; a workload paused for the switchover is resumed on failure.
+
+use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext};
+use super::ratelimit::RateLimiter;
+use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink};
+use super::{MigrationError, SourceConfig, SourceWorkload};
+use crate::codec::{self, MAX_BATCH_PAGES};
+use crate::dirty::{DirtyPages, DirtyTracker};
+use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::wire::{self, Control, Hello, Role, SessionId, WireError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const TICK: Duration = Duration::from_millis(100);
+
+fn wire_err(channel: &str) -> impl FnOnce(WireError) -> MigrationError + '_ {
+    move |source| MigrationError::Wire { channel: channel.to_string(), source }
+}
+
+fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
+    let err = |source| MigrationError::Connect { addr: addr.to_string(), source };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let addrs: Vec<_> = addr.to_socket_addrs().map_err(err)?.collect();
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "address resolved to nothing");
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+                Ok(s) => {
+                    s.set_nodelay(true).ok();
+                    return Ok(s);
+                }
+                Err(e) => last = e,
+            }
+        }
+        if last.kind() != std::io::ErrorKind::ConnectionRefused || Instant::now() >= deadline {
+            return Err(err(last));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Send `hello` and read the destination's answer.
+fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<bool, MigrationError> {
+    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+    wire::write_frame(sock, &Control::Hello(hello), &[]).map_err(wire_err(name))?;
+    let (reply, _) = wire::read_frame(sock).map_err(wire_err(name))?;
+    sock.set_read_timeout(None).ok();
+    match reply {
+        Control::Welcome { fresh_destination } => Ok(fresh_destination),
+        Control::Refuse { reason } | Control::Abort { reason } => Err(MigrationError::Refused(reason)),
+        other => Err(MigrationError::Wire { channel: name.into(), source: WireError::malformed("handshake reply", format!("{other:?}")) }),
+    }
+}
+
+/// Migrate `memory` to the destination listening at `addr`.
+///
+/// `tracker` reports dirty pages per round; `workload` is paused for the switchover and
+/// resumed if the migration fails afterwards. Progress goes to `progress` ~10×/s.
+pub fn run_source(
+    addr: &str,
+    memory: &GuestMemory,
+    tracker: &mut dyn DirtyTracker,
+    workload: &mut dyn SourceWorkload,
+    config: &SourceConfig,
+    progress: &dyn ProgressSink,
+) -> Result<MigrationReport, MigrationError> {
+    if config.channels == 0 || config.channels > 256 {
+        return Err(MigrationError::Config(format!("--multifd-channels must be 1..=256, got {}", config.channels)));
+    }
+    let cpu = CpuMeter::start();
+    let t0 = Instant::now();
+    // One codec per worker; open the first now so configuration errors surface before
+    // anything is sent.
+    let probe = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), source })?;
+    let info = probe.info();
+    let depth = config.pipeline_depth.unwrap_or_else(|| probe.preferred_pipeline_depth()).clamp(1, 64);
+    drop(probe);
+
+    let session = SessionId::random();
+    let hello = |role, channel| Hello {
+        version: wire::PROTOCOL_VERSION,
+        session,
+        role,
+        channel,
+        channels: config.channels as u16,
+        method: config.codec.method,
+        level: config.codec.level,
+        regions: memory.layout(),
+    };
+    let mut control = connect(addr, config.connect_timeout)?;
+    handshake(&mut control, hello(Role::Control, 0), "control channel")?;
+    let mut data = Vec::with_capacity(config.channels);
+    for i in 0..config.channels {
+        let mut s = connect(addr, config.connect_timeout)?;
+        handshake(&mut s, hello(Role::Data, i as u16), &format!("channel {i}"))?;
+        data.push(s);
+    }
+    tracker.start(memory)?;
+    let setup_time = t0.elapsed();
+
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+    let mut reader_sock = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
+    std::thread::Builder::new()
+        .name("pf-src-control".into())
+        .spawn(move || loop {
+            let r = wire::read_frame(&mut reader_sock);
+            let stop = r.is_err();
+            if ctl_tx.send(r).is_err() || stop {
+                break;
+            }
+        })
+        .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+
+    let counters = Arc::new(Counters::default());
+    let failure = Arc::new(Failure::default());
+    let outstanding = Arc::new(Outstanding::default());
+    let limiter = config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+    let ctx = Arc::new(WorkerContext {
+        memory: memory.clone(),
+        live: tracker.guest_may_write(),
+        counters: counters.clone(),
+        outstanding: outstanding.clone(),
+        failure: failure.clone(),
+    });
+
+    let result = std::thread::scope(|scope| {
+        let (work_tx, work_rx) = crossbeam_channel::bounded::<Batch>(2 * config.channels * depth);
+        let mut to_sockets = Vec::new();
+        let mut writers = Vec::new();
+        for (i, sock) in data.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
+            for w in 0..depth {
+                let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), source })?;
+                let (ctx, work_rx, tx) = (ctx.clone(), work_rx.clone(), tx.clone());
+                std::thread::Builder::new()
+                    .name(format!("pf-c{i}-w{w}"))
+                    .spawn_scoped(scope, move || channel::run_worker(ctx, codec, work_rx, tx))
+                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+            }
+            let (counters, failure, limiter) = (counters.clone(), failure.clone(), limiter.clone());
+            let method = config.codec.method;
+            writers.push(
+                std::thread::Builder::new()
+                    .name(format!("pf-c{i}-tx"))
+                    .spawn_scoped(scope, move || {
+                        channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure, Arc::new(AtomicU64::new(0)))
+                    })
+                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?,
+            );
+            to_sockets.push(tx);
+        }
+        drop(work_rx);
+
+        let mut run = SourceRun {
+            memory,
+            config,
+            work_tx: Some(work_tx),
+            to_sockets,
+            ctl_rx: &ctl_rx,
+            control: &mut control,
+            counters: &counters,
+            failure: &failure,
+            outstanding: &outstanding,
+            progress,
+            t0,
+            bytes_total: 0,
+            round: 0,
+            last_tick: Instant::now(),
+        };
+        let outcome = run.migrate(tracker, workload);
+        if let Err(e) = &outcome {
+            failure.set(e.to_string());
+            // Tell the destination why; it prints the same reason.
+            let _ = wire::write_frame(run.control, &Control::Abort { reason: e.to_string() }, &[]);
+        }
+        run.work_tx = None;
+        run.to_sockets.clear();
+        for w in writers {
+            if let Ok(sock) = w.join() {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        outcome
+    });
+    tracker.stop();
+    let _ = control.shutdown(std::net::Shutdown::Both);
+    let (mut report, dest) = result?;
+
+    let (cpu_s, wall_s) = cpu.read();
+    let total = report.total_time_s;
+    report.setup_time_s = setup_time.as_secs_f64();
+    report.method = info.method.name().into();
+    report.level = info.level;
+    report.provider = info.provider;
+    report.channels = config.channels;
+    report.pipeline_depth = depth;
+    report.dirty_tracker = tracker.name().into();
+    report.memory_bytes = memory.total_bytes();
+    report.normal_pages = counters.normal_pages.load(std::sync::atomic::Ordering::Relaxed);
+    report.zero_pages = counters.zero_pages.load(std::sync::atomic::Ordering::Relaxed);
+    report.raw_fallback_pages = counters.raw_pages.load(std::sync::atomic::Ordering::Relaxed);
+    report.raw_bytes = counters.raw_bytes();
+    report.wire_bytes = counters.wire();
+    report.ratio = if report.wire_bytes > 0 { report.raw_bytes as f64 / report.wire_bytes as f64 } else { 0.0 };
+    report.raw_mbps = mbps(report.raw_bytes, total);
+    report.wire_mbps = mbps(report.wire_bytes, total);
+    report.max_bandwidth = config.max_bandwidth;
+    report.send_cpu_s = cpu_s;
+    report.send_cpu_pct = cpu_percent(cpu_s, wall_s);
+    report.recv_cpu_s = dest.cpu_s;
+    report.recv_cpu_pct = cpu_percent(dest.cpu_s, dest.wall_s);
+    report.verified = dest.verified;
+    report.verify_ms = dest.verify_ms;
+    report.recv_provider = dest.provider;
+    report.status = "completed".into();
+    Ok(report)
+}
+
+struct SourceRun<'a> {
+    memory: &'a GuestMemory,
+    config: &'a SourceConfig,
+    work_tx: Option<Sender<Batch>>,
+    to_sockets: Vec<Sender<ToSocket>>,
+    ctl_rx: &'a Receiver<Result<(Control, Vec<u8>), WireError>>,
+    control: &'a mut TcpStream,
+    counters: &'a Counters,
+    failure: &'a Failure,
+    outstanding: &'a Outstanding,
+    progress: &'a dyn ProgressSink,
+    t0: Instant,
+    bytes_total: u64,
+    round: u32,
+    last_tick: Instant,
+}
+
+impl SourceRun<'_> {
+    fn migrate(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload) -> Result<(MigrationReport, DestinationReport), MigrationError> {
+        let mut dirty = DirtyPages::for_memory(self.memory);
+        let mut pages_per_round = Vec::new();
+        tracker.collect(&mut dirty)?;
+        loop {
+            let started = Instant::now();
+            let pages = self.send_round(&dirty)?;
+            self.wait_round_done()?;
+            pages_per_round.push(pages);
+            let secs = started.elapsed().as_secs_f64().max(1e-6);
+            let rate = pages as f64 * PAGE_SIZE as f64 / secs; // guest bytes per second
+            dirty.clear();
+            tracker.collect(&mut dirty)?;
+            let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
+            let estimate = Duration::from_secs_f64(if rate > 0.0 { remaining / rate } else { 0.0 });
+            if estimate <= self.config.downtime_limit {
+                break;
+            }
+            let rounds_done = self.round + 1;
+            if rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout {
+                return Err(MigrationError::NotConverged(format!(
+                    "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms (raise --downtime-limit, --max-rounds or --timeout, or lower the guest's dirty rate); the source keeps running",
+                    self.t0.elapsed().as_secs_f64(),
+                    remaining / (1 << 20) as f64,
+                    rate / 1e6,
+                    estimate.as_secs_f64() * 1000.0,
+                    self.config.downtime_limit.as_millis()
+                )));
+            }
+            self.round += 1;
+        }
+
+        // Switchover: pause, send the last dirty set and the device state.
+        let paused_at = Instant::now();
+        let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", source })?;
+        let finish = (|| {
+            tracker.collect(&mut dirty)?;
+            self.round += 1;
+            let memory = self.memory;
+            let verify = self.config.verify;
+            let (pages, digest) = std::thread::scope(|s| {
+                // The guest is paused: hash its memory while the last round travels.
+                let digest = s.spawn(move || verify.then(|| memory.digest()));
+                let pages = self.send_round(&dirty);
+                (pages, digest.join().expect("digest thread"))
+            });
+            pages_per_round.push(pages?);
+            let digest = digest.map(|d| format!("{d:032x}"));
+            wire::write_frame(self.control, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
+            let dest = self.wait_done()?;
+            Ok::<_, MigrationError>(dest)
+        })();
+        let dest = match finish {
+            Ok(d) => d,
+            Err(e) => {
+                if let Err(re) = workload.resume_after_failure() {
+                    return Err(MigrationError::Other(format!("{e}; resuming the source also failed: {re}")));
+                }
+                return Err(e);
+            }
+        };
+        let downtime = paused_at.elapsed();
+        self.tick(true);
+        self.progress.finish();
+        let report = MigrationReport {
+            total_time_s: self.t0.elapsed().as_secs_f64(),
+            downtime_ms: downtime.as_secs_f64() * 1000.0,
+            rounds: self.round + 1,
+            pages_per_round,
+            ..Default::default()
+        };
+        Ok((report, dest))
+    }
+
+    /// Queue every dirty page as batches, then a sync on every channel. Returns pages sent.
+    fn send_round(&mut self, dirty: &DirtyPages) -> Result<u64, MigrationError> {
+        let work_tx = self.work_tx.as_ref().expect("work queue open").clone();
+        let mut pages_sent = 0u64;
+        self.bytes_total += dirty.count() * PAGE_SIZE as u64;
+        for (rid, bitmap) in dirty.regions().iter().enumerate() {
+            let mut pages = Vec::with_capacity(MAX_BATCH_PAGES);
+            let mut emit = |pages: Vec<u32>, this: &mut Self| -> Result<(), MigrationError> {
+                pages_sent += pages.len() as u64;
+                this.outstanding.add();
+                if work_tx.send(Batch { region: rid as u16, round: this.round, pages }).is_err() {
+                    this.outstanding.done();
+                }
+                this.poll()
+            };
+            for p in bitmap.iter_set() {
+                pages.push(p as u32);
+                if pages.len() == MAX_BATCH_PAGES {
+                    emit(std::mem::replace(&mut pages, Vec::with_capacity(MAX_BATCH_PAGES)), self)?;
+                }
+            }
+            if !pages.is_empty() {
+                emit(pages, self)?;
+            }
+        }
+        self.outstanding.wait_zero(self.failure);
+        self.check_failure()?;
+        for tx in &self.to_sockets {
+            let _ = tx.send(ToSocket::Sync { round: self.round });
+        }
+        Ok(pages_sent)
+    }
+
+    fn check_failure(&self) -> Result<(), MigrationError> {
+        match self.failure.take() {
+            Some(msg) => Err(MigrationError::Other(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// Between batches: surface failures and aborts from the destination, update progress.
+    fn poll(&mut self) -> Result<(), MigrationError> {
+        self.check_failure()?;
+        if let Ok(msg) = self.ctl_rx.try_recv() {
+            self.unexpected(msg)?;
+        }
+        self.tick(false);
+        Ok(())
+    }
+
+    fn tick(&mut self, force: bool) {
+        if force || self.last_tick.elapsed() >= TICK {
+            self.last_tick = Instant::now();
+            self.progress.update(&Progress {
+                round: self.round,
+                bytes_done: self.counters.raw_bytes(),
+                bytes_total: self.bytes_total,
+                wire_bytes: self.counters.wire(),
+                elapsed: self.t0.elapsed(),
+            });
+        }
+    }
+
+    /// A control message outside the expected sequence.
+    fn unexpected(&self, msg: Result<(Control, Vec<u8>), WireError>) -> Result<(), MigrationError> {
+        match msg {
+            Ok((Control::Abort { reason }, _)) => Err(MigrationError::PeerAborted(reason)),
+            Ok((Control::RoundDone { .. }, _)) => Ok(()),
+            Ok((other, _)) => Err(MigrationError::Wire { channel: "control channel".into(), source: WireError::malformed("control message", format!("unexpected {other:?}")) }),
+            Err(e) => Err(MigrationError::Wire { channel: "control channel".into(), source: e }),
+        }
+    }
+
+    fn next_control(&mut self) -> Result<(Control, Vec<u8>), MigrationError> {
+        loop {
+            self.check_failure()?;
+            if self.t0.elapsed() >= self.config.timeout {
+                return Err(MigrationError::NotConverged(format!("timed out after {:?}; the source keeps running", self.config.timeout)));
+            }
+            match self.ctl_rx.recv_timeout(TICK) {
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) => return Err(MigrationError::Wire { channel: "control channel".into(), source: e }),
+                Err(RecvTimeoutError::Timeout) => self.tick(false),
+                Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::Other("control channel reader stopped".into())),
+            }
+        }
+    }
+
+    fn wait_round_done(&mut self) -> Result<(), MigrationError> {
+        loop {
+            match self.next_control()? {
+                (Control::RoundDone { round, .. }, _) if round == self.round => return Ok(()),
+                (Control::RoundDone { round, .. }, _) => {
+                    return Err(MigrationError::Wire {
+                        channel: "control channel".into(),
+                        source: WireError::malformed("RoundDone", format!("for round {round} while in round {}", self.round)),
+                    })
+                }
+                m => self.unexpected(Ok(m))?,
+            }
+        }
+    }
+
+    fn wait_done(&mut self) -> Result<DestinationReport, MigrationError> {
+        loop {
+            match self.next_control()? {
+                (Control::Done { stats }, _) => {
+                    return serde_json::from_value(stats)
+                        .map_err(|e| MigrationError::Wire { channel: "control channel".into(), source: WireError::malformed("Done", e.to_string()) })
+                }
+                m => self.unexpected(Ok(m))?,
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Counters, CPU accounting and the final reports (the analogue of QEMU's `info migrate`).
+
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Live counters shared by the channel threads of one side.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub normal_pages: AtomicU64,
+    pub zero_pages: AtomicU64,
+    /// Normal pages sent raw because their batch did not shrink (or method none).
+    pub raw_pages: AtomicU64,
+    /// Bytes on the data channels (headers, offsets, payloads, CRCs).
+    pub wire_bytes: AtomicU64,
+    pub packets: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+    pub fn pages(&self) -> u64 {
+        self.normal_pages.load(Relaxed) + self.zero_pages.load(Relaxed)
+    }
+    pub fn raw_bytes(&self) -> u64 {
+        self.pages() * crate::memory::PAGE_SIZE as u64
+    }
+    pub fn wire(&self) -> u64 {
+        self.wire_bytes.load(Relaxed)
+    }
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn process_cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU-seconds and wall time of a stretch of work, like `top`'s CPU% (100% = one core).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuMeter {
+    cpu0: Duration,
+    wall0: std::time::Instant,
+}
+
+impl Default for CpuMeter {
+    fn default() -> Self {
+        Self::start()
+    }
+}
+
+impl CpuMeter {
+    pub fn start() -> Self {
+        Self { cpu0: process_cpu_time(), wall0: std::time::Instant::now() }
+    }
+    /// (cpu seconds, wall seconds) since start.
+    pub fn read(&self) -> (f64, f64) {
+        ((process_cpu_time() - self.cpu0).as_secs_f64(), self.wall0.elapsed().as_secs_f64())
+    }
+}
+
+/// cpu / wall as a percentage of one core.
+pub fn cpu_percent(cpu_s: f64, wall_s: f64) -> f64 {
+    if wall_s > 0.0 {
+        100.0 * cpu_s / wall_s
+    } else {
+        0.0
+    }
+}
+
+/// Megabits per second.
+pub fn mbps(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 * 8.0 / secs / 1e6
+    } else {
+        0.0
+    }
+}
+
+/// What the destination reports back at the end (inside `Control::Done`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DestinationReport {
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub wire_bytes: u64,
+    pub verify_ms: f64,
+    pub verified: bool,
+    pub rounds: u32,
+    /// Who decompressed ("libdeflate", "qat (software path)", ...).
+    pub provider: String,
+}
+
+/// The source's final report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    pub status: String,
+    pub method: String,
+    pub level: u8,
+    pub provider: String,
+    pub channels: usize,
+    pub pipeline_depth: usize,
+    pub dirty_tracker: String,
+    pub memory_bytes: u64,
+    pub total_time_s: f64,
+    pub setup_time_s: f64,
+    /// Workload paused on the source → destination reports it running (includes verification
+    /// when `verify` is on; see `verify_ms`).
+    pub downtime_ms: f64,
+    pub verify_ms: f64,
+    pub rounds: u32,
+    pub pages_per_round: Vec<u64>,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub ratio: f64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub raw_fallback_pages: u64,
+    pub raw_mbps: f64,
+    pub wire_mbps: f64,
+    pub max_bandwidth: Option<u64>,
+    pub send_cpu_s: f64,
+    pub send_cpu_pct: f64,
+    pub recv_cpu_s: f64,
+    pub recv_cpu_pct: f64,
+    pub verified: bool,
+    pub recv_provider: String,
+}
+
+impl MigrationReport {
+    /// Human-readable, one item a line, like QEMU's `info migrate`.
+    pub fn render(&self) -> String {
+        let gib = self.memory_bytes as f64 / (1u64 << 30) as f64;
+        let per_gib = |cpu: f64| if gib > 0.0 { cpu / gib } else { 0.0 };
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| s.push_str(&format!("{k:<22} {v}\n"));
+        line("status:", self.status.clone());
+        line("method:", format!("{} level {} ({}; destination: {})", self.method, self.level, self.provider, self.recv_provider));
+        line("channels:", format!("{} (pipeline depth {})", self.channels, self.pipeline_depth));
+        line("dirty tracking:", self.dirty_tracker.clone());
+        line("memory:", format!("{} bytes ({:.2} GiB)", self.memory_bytes, gib));
+        line("total time:", format!("{:.3} s", self.total_time_s));
+        line("setup time:", format!("{:.1} ms", self.setup_time_s * 1000.0));
+        line("downtime:", format!("{:.1} ms (verification {:.1} ms)", self.downtime_ms, self.verify_ms));
+        line("rounds:", format!("{} (pages per round: {:?})", self.rounds, self.pages_per_round));
+        line("raw bytes:", format!("{}", self.raw_bytes));
+        line("wire bytes:", format!("{}", self.wire_bytes));
+        line("ratio:", format!("{:.2}", self.ratio));
+        line("pages:", format!("normal {}, zero {}, raw-fallback {}", self.normal_pages, self.zero_pages, self.raw_fallback_pages));
+        line("throughput:", format!("raw {:.0} Mbps, wire {:.0} Mbps{}", self.raw_mbps, self.wire_mbps,
+            self.max_bandwidth.map(|b| format!(" (cap {:.0} Mbps)", b as f64 * 8.0 / 1e6)).unwrap_or_default()));
+        line("send cpu:", format!("{:.2} s ({:.0}%, {:.2} CPU-s/GiB)", self.send_cpu_s, self.send_cpu_pct, per_gib(self.send_cpu_s)));
+        line("recv cpu:", format!("{:.2} s ({:.0}%, {:.2} CPU-s/GiB)", self.recv_cpu_s, self.recv_cpu_pct, per_gib(self.recv_cpu_s)));
+        line("verified:", if self.verified { "yes (memory digests match)".into() } else { "not checked".into() });
+        s
+    }
+}
+
+/// A snapshot for progress displays.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub round: u32,
+    /// Raw bytes sent so far (all rounds).
+    pub bytes_done: u64,
+    /// Raw bytes known to need sending (all rounds so far).
+    pub bytes_total: u64,
+    pub wire_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Receives progress from the source's control thread (about ten times a second).
+pub trait ProgressSink: Send + Sync {
+    fn update(&self, p: &Progress);
+    fn finish(&self) {}
+}
+
+/// Discards progress.
+pub struct NoProgress;
+
+impl ProgressSink for NoProgress {
+    fn update(&self, _p: &Progress) {}
+}
