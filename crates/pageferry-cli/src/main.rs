@@ -1,1 +1,205 @@
-fn main(){}
+//! `pageferry`: the command-line edge of the library — migrate image files between two
+//! processes (`send`/`recv`), run the built-in demo, generate benchmark images. Errors are
+//! reported here with context; the library's are typed.
+
+mod args;
+mod demo;
+mod progress;
+mod workload;
+
+use anyhow::{bail, Context, Result};
+use args::{parse_size, MethodArgs, SourceArgs};
+use clap::{Parser, Subcommand};
+use pageferry::dirty::{DirtyTracker, StaticTracker, UffdTracker};
+use pageferry::engine::{self, DestinationConfig, NoWorkload, SourceWorkload};
+use pageferry::image::{self, ImageKind};
+use pageferry::memory::{GuestMemory, MmapRegion};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "pageferry", version, about = "Live migration of guest memory over parallel compressed channels (multifd)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Source: migrate an image file's content to a `recv` at ADDR.
+    Send(SendArgs),
+    /// Destination: receive a migration into an image file.
+    Recv(RecvArgs),
+    /// Build a 1 GiB silesia-like image, migrate it between two processes with zstd while a
+    /// workload dirties it, verify, report.
+    Demo(demo::DemoArgs),
+    /// Write a deterministic benchmark memory image.
+    Image(ImageArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Destination address (host:port).
+    #[arg(long)]
+    connect: String,
+    /// Image file to migrate (size a multiple of 4096). With --dirty-rate it must be on
+    /// tmpfs (/dev/shm) or be a memfd-capable file system for write tracking.
+    #[arg(long)]
+    image: PathBuf,
+    #[command(flatten)]
+    engine: SourceArgs,
+    /// Keep writing the image at this rate while migrating (bytes/s: 100MB, 1gbit, ...), to
+    /// exercise pre-copy rounds; writes are tracked with userfaultfd.
+    #[arg(long = "dirty-rate")]
+    dirty_rate: Option<String>,
+    /// Bytes at the start of the image the --dirty-rate workload writes to.
+    #[arg(long = "dirty-set", default_value = "64M", value_parser = parse_size)]
+    dirty_set: u64,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(clap::Args)]
+struct RecvArgs {
+    /// Address to listen on (host:port; port 0 picks one, printed as "listening on ADDR").
+    #[arg(long)]
+    listen: String,
+    /// Image file to write (created or truncated to the size the source announces).
+    #[arg(long)]
+    image: PathBuf,
+    #[command(flatten)]
+    method: MethodArgs,
+    /// Seconds to wait for the source to connect.
+    #[arg(long = "accept-timeout", default_value_t = 60)]
+    accept_timeout_s: u64,
+    /// Print the destination's report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Content: silesia-like (Silesia-corpus-like mix), zero, random.
+    #[arg(long, default_value = "silesia-like")]
+    kind: String,
+    /// Size (1G, 256M, bytes; a multiple of 4096).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = image::DEFAULT_SEED)]
+    seed: u64,
+    /// Output file.
+    out: PathBuf,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let (name, r) = match cli.cmd {
+        Cmd::Send(a) => ("send", send(a)),
+        Cmd::Recv(a) => ("recv", recv(a)),
+        Cmd::Demo(a) => ("demo", demo::run(a)),
+        Cmd::Image(a) => ("image", make_image(a)),
+    };
+    if let Err(e) = r {
+        eprintln!("pageferry {name}: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn send(a: SendArgs) -> Result<()> {
+    let config = a.engine.config()?;
+    let region = MmapRegion::open_file("image", &a.image).with_context(|| format!("source image {}", a.image.display()))?;
+    let memory = GuestMemory::single(region)?;
+    let (mut tracker, mut workload): (Box<dyn DirtyTracker>, Box<dyn SourceWorkload>) = match &a.dirty_rate {
+        None => (Box::new(StaticTracker::new()), Box::new(NoWorkload)),
+        Some(rate) => {
+            let rate = engine::ratelimit::parse_bandwidth(rate).map_err(anyhow::Error::msg).context("--dirty-rate")?;
+            UffdTracker::probe().context("--dirty-rate needs userfaultfd write-protect tracking")?;
+            let mut tracker = UffdTracker::new();
+            // Track first, then start writing: no write can be missed.
+            tracker.start(&memory).context("write tracking of the source image (is it on /dev/shm?)")?;
+            let w: Box<dyn SourceWorkload> = match rate {
+                Some(r) => Box::new(workload::DirtyWriter::start(&memory, r, a.dirty_set)),
+                None => bail!("--dirty-rate needs a rate, e.g. 100MB"),
+            };
+            (Box::new(StartedTracker(tracker)), w)
+        }
+    };
+    let bar = progress::Bar::new(memory.total_bytes(), !a.quiet);
+    let report = engine::run_source(&a.connect, &memory, tracker.as_mut(), workload.as_mut(), &config, &bar)
+        .with_context(|| format!("migration to {}", a.connect))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(())
+}
+
+/// A tracker that was started before the engine got it (so a workload could start early);
+/// the engine's `start` is then a no-op.
+struct StartedTracker(UffdTracker);
+
+impl DirtyTracker for StartedTracker {
+    fn start(&mut self, _memory: &GuestMemory) -> Result<(), pageferry::dirty::DirtyError> {
+        Ok(())
+    }
+    fn collect(&mut self, into: &mut pageferry::dirty::DirtyPages) -> Result<(), pageferry::dirty::DirtyError> {
+        self.0.collect(into)
+    }
+    fn guest_may_write(&self) -> bool {
+        true
+    }
+    fn stop(&mut self) {
+        self.0.stop()
+    }
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+}
+
+fn recv(a: RecvArgs) -> Result<()> {
+    let config = DestinationConfig { codec: a.method.spec()?, accept_timeout: Duration::from_secs(a.accept_timeout_s), ..Default::default() };
+    let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let path = a.image.clone();
+    let mut provide = |regions: &[(String, u64)]| -> Result<GuestMemory, String> {
+        let [(name, len)] = regions else {
+            return Err(format!("an image destination takes one region, the source announced {}", regions.len()));
+        };
+        let r = MmapRegion::create_file(name, &path, *len).map_err(|e| format!("destination image {}: {e}", path.display()))?;
+        GuestMemory::new(vec![Arc::new(r)]).map_err(|e| e.to_string())
+    };
+    let (report, memory) = engine::run_destination_with(&listener, &mut provide, &mut NoWorkload, &config).context("receiving migration")?;
+    drop(memory);
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "received {} pages ({} zero) in {} rounds; cpu {:.2} s over {:.2} s; verified: {}",
+            report.pages, report.zero_pages, report.rounds, report.cpu_s, report.wall_s, report.verified
+        );
+    }
+    Ok(())
+}
+
+fn make_image(a: ImageArgs) -> Result<()> {
+    let kind: ImageKind = a.kind.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if a.size == 0 || a.size % 4096 != 0 {
+        bail!("--size must be a non-zero multiple of 4096");
+    }
+    let bar = indicatif::ProgressBar::new(a.size);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}").unwrap());
+    image::write_image(kind, a.seed, a.size, &a.out, &mut |done| bar.set_position(done)).with_context(|| format!("writing {}", a.out.display()))?;
+    bar.finish_and_clear();
+    println!("wrote {} ({} bytes, kind {}, seed {:#x})", a.out.display(), a.size, kind.name(), a.seed);
+    Ok(())
+}

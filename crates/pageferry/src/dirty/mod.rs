@@ -25,8 +25,8 @@ use crate::memory::GuestMemory;
 pub enum DirtyError {
     #[error("dirty tracking is not available: {0}")]
     Unsupported(String),
-    #[error("{op} failed: {source}")]
-    Os { op: &'static str, #[source] source: std::io::Error },
+    #[error("{op} failed: {cause}")]
+    Os { op: &'static str, cause: std::io::Error },
     #[error("tracker used before start()")]
     NotStarted,
     #[error("{0}")]

@@ -90,7 +90,7 @@ struct PageRegion {
 const PAGEMAP_SCAN: u64 = iowr(b'f' as u64, 16, std::mem::size_of::<PmScanArg>() as u64);
 
 fn os(op: &'static str) -> DirtyError {
-    DirtyError::Os { op, source: std::io::Error::last_os_error() }
+    DirtyError::Os { op, cause: std::io::Error::last_os_error() }
 }
 
 /// # Safety
@@ -232,7 +232,7 @@ impl DirtyTracker for UffdTracker {
             }
             self.ranges.push((r.host_ptr() as u64, r.len()));
         }
-        self.pagemap = Some(File::open("/proc/self/pagemap").map_err(|source| DirtyError::Os { op: "open /proc/self/pagemap", source })?);
+        self.pagemap = Some(File::open("/proc/self/pagemap").map_err(|source| DirtyError::Os { op: "open /proc/self/pagemap", cause: source })?);
         self.uffd = Some(fd);
         self.reported_all = false;
         Ok(())

@@ -21,23 +21,27 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Why a Hello is refused (the text both sides print), or None when acceptable.
-fn check_hello(h: &Hello, memory: &GuestMemory, config: &DestinationConfig) -> Option<String> {
+/// Provides the destination's memory once the source's region table is known.
+pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + 'a;
+
+/// Check a control Hello and get the memory it will fill; Err is the refusal both sides print.
+fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<GuestMemory, String> {
     if h.version != wire::PROTOCOL_VERSION {
-        return Some(format!("protocol version mismatch: source speaks version {}, destination speaks version {}", h.version, wire::PROTOCOL_VERSION));
+        return Err(format!("protocol version mismatch: source speaks version {}, destination speaks version {}", h.version, wire::PROTOCOL_VERSION));
     }
     if h.method != config.codec.method {
-        return Some(format!("compression method mismatch: source uses {}, destination expects {}", h.method, config.codec.method));
+        return Err(format!("compression method mismatch: source uses {}, destination expects {}", h.method, config.codec.method));
     }
+    if h.channels == 0 || h.channels > 256 {
+        return Err(format!("bad channel count {}", h.channels));
+    }
+    let memory = provide(&h.regions)?;
     let ours = memory.layout();
     if h.regions != ours {
         let show = |v: &[(String, u64)]| v.iter().map(|(n, l)| format!("{n}: {l} bytes")).collect::<Vec<_>>().join(", ");
-        return Some(format!("memory layout mismatch: source has [{}], destination has [{}]", show(&h.regions), show(&ours)));
+        return Err(format!("memory layout mismatch: source has [{}], destination has [{}]", show(&h.regions), show(&ours)));
     }
-    if h.channels == 0 || h.channels > 256 {
-        return Some(format!("bad channel count {}", h.channels));
-    }
-    None
+    Ok(memory)
 }
 
 fn refuse(sock: &mut TcpStream, reason: &str) {
@@ -45,15 +49,16 @@ fn refuse(sock: &mut TcpStream, reason: &str) {
 }
 
 /// Accept the control channel and all data channels of one session.
-fn accept_session(listener: &TcpListener, memory: &GuestMemory, config: &DestinationConfig, fresh: bool) -> Result<(TcpStream, Vec<TcpStream>, Hello), MigrationError> {
+fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(TcpStream, Vec<TcpStream>, Hello, GuestMemory), MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
-    let mut control: Option<(TcpStream, Hello)> = None;
+    let mut control: Option<(TcpStream, Hello, GuestMemory)> = None;
     let mut data: Vec<Option<TcpStream>> = Vec::new();
+    let mut fresh = false;
     loop {
         if control.is_some() && data.iter().all(|d| d.is_some()) {
-            let (c, h) = control.take().unwrap();
-            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h));
+            let (c, h, m) = control.take().unwrap();
+            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h, m));
         }
         if Instant::now() >= deadline {
             return Err(MigrationError::Other(format!(
@@ -85,17 +90,22 @@ fn accept_session(listener: &TcpListener, memory: &GuestMemory, config: &Destina
                 continue;
             }
         };
-        let session = control.as_ref().map(|(_, h)| h.session);
+        let session = control.as_ref().map(|(_, h, _)| h.session);
         match (hello.role, session) {
             (Role::Control, None) => {
-                if let Some(reason) = check_hello(&hello, memory, config) {
-                    refuse(&mut sock, &reason);
-                    return Err(MigrationError::Refused(reason));
-                }
+                let memory = match check_hello(&hello, provide, config) {
+                    Ok(m) => m,
+                    Err(reason) => {
+                        refuse(&mut sock, &reason);
+                        return Err(MigrationError::Refused(reason));
+                    }
+                };
+                fresh = memory.regions().iter().all(|r| r.is_fresh_zeroed());
+                sock.set_read_timeout(None).ok();
                 wire::write_frame(&mut sock, &Control::Welcome { fresh_destination: fresh }, &[])
-                    .map_err(|source| MigrationError::Wire { channel: "control channel".into(), source })?;
+                    .map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
                 data = (0..hello.channels).map(|_| None).collect();
-                control = Some((sock, hello));
+                control = Some((sock, hello, memory));
             }
             (_, Some(s)) if s == hello.session => {
                 let idx = hello.channel as usize;
@@ -190,7 +200,7 @@ impl Reader<'_> {
             WireError::Closed(_) => WireError::Closed(format!(" (channel {}, round {round}: did the source die?)", self.idx)),
             s => s,
         };
-        MigrationError::Wire { channel: format!("channel {} in round {round}", self.idx), source }
+        MigrationError::Wire { channel: format!("channel {} in round {round}", self.idx), cause: source }
     }
 
     fn run(mut self) {
@@ -289,7 +299,7 @@ impl Reader<'_> {
                 wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
                 check_crc(hdr, offsets, &payload[..len], crc)?;
                 let codec = self.codec.as_mut();
-                let decode_err = |source| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), source });
+                let decode_err = |source| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause: source });
                 match (dst, h.raw) {
                     (Some(dst), false) => codec.expect("compressed payloads need a codec").decompress(&payload[..len], dst).map_err(decode_err)?,
                     (None, raw) => {
@@ -349,10 +359,22 @@ pub fn run_destination(
     workload: &mut dyn DestinationWorkload,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, MigrationError> {
+    run_destination_with(listener, &mut |_| Ok(memory.clone()), workload, config).map(|(r, _)| r)
+}
+
+/// Like [`run_destination`], but the memory is made by `provide` from the source's region
+/// table (e.g. an image file of the announced size). Returns the memory with the report.
+pub fn run_destination_with(
+    listener: &TcpListener,
+    provide: &mut ProvideMemory,
+    workload: &mut dyn DestinationWorkload,
+    config: &DestinationConfig,
+) -> Result<(DestinationReport, GuestMemory), MigrationError> {
     let cpu = CpuMeter::start();
+    let provider = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info().provider;
+    let (mut control, data, hello, memory) = accept_session(listener, provide, config)?;
+    let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
-    let provider = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), source })?.info().provider;
-    let (mut control, data, hello) = accept_session(listener, memory, config, fresh.iter().all(|&f| f))?;
     let counters = Counters::default();
     let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: data.len() };
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
@@ -379,7 +401,7 @@ pub fn run_destination(
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
             let codec = match hello.method {
                 Method::None => None,
-                _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), source })?),
+                _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
             let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone() };
             std::thread::Builder::new()
@@ -399,7 +421,7 @@ pub fn run_destination(
         outcome
     });
     let _ = control.shutdown(std::net::Shutdown::Both);
-    result
+    result.map(|r| (r, memory.clone()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -413,7 +435,7 @@ fn control_loop(
     cpu: &CpuMeter,
     provider: &str,
 ) -> Result<DestinationReport, MigrationError> {
-    let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), source };
+    let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
     let mut completed: Option<u32> = None;
     let mut finish: Option<(u32, Option<String>, Vec<u8>)> = None;
     loop {
@@ -457,7 +479,7 @@ fn control_loop(
         None => false,
     };
     let verify_ms = t.elapsed().as_secs_f64() * 1000.0;
-    workload.resume(&state).map_err(|source| MigrationError::Workload { what: "resume", source })?;
+    workload.resume(&state).map_err(|source| MigrationError::Workload { what: "resume", cause: source })?;
     let (cpu_s, wall_s) = cpu.read();
     let report = DestinationReport {
         cpu_s,

@@ -19,7 +19,7 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use destination::run_destination;
+pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;
 pub use stats::{DestinationReport, MigrationReport, NoProgress, Progress, ProgressSink};
 
@@ -131,26 +131,32 @@ impl Default for DestinationConfig {
 /// source whose workload was paused has been resumed when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, #[source] source: std::io::Error },
+    #[error("cannot connect to {addr}: {cause}")]
+    Connect { addr: String, cause: std::io::Error },
     #[error("handshake refused: {0}")]
     Refused(String),
     #[error("peer aborted the migration: {0}")]
     PeerAborted(String),
-    #[error("protocol error on {channel}: {source}")]
-    Wire { channel: String, #[source] source: WireError },
-    #[error("{channel}: {source}")]
-    Codec { channel: String, #[source] source: CodecError },
+    #[error("protocol error on {channel}: {cause}")]
+    Wire { channel: String, cause: WireError },
+    #[error("{channel}: {cause}")]
+    Codec { channel: String, cause: CodecError },
     #[error("dirty tracking: {0}")]
-    Dirty(#[from] DirtyError),
+    Dirty(DirtyError),
     #[error("migration did not converge: {0}")]
     NotConverged(String),
-    #[error("workload {what} failed: {source}")]
-    Workload { what: &'static str, #[source] source: WorkloadError },
+    #[error("workload {what} failed: {cause}")]
+    Workload { what: &'static str, cause: WorkloadError },
     #[error("verification failed: source memory digest {source_digest:032x}, destination {dest_digest:032x}")]
     Verify { source_digest: u128, dest_digest: u128 },
     #[error("{0}")]
     Config(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl From<DirtyError> for MigrationError {
+    fn from(e: DirtyError) -> Self {
+        MigrationError::Dirty(e)
+    }
 }

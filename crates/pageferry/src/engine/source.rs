@@ -28,11 +28,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 
 fn wire_err(channel: &str) -> impl FnOnce(WireError) -> MigrationError + '_ {
-    move |source| MigrationError::Wire { channel: channel.to_string(), source }
+    move |source| MigrationError::Wire { channel: channel.to_string(), cause: source }
 }
 
 fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
-    let err = |source| MigrationError::Connect { addr: addr.to_string(), source };
+    let err = |source| MigrationError::Connect { addr: addr.to_string(), cause: source };
     let deadline = Instant::now() + timeout;
     loop {
         let addrs: Vec<_> = addr.to_socket_addrs().map_err(err)?.collect();
@@ -62,7 +62,7 @@ fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<bool, Mig
     match reply {
         Control::Welcome { fresh_destination } => Ok(fresh_destination),
         Control::Refuse { reason } | Control::Abort { reason } => Err(MigrationError::Refused(reason)),
-        other => Err(MigrationError::Wire { channel: name.into(), source: WireError::malformed("handshake reply", format!("{other:?}")) }),
+        other => Err(MigrationError::Wire { channel: name.into(), cause: WireError::malformed("handshake reply", format!("{other:?}")) }),
     }
 }
 
@@ -85,7 +85,7 @@ pub fn run_source(
     let t0 = Instant::now();
     // One codec per worker; open the first now so configuration errors surface before
     // anything is sent.
-    let probe = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), source })?;
+    let probe = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?;
     let info = probe.info();
     let depth = config.pipeline_depth.unwrap_or_else(|| probe.preferred_pipeline_depth()).clamp(1, 64);
     drop(probe);
@@ -144,7 +144,7 @@ pub fn run_source(
         for (i, sock) in data.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
             for w in 0..depth {
-                let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), source })?;
+                let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), cause: source })?;
                 let (ctx, work_rx, tx) = (ctx.clone(), work_rx.clone(), tx.clone());
                 std::thread::Builder::new()
                     .name(format!("pf-c{i}-w{w}"))
@@ -282,7 +282,7 @@ impl SourceRun<'_> {
 
         // Switchover: pause, send the last dirty set and the device state.
         let paused_at = Instant::now();
-        let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", source })?;
+        let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
         let finish = (|| {
             tracker.collect(&mut dirty)?;
             self.round += 1;
@@ -390,8 +390,8 @@ impl SourceRun<'_> {
         match msg {
             Ok((Control::Abort { reason }, _)) => Err(MigrationError::PeerAborted(reason)),
             Ok((Control::RoundDone { .. }, _)) => Ok(()),
-            Ok((other, _)) => Err(MigrationError::Wire { channel: "control channel".into(), source: WireError::malformed("control message", format!("unexpected {other:?}")) }),
-            Err(e) => Err(MigrationError::Wire { channel: "control channel".into(), source: e }),
+            Ok((other, _)) => Err(MigrationError::Wire { channel: "control channel".into(), cause: WireError::malformed("control message", format!("unexpected {other:?}")) }),
+            Err(e) => Err(MigrationError::Wire { channel: "control channel".into(), cause: e }),
         }
     }
 
@@ -403,7 +403,7 @@ impl SourceRun<'_> {
             }
             match self.ctl_rx.recv_timeout(TICK) {
                 Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) => return Err(MigrationError::Wire { channel: "control channel".into(), source: e }),
+                Ok(Err(e)) => return Err(MigrationError::Wire { channel: "control channel".into(), cause: e }),
                 Err(RecvTimeoutError::Timeout) => self.tick(false),
                 Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::Other("control channel reader stopped".into())),
             }
@@ -417,7 +417,7 @@ impl SourceRun<'_> {
                 (Control::RoundDone { round, .. }, _) => {
                     return Err(MigrationError::Wire {
                         channel: "control channel".into(),
-                        source: WireError::malformed("RoundDone", format!("for round {round} while in round {}", self.round)),
+                        cause: WireError::malformed("RoundDone", format!("for round {round} while in round {}", self.round)),
                     })
                 }
                 m => self.unexpected(Ok(m))?,
@@ -430,7 +430,7 @@ impl SourceRun<'_> {
             match self.next_control()? {
                 (Control::Done { stats }, _) => {
                     return serde_json::from_value(stats)
-                        .map_err(|e| MigrationError::Wire { channel: "control channel".into(), source: WireError::malformed("Done", e.to_string()) })
+                        .map_err(|e| MigrationError::Wire { channel: "control channel".into(), cause: WireError::malformed("Done", e.to_string()) })
                 }
                 m => self.unexpected(Ok(m))?,
             }

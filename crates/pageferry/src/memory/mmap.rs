@@ -30,7 +30,7 @@ fn check_len(name: &str, len: u64) -> Result<(), MemoryError> {
 }
 
 fn io_err<'a>(what: &'static str, name: &'a str) -> impl FnOnce(std::io::Error) -> MemoryError + 'a {
-    move |source| MemoryError::Io { what, name: name.into(), source }
+    move |source| MemoryError::Io { what, name: name.into(), cause: source }
 }
 
 fn map(fd: i32, len: u64, flags: i32) -> std::io::Result<*mut u8> {
@@ -76,7 +76,7 @@ impl MmapRegion {
         // SAFETY: valid C string; result checked.
         let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
-            return Err(MemoryError::Io { what: "memfd_create", name: name.into(), source: std::io::Error::last_os_error() });
+            return Err(MemoryError::Io { what: "memfd_create", name: name.into(), cause: std::io::Error::last_os_error() });
         }
         // SAFETY: fd is a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };

@@ -21,8 +21,8 @@ pub const PAGE_SIZE: usize = 4096;
 /// Errors from creating or sizing memory backings.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("{what} '{name}': {source}")]
-    Io { what: &'static str, name: String, #[source] source: std::io::Error },
+    #[error("{what} '{name}': {cause}")]
+    Io { what: &'static str, name: String, cause: std::io::Error },
     #[error("region '{name}': length {len} is not a non-zero multiple of the page size ({PAGE_SIZE})")]
     BadLength { name: String, len: u64 },
     #[error("duplicate region name '{0}'")]

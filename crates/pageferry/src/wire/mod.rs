@@ -48,7 +48,7 @@ pub enum WireError {
     #[error("connection closed by peer{0}")]
     Closed(String),
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("bad magic {found:#010x} (not a pageferry peer, or stream out of sync)")]
     BadMagic { found: u32 },
     #[error("protocol version mismatch: peer speaks {peer}, we speak {ours}")]
@@ -57,6 +57,12 @@ pub enum WireError {
     Crc { computed: u32, expected: u32 },
     #[error("malformed {what}: {detail}")]
     Malformed { what: &'static str, detail: String },
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        WireError::Io(e)
+    }
 }
 
 impl WireError {

@@ -1,0 +1,128 @@
+//! Command-line flags shared by several subcommands, named after QEMU's migration parameters.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use pageferry::codec::{qatzip::QatzipOptions, CodecSpec, Method};
+use pageferry::engine::ratelimit::parse_bandwidth;
+use pageferry::engine::SourceConfig;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Method and level flags (both sides).
+#[derive(Args, Clone, Debug)]
+pub struct MethodArgs {
+    /// Compression method: none, zlib, zstd, qatzip.
+    #[arg(long = "multifd-compression", default_value = "none")]
+    pub method: String,
+    /// zlib level, 1–9.
+    #[arg(long = "multifd-zlib-level", default_value_t = 1)]
+    pub zlib_level: u8,
+    /// zstd level, 1–19.
+    #[arg(long = "multifd-zstd-level", default_value_t = 1)]
+    pub zstd_level: u8,
+    /// qatzip level, 1–9.
+    #[arg(long = "multifd-qatzip-level", default_value_t = 1)]
+    pub qatzip_level: u8,
+    /// qatzip provider: auto (QATzip library if present, else cpu), qat, cpu.
+    #[arg(long = "qatzip-provider", default_value = "auto")]
+    pub qatzip_provider: String,
+    /// Path of libqatzip.so (default: $PAGEFERRY_QATZIP_LIB, else the system's libqatzip.so.3).
+    #[arg(long = "qatzip-lib")]
+    pub qatzip_lib: Option<PathBuf>,
+}
+
+impl MethodArgs {
+    pub fn spec(&self) -> Result<CodecSpec> {
+        let method: Method = self.method.parse()?;
+        let level = match method {
+            Method::None => 0,
+            Method::Zlib => self.zlib_level,
+            Method::Zstd => self.zstd_level,
+            Method::Qatzip => self.qatzip_level,
+        };
+        let mut spec = if method == Method::None { CodecSpec::new(method) } else { CodecSpec::with_level(method, level)? };
+        spec.qatzip = QatzipOptions { provider: self.qatzip_provider.parse()?, lib_path: self.qatzip_lib.clone() };
+        Ok(spec)
+    }
+}
+
+/// Source-side engine flags.
+#[derive(Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// Number of parallel data channels.
+    #[arg(long = "multifd-channels", default_value_t = 2)]
+    pub channels: usize,
+    #[command(flatten)]
+    pub method: MethodArgs,
+    /// Batches each channel keeps in flight to its compressor (default: the method's choice).
+    #[arg(long = "pipeline-depth")]
+    pub pipeline_depth: Option<usize>,
+    /// Switch over when the rest fits this many milliseconds at the measured rate.
+    #[arg(long = "downtime-limit", default_value_t = 300)]
+    pub downtime_limit_ms: u64,
+    /// Give up after this many rounds (the source keeps running).
+    #[arg(long = "max-rounds", default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Give up after this many seconds (the source keeps running).
+    #[arg(long = "timeout", default_value_t = 600)]
+    pub timeout_s: u64,
+    /// Cap on wire bytes/s across all channels: bytes, or with a unit (125MB, 1gbit, 100MiB).
+    #[arg(long = "max-bandwidth")]
+    pub max_bandwidth: Option<String>,
+    /// Skip the end-to-end memory digest comparison.
+    #[arg(long = "no-verify")]
+    pub no_verify: bool,
+}
+
+impl SourceArgs {
+    pub fn config(&self) -> Result<SourceConfig> {
+        if self.channels == 0 || self.channels > 256 {
+            bail!("--multifd-channels must be between 1 and 256");
+        }
+        let max_bandwidth = match &self.max_bandwidth {
+            Some(s) => parse_bandwidth(s).map_err(anyhow::Error::msg).context("--max-bandwidth")?,
+            None => None,
+        };
+        Ok(SourceConfig {
+            channels: self.channels,
+            codec: self.method.spec()?,
+            pipeline_depth: self.pipeline_depth,
+            downtime_limit: Duration::from_millis(self.downtime_limit_ms),
+            max_rounds: self.max_rounds.max(1),
+            timeout: Duration::from_secs(self.timeout_s),
+            max_bandwidth,
+            verify: !self.no_verify,
+            ..Default::default()
+        })
+    }
+}
+
+/// Parse a size: bytes or with a suffix (K, M, G, T; powers of 1024; KiB etc. accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size '{s}': expected e.g. 1G, 256M, 4096"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("bad size '{s}': unknown unit '{u}'")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+    }
+}
