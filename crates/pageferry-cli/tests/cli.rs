@@ -1,0 +1,160 @@
+//! Two-process migrations through the `pageferry` binary over loopback TCP.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pageferry"))
+}
+
+fn shm_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("pageferry-test").tempdir_in("/dev/shm").unwrap()
+}
+
+fn make_image(path: &Path, size: &str) {
+    let out = bin().args(["image", "--size", size]).arg(path).output().unwrap();
+    assert!(out.status.success(), "image: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Start `pageferry recv` and return it with the address it listens on.
+fn start_recv(image: &Path, extra: &[&str]) -> (Child, String, BufReader<std::process::ChildStdout>) {
+    let mut child = bin()
+        .args(["recv", "--listen", "127.0.0.1:0", "--json", "--accept-timeout", "20"])
+        .arg("--image")
+        .arg(image)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("recv said {line:?}")).to_string();
+    (child, addr, out)
+}
+
+fn send(addr: &str, image: &Path, extra: &[&str]) -> Output {
+    bin().args(["send", "--quiet", "--json", "--connect", addr]).arg("--image").arg(image).args(extra).output().unwrap()
+}
+
+fn finish_recv(mut child: Child, mut out: BufReader<std::process::ChildStdout>) -> (bool, String, String) {
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.success(), rest, err)
+}
+
+fn report(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "send failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("send --json prints one JSON object")
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+fn migrate_image(method: &[&str], size: &str) -> (serde_json::Value, PathBuf, PathBuf, tempfile::TempDir) {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, size);
+    let (recv, addr, out) = start_recv(&dst, method);
+    let s = send(&addr, &src, method);
+    let (ok, _, err) = finish_recv(recv, out);
+    assert!(ok, "recv failed: {err}");
+    (report(&s), src, dst, dir)
+}
+
+#[test]
+fn each_method_migrates_an_image_byte_identical() {
+    for method in [
+        &["--multifd-compression", "none"][..],
+        &["--multifd-compression", "zlib", "--multifd-zlib-level", "1"],
+        &["--multifd-compression", "zstd", "--multifd-zstd-level", "3"],
+        &["--multifd-compression", "qatzip", "--qatzip-provider", "cpu"],
+    ] {
+        let (r, src, dst, _dir) = migrate_image(method, "24M");
+        assert!(same_file(&src, &dst), "{method:?}: destination differs");
+        assert_eq!(r["status"], "completed");
+        assert_eq!(r["verified"], true);
+        assert_eq!(r["method"], method[1]);
+        assert_eq!(r["memory_bytes"], 24 << 20);
+        assert!(r["recv_cpu_s"].as_f64().unwrap() > 0.0);
+        if method[1] != "none" {
+            assert!(r["ratio"].as_f64().unwrap() > 2.0, "{method:?}: ratio {}", r["ratio"]);
+        }
+    }
+}
+
+#[test]
+fn dirtied_source_ends_equal_on_the_destination() {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "64M");
+    let m = ["--multifd-compression", "zstd"];
+    let (recv, addr, out) = start_recv(&dst, &m);
+    let s = send(&addr, &src, &[&m[..], &["--dirty-rate", "40MB", "--dirty-set", "16M", "--downtime-limit", "50"]].concat());
+    let (ok, _, err) = finish_recv(recv, out);
+    assert!(ok, "recv failed: {err}");
+    let r = report(&s);
+    assert_eq!(r["dirty_tracker"], "uffd-wp");
+    assert!(r["rounds"].as_u64().unwrap() >= 2);
+    // The writer stopped at switchover: the source file is the final memory.
+    assert!(same_file(&src, &dst), "destination differs from the source's final memory");
+}
+
+#[test]
+fn unreachable_peer_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = shm_dir();
+    let src = dir.path().join("src.img");
+    make_image(&src, "1M");
+    let out = bin().args(["send", "--quiet", "--connect", &format!("127.0.0.1:{port}")]).arg("--image").arg(&src).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to 127.0.0.1"), "{err}");
+}
+
+#[test]
+fn method_mismatch_is_refused_and_both_sides_say_why() {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "1M");
+    let (recv, addr, out) = start_recv(&dst, &["--multifd-compression", "zlib"]);
+    let s = send(&addr, &src, &["--multifd-compression", "zstd"]);
+    let (ok, _, recv_err) = finish_recv(recv, out);
+    assert!(!ok && !s.status.success());
+    let send_err = String::from_utf8_lossy(&s.stderr);
+    let reason = "compression method mismatch: source uses zstd, destination expects zlib";
+    assert!(send_err.contains(reason), "source said: {send_err}");
+    assert!(recv_err.contains(reason), "destination said: {recv_err}");
+}
+
+#[test]
+fn bad_flags_are_rejected_with_a_message() {
+    let out = bin().args(["send", "--connect", "x:1", "--image", "/nonexistent", "--multifd-compression", "lz4"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown compression method 'lz4'"));
+    let out = bin().args(["send", "--connect", "x:1", "--image", "/nonexistent", "--multifd-compression", "zstd", "--multifd-zstd-level", "25"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("level 25 out of range"));
+    let out = bin().args(["send", "--connect", "x:1", "--image", "/nonexistent", "--max-bandwidth", "fast"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad bandwidth"));
+    let out = bin().args(["send", "--connect", "x:1", "--image", "/nonexistent"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+}
+
+#[test]
+fn demo_runs_end_to_end_on_a_small_guest() {
+    let dir = shm_dir();
+    let out = bin().args(["demo", "--size", "48M", "--dirty-rate", "20MB", "--dirty-set", "8M", "--json"]).arg("--dir").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["status"], "completed, verified");
+    assert_eq!(r["method"], "zstd");
+    assert_eq!(r["channels"], 2);
+    // Files are cleaned up.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
