@@ -142,6 +142,11 @@ pub trait Codec: Send {
     /// and build tables from the first read (libdeflate) say false, and the engine gives them
     /// a stable copy of live memory.
     fn tolerates_changing_input(&self) -> bool;
+    /// False for method `none`: the engine then sends pages raw without calling `compress`
+    /// (and without gathering scattered pages into a buffer first).
+    fn compresses(&self) -> bool {
+        true
+    }
     /// Batches a channel should keep in flight to this codec when the user does not say
     /// (`--pipeline-depth`): 1 for CPU codecs (one core each), more for an accelerator that
     /// takes parallel requests.

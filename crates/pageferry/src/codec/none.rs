@@ -20,4 +20,7 @@ impl Codec for NoneCodec {
     fn tolerates_changing_input(&self) -> bool {
         true
     }
+    fn compresses(&self) -> bool {
+        false
+    }
 }

@@ -13,7 +13,7 @@ use super::ratelimit::RateLimiter;
 use super::stats::Counters;
 use crate::codec::{Codec, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{PacketHeader, PacketKind, PACKET_HEADER_LEN};
+use crate::wire::{PacketHeader, PacketKind};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{IoSlice, Write};
 use std::net::TcpStream;
@@ -32,8 +32,8 @@ pub enum Payload {
     None,
     /// A buffer owned by the worker's pool (compressed output or a stable copy).
     Owned(Vec<u8>, usize),
-    /// Guest memory of a static source, written to the socket directly.
-    Guest(*const u8, usize),
+    /// Runs of guest memory of a static source, written to the socket directly.
+    Guest(Vec<(*const u8, usize)>),
 }
 
 // SAFETY: Guest points into a GuestMemory region kept alive by the migration (Arc in the
@@ -41,13 +41,17 @@ pub enum Payload {
 unsafe impl Send for Payload {}
 
 impl Payload {
-    fn bytes(&self) -> &[u8] {
+    /// The payload as one or more slices, in order.
+    fn slices(&self) -> Vec<&[u8]> {
         match self {
-            Payload::None => &[],
-            Payload::Owned(v, n) => &v[..*n],
+            Payload::None => vec![],
+            Payload::Owned(v, n) => vec![&v[..*n]],
             // SAFETY: see the Send impl.
-            Payload::Guest(p, n) => unsafe { std::slice::from_raw_parts(*p, *n) },
+            Payload::Guest(runs) => runs.iter().map(|&(p, n)| unsafe { std::slice::from_raw_parts(p, n) }).collect(),
         }
+    }
+    fn len(&self) -> usize {
+        self.slices().iter().map(|s| s.len()).sum()
     }
 }
 
@@ -57,8 +61,8 @@ pub enum ToSocket {
         header: PacketHeader,
         offsets: Vec<u8>,
         payload: Payload,
-        /// CRC32C of offsets + payload; the writer prepends the header's once the packet
-        /// number is known.
+        /// CRC32C of offsets + payload; the writer appends the header once the packet number
+        /// is known.
         body_crc: u32,
         recycle: Sender<Vec<u8>>,
     },
@@ -173,28 +177,36 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
             }
         }
         let n_bytes = normal.len() * PAGE_SIZE;
-        let contiguous = !normal.is_empty() && (normal[normal.len() - 1] - normal[0]) as usize + 1 == normal.len();
-        // Input for the codec: guest memory itself, or a gathered (stable) copy in `scratch`.
-        let mut gathered = false;
-        let input: &[u8] = if normal.is_empty() {
-            &[]
-        } else if contiguous && !copy_for_codec {
-            // SAFETY: pages [normal[0], normal[0]+len) lie inside the region.
-            unsafe { std::slice::from_raw_parts(base.add(normal[0] as usize * PAGE_SIZE), n_bytes) }
-        } else {
-            for (i, &p) in normal.iter().enumerate() {
-                // SAFETY: source page inside the region; destination inside scratch.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(base.add(p as usize * PAGE_SIZE), scratch.as_mut_ptr().add(i * PAGE_SIZE), PAGE_SIZE)
-                };
+        // Runs of consecutive pages: (first page, count).
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for &p in &normal {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == p => *n += 1,
+                _ => runs.push((p, 1)),
             }
-            gathered = true;
-            &scratch[..n_bytes]
+        }
+        let guest = |first: u32, n: u32| -> &[u8] {
+            // SAFETY: the planner only emits pages inside the region.
+            unsafe { std::slice::from_raw_parts(base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }
+        };
+        let gather = |buf: &mut Vec<u8>| {
+            let mut at = 0;
+            for &(first, n) in &runs {
+                let src = guest(first, n);
+                buf[at..at + src.len()].copy_from_slice(src);
+                at += src.len();
+            }
         };
 
         let mut payload = Payload::None;
         let mut raw = false;
-        if !normal.is_empty() {
+        if !normal.is_empty() && codec.compresses() {
+            // Input: guest memory itself when contiguous (zero-copy), else a gathered copy.
+            let gathered = runs.len() > 1 || copy_for_codec;
+            if gathered {
+                gather(&mut scratch);
+            }
+            let input: &[u8] = if gathered { &scratch[..n_bytes] } else { guest(runs[0].0, runs[0].1) };
             let mut out = get_buf(&mut allocated);
             match codec.compress(input, &mut out) {
                 Ok(Some(n)) if n < n_bytes => payload = Payload::Owned(out, n),
@@ -209,20 +221,26 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
                     continue;
                 }
             }
-            if raw {
-                payload = if gathered {
-                    let p = std::mem::replace(&mut scratch, get_buf(&mut allocated));
-                    Payload::Owned(p, n_bytes)
-                } else if ctx.live {
-                    // Copy so the bytes checksummed are the bytes sent.
-                    let mut p = get_buf(&mut allocated);
-                    p[..n_bytes].copy_from_slice(input);
-                    Payload::Owned(p, n_bytes)
-                } else {
-                    Payload::Guest(input.as_ptr(), n_bytes)
-                };
-                Counters::add(&ctx.counters.raw_pages, normal.len() as u64);
+            if raw && gathered {
+                let p = std::mem::replace(&mut scratch, get_buf(&mut allocated));
+                payload = Payload::Owned(p, n_bytes);
             }
+        } else if !normal.is_empty() {
+            raw = true;
+        }
+        if raw && matches!(payload, Payload::None) {
+            payload = if ctx.live {
+                // Copy, so the bytes checksummed are the bytes sent.
+                let mut p = get_buf(&mut allocated);
+                gather(&mut p);
+                Payload::Owned(p, n_bytes)
+            } else {
+                // Static memory: straight from guest memory to the socket, run by run.
+                Payload::Guest(runs.iter().map(|&(f, n)| (guest(f, n).as_ptr(), n as usize * PAGE_SIZE)).collect())
+            };
+        }
+        if raw {
+            Counters::add(&ctx.counters.raw_pages, normal.len() as u64);
         }
         let mut offsets = Vec::with_capacity((normal.len() + zero.len()) * 4);
         for &p in normal.iter().chain(zero.iter()) {
@@ -237,9 +255,9 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
             zero: zero.len() as u16,
             round: batch.round,
             packet_num: 0, // assigned by the writer
-            payload_len: payload.bytes().len() as u32,
+            payload_len: payload.len() as u32,
         };
-        let body_crc = crc32c::crc32c_append(crc32c::crc32c(&offsets), payload.bytes());
+        let body_crc = payload.slices().iter().fold(crc32c::crc32c(&offsets), |c, s| crc32c::crc32c_append(c, s));
         Counters::add(&ctx.counters.normal_pages, normal.len() as u64);
         Counters::add(&ctx.counters.zero_pages, zero.len() as u64);
         let msg = ToSocket::Packet { header, offsets, payload, body_crc, recycle: recycle_tx.clone() };
@@ -277,14 +295,18 @@ pub fn run_writer(
         header.packet_num = packet_num;
         packet_num += 1;
         let hdr = header.encode();
-        let body_len = offsets.len() + payload.bytes().len();
-        let body_crc = if body_len == 0 { crc32c::crc32c(&[]) } else { body_crc };
-        let crc = crc32c::crc32c_combine(crc32c::crc32c(&hdr), body_crc, body_len).to_le_bytes();
-        let total = PACKET_HEADER_LEN + body_len + 4;
+        let crc = crc32c::crc32c_append(body_crc, &hdr).to_le_bytes();
+        let total = header.wire_len();
         if let Some(l) = &limiter {
             l.acquire(total as u64);
         }
-        let res = write_all_vectored(&mut sock, &mut [IoSlice::new(&hdr), IoSlice::new(&offsets), IoSlice::new(payload.bytes()), IoSlice::new(&crc)]);
+        let mut iov = Vec::with_capacity(4);
+        iov.push(IoSlice::new(&hdr));
+        iov.push(IoSlice::new(&offsets));
+        let parts = payload.slices();
+        iov.extend(parts.iter().map(|s| IoSlice::new(s)));
+        iov.push(IoSlice::new(&crc));
+        let res = write_all_vectored(&mut sock, &mut iov);
         if let Err(e) = res {
             failure.set(format!("{name}: sending failed: {e} (did the destination die?)"));
         } else {

@@ -191,6 +191,8 @@ struct Reader<'a> {
     counters: &'a Counters,
     fresh: &'a [bool],
     events: Sender<Event>,
+    /// For compressed batches of scattered pages only.
+    bounce: Vec<u8>,
 }
 
 impl Reader<'_> {
@@ -279,43 +281,49 @@ impl Reader<'_> {
         wire::read_exact(&mut self.sock, offsets, "in page offsets")?;
         decode_offsets(&h, offsets, region.pages(), normal, zero)?;
         let n_bytes = normal.len() * PAGE_SIZE;
-        let contiguous = !normal.is_empty() && (normal[normal.len() - 1] - normal[0]) as usize + 1 == normal.len();
         let base = region.host_ptr();
         let len = h.payload_len as usize;
-        // SAFETY (all guest slices below): offsets were checked against the region, and
-        // contiguous pages [first, first + n) lie inside it.
-        let direct = unsafe { contiguous.then(|| std::slice::from_raw_parts_mut(base.add(normal[0] as usize * PAGE_SIZE), n_bytes)) };
-        let mut crc = [0u8; 4];
-        match direct {
-            Some(dst) if h.raw => {
-                // Raw and contiguous: from the socket straight into place; a CRC mismatch
-                // fails the whole migration, so unverified bytes never count as migrated.
-                wire::read_exact(&mut self.sock, dst, "in a payload")?;
-                wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
-                check_crc(hdr, offsets, dst, crc)?;
+        // Runs of consecutive pages as slices of guest memory.
+        // SAFETY: offsets were checked against the region and are strictly increasing, so
+        // the runs lie inside it and do not overlap.
+        let mut runs: Vec<&mut [u8]> = Vec::new();
+        let mut i = 0;
+        while i < normal.len() {
+            let mut j = i + 1;
+            while j < normal.len() && normal[j] == normal[j - 1] + 1 {
+                j += 1;
             }
-            dst => {
-                wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
-                wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
-                check_crc(hdr, offsets, &payload[..len], crc)?;
-                let codec = self.codec.as_mut();
-                let decode_err = |source| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause: source });
-                match (dst, h.raw) {
-                    (Some(dst), false) => codec.expect("compressed payloads need a codec").decompress(&payload[..len], dst).map_err(decode_err)?,
-                    (None, raw) => {
-                        let mut bounce;
-                        let src: &[u8] = if raw {
-                            &payload[..n_bytes]
-                        } else {
-                            bounce = vec![0u8; n_bytes];
-                            codec.expect("compressed payloads need a codec").decompress(&payload[..len], &mut bounce).map_err(decode_err)?;
-                            &bounce
-                        };
-                        for (i, &p) in normal.iter().enumerate() {
-                            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(i * PAGE_SIZE), base.add(p as usize * PAGE_SIZE), PAGE_SIZE) };
-                        }
-                    }
-                    (Some(_), true) => unreachable!("handled above"),
+            runs.push(unsafe { std::slice::from_raw_parts_mut(base.add(normal[i] as usize * PAGE_SIZE), (j - i) * PAGE_SIZE) });
+            i = j;
+        }
+        let mut crc = [0u8; 4];
+        if h.raw {
+            // Raw pages go from the socket straight into place (scattered reads for scattered
+            // pages); a CRC mismatch fails the whole migration, so unverified bytes never
+            // count as migrated.
+            read_exact_vectored(&mut self.sock, &mut runs).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => WireError::Closed(" in a payload".into()),
+                _ => WireError::Io(e),
+            })?;
+            wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+            let body = runs.iter().fold(crc32c::crc32c(offsets), |c, r| crc32c::crc32c_append(c, r));
+            check_crc_parts(body, hdr, crc)?;
+        } else {
+            wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
+            wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+            check_crc(hdr, offsets, &payload[..len], crc)?;
+            let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
+            let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause });
+            if runs.len() == 1 {
+                // Contiguous: decompress straight into place.
+                codec.decompress(&payload[..len], runs[0]).map_err(decode_err)?;
+            } else {
+                let bounce = &mut self.bounce[..n_bytes];
+                codec.decompress(&payload[..len], bounce).map_err(decode_err)?;
+                let mut at = 0;
+                for r in runs.iter_mut() {
+                    r.copy_from_slice(&bounce[at..at + r.len()]);
+                    at += r.len();
                 }
             }
         }
@@ -340,6 +348,44 @@ impl From<WireError> for PacketError {
     fn from(e: WireError) -> Self {
         PacketError::Wire(e)
     }
+}
+
+fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [&mut [u8]]) -> std::io::Result<()> {
+    use std::io::IoSliceMut;
+    let mut skip = 0usize; // bytes of bufs[0] already filled
+    while !bufs.is_empty() {
+        let mut iov: Vec<IoSliceMut> = Vec::with_capacity(bufs.len());
+        for (k, b) in bufs.iter_mut().enumerate() {
+            iov.push(IoSliceMut::new(if k == 0 { &mut b[skip..] } else { &mut b[..] }));
+        }
+        let mut n = match r.read_vectored(&mut iov) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let left = bufs[0].len() - skip;
+            if n >= left {
+                n -= left;
+                skip = 0;
+                bufs = &mut bufs[1..];
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_crc_parts(body_crc: u32, hdr: &[u8], crc: [u8; 4]) -> Result<(), WireError> {
+    let computed = crc32c::crc32c_append(body_crc, hdr);
+    let expected = u32::from_le_bytes(crc);
+    if computed != expected {
+        return Err(WireError::Crc { computed, expected });
+    }
+    Ok(())
 }
 
 fn check_crc(hdr: &[u8], offsets: &[u8], payload: &[u8], crc: [u8; 4]) -> Result<(), WireError> {
@@ -403,7 +449,7 @@ pub fn run_destination_with(
                 Method::None => None,
                 _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
-            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone() };
+            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES] };
             std::thread::Builder::new()
                 .name(format!("pf-c{idx}-rx"))
                 .spawn_scoped(scope, move || reader.run())

@@ -17,7 +17,8 @@
 //! 32      4×n page indexes within the region: normal pages then zero pages, each list
 //!             strictly increasing
 //!  …      …   payload: the normal pages, compressed with the method or raw
-//!  …      4   CRC32C of everything above
+//!  …      4   CRC32C of the offsets, then the payload, then the header (header last, so
+//!             the socket writer stamps the packet number without re-reading the payload)
 //! ```
 
 use super::WireError;
@@ -178,9 +179,9 @@ pub fn decode_offsets(h: &PacketHeader, bytes: &[u8], region_pages: u64, normal:
     Ok(())
 }
 
-/// CRC32C over the packet's parts, as sent.
+/// CRC32C of a packet: offsets, payload, then header.
 pub fn packet_crc(header: &[u8], offsets: &[u8], payload: &[u8]) -> u32 {
-    let c = crc32c::crc32c_append(0, header);
-    let c = crc32c::crc32c_append(c, offsets);
-    crc32c::crc32c_append(c, payload)
+    let c = crc32c::crc32c_append(0, offsets);
+    let c = crc32c::crc32c_append(c, payload);
+    crc32c::crc32c_append(c, header)
 }

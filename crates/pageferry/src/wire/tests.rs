@@ -1,1 +1,340 @@
+//! Unit tests of the wire format: data packet headers and offsets, control frames.
+
 use super::*;
+use crate::codec::{Method, MAX_BATCH_BYTES, MAX_BATCH_PAGES};
+use crate::memory::PAGE_SIZE;
+
+fn pages(method: Method, normal: u16, zero: u16, payload_len: u32) -> PacketHeader {
+    PacketHeader { kind: PacketKind::Pages, raw: false, method, region: 3, normal, zero, round: 7, packet_num: 0x0102_0304_0506_0708, payload_len }
+}
+
+/// Encode, apply `edit` to the bytes, decode; the error's text.
+fn decode_err(h: PacketHeader, edit: impl FnOnce(&mut [u8; PACKET_HEADER_LEN])) -> String {
+    let mut b = h.encode();
+    edit(&mut b);
+    match PacketHeader::decode(&b) {
+        Ok(h) => panic!("decoded {h:?}, expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_malformed(h: PacketHeader, needle: &str) {
+    let e = decode_err(h, |_| {});
+    assert!(e.contains(needle), "error '{e}' does not mention '{needle}'");
+}
+
+#[test]
+fn header_round_trips() {
+    for method in Method::ALL {
+        for h in [
+            pages(method, 5, 2, 1234),
+            pages(method, 128, 128, MAX_BATCH_BYTES as u32),
+            pages(method, 0, 1, 0),
+            PacketHeader { raw: true, ..pages(method, 3, 0, 3 * PAGE_SIZE as u32) },
+            PacketHeader { region: u16::MAX, round: u32::MAX, packet_num: u64::MAX, ..pages(method, 1, 0, 1) },
+            PacketHeader::sync(method, 42, 99),
+        ] {
+            let b = h.encode();
+            assert_eq!(u32::from_le_bytes(b[0..4].try_into().unwrap()), PACKET_MAGIC);
+            assert_eq!(PacketHeader::decode(&b).unwrap(), h);
+        }
+    }
+}
+
+#[test]
+fn header_layout_is_little_endian_at_documented_offsets() {
+    let h = PacketHeader { raw: true, ..pages(Method::Zstd, 2, 1, 2 * PAGE_SIZE as u32) };
+    let b = h.encode();
+    assert_eq!(&b[0..4], b"PFDP");
+    assert_eq!(b[4], 0);
+    assert_eq!(b[5], 1);
+    assert_eq!(b[6], Method::Zstd.code());
+    assert_eq!(b[7], 0);
+    assert_eq!(&b[8..10], &3u16.to_le_bytes());
+    assert_eq!(&b[10..12], &2u16.to_le_bytes());
+    assert_eq!(&b[12..14], &1u16.to_le_bytes());
+    assert_eq!(&b[14..16], &[0, 0]);
+    assert_eq!(&b[16..20], &7u32.to_le_bytes());
+    assert_eq!(&b[20..28], &0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(&b[28..32], &(2 * PAGE_SIZE as u32).to_le_bytes());
+    assert_eq!(h.offsets_len(), 12);
+    assert_eq!(h.wire_len(), PACKET_HEADER_LEN + 12 + 2 * PAGE_SIZE + 4);
+}
+
+#[test]
+fn decode_rejects_bad_magic() {
+    let e = PacketHeader::decode(&{
+        let mut b = pages(Method::None, 1, 0, 1).encode();
+        b[0..4].copy_from_slice(b"PFCT");
+        b
+    })
+    .unwrap_err();
+    assert!(matches!(e, WireError::BadMagic { found } if found == u32::from_le_bytes(*b"PFCT")), "{e}");
+    assert!(e.to_string().contains("bad magic"));
+}
+
+#[test]
+fn decode_rejects_unknown_kind() {
+    for k in [2u8, 7, 255] {
+        let e = decode_err(pages(Method::None, 1, 0, 1), |b| b[4] = k);
+        assert!(e.contains(&format!("unknown kind {k}")), "{e}");
+    }
+}
+
+#[test]
+fn decode_rejects_reserved_bits() {
+    let h = pages(Method::Zlib, 1, 0, 100);
+    for (byte, value) in [(5usize, 0x02u8), (5, 0x80), (7, 1), (14, 1), (15, 0x80)] {
+        let e = decode_err(h, |b| b[byte] |= value);
+        assert!(e.contains("reserved bits"), "byte {byte}: {e}");
+    }
+}
+
+#[test]
+fn decode_rejects_unknown_method_code() {
+    for code in [4u8, 9, 255] {
+        let e = decode_err(pages(Method::Zlib, 1, 0, 100), |b| b[6] = code);
+        assert!(e.contains(&format!("unknown method code {code}")), "{e}");
+    }
+}
+
+#[test]
+fn decode_rejects_packet_without_pages() {
+    assert_malformed(pages(Method::None, 0, 0, 0), "no pages");
+}
+
+#[test]
+fn decode_rejects_more_pages_than_a_batch() {
+    let over = MAX_BATCH_PAGES as u16 + 1;
+    assert_malformed(pages(Method::Zstd, over, 0, 100), "batch limit");
+    assert_malformed(pages(Method::Zstd, 1, over, 100), "batch limit");
+    assert_malformed(pages(Method::Zstd, u16::MAX, 0, 100), "batch limit");
+    assert_malformed(pages(Method::Zstd, 0, u16::MAX, 0), "batch limit");
+    // The limit itself is fine.
+    PacketHeader::decode(&pages(Method::Zstd, MAX_BATCH_PAGES as u16, MAX_BATCH_PAGES as u16, 100).encode()).unwrap();
+}
+
+#[test]
+fn decode_rejects_payload_longer_than_its_pages() {
+    // One byte more than the normal pages it carries: no payload may ever inflate a batch.
+    assert_malformed(pages(Method::Zstd, 1, 0, PAGE_SIZE as u32 + 1), "payload of");
+    assert_malformed(pages(Method::Zstd, 3, 5, 3 * PAGE_SIZE as u32 + 1), "payload of");
+    // Over the 512 KiB receive buffer, with the largest batch.
+    assert_malformed(pages(Method::Zstd, MAX_BATCH_PAGES as u16, 0, MAX_BATCH_BYTES as u32 + 1), "payload of");
+    assert_malformed(pages(Method::Zstd, MAX_BATCH_PAGES as u16, 0, u32::MAX), "payload of");
+    // Exactly the pages' size is allowed (a compressor that did not gain anything).
+    PacketHeader::decode(&pages(Method::Zstd, 2, 0, 2 * PAGE_SIZE as u32).encode()).unwrap();
+}
+
+#[test]
+fn decode_rejects_raw_payload_of_the_wrong_length() {
+    for len in [1u32, 2 * PAGE_SIZE as u32 - 1] {
+        let h = PacketHeader { raw: true, ..pages(Method::None, 2, 0, len) };
+        assert_malformed(h, "raw payload");
+    }
+}
+
+#[test]
+fn decode_rejects_payload_and_page_count_disagreeing() {
+    assert_malformed(pages(Method::Zstd, 0, 3, 10), "payload without normal pages");
+    assert_malformed(pages(Method::Zstd, 2, 0, 0), "normal pages without payload");
+}
+
+#[test]
+fn decode_rejects_sync_with_pages_or_payload() {
+    let s = PacketHeader::sync(Method::Zstd, 1, 2);
+    for h in [
+        PacketHeader { normal: 1, ..s },
+        PacketHeader { zero: 1, ..s },
+        PacketHeader { payload_len: 1, ..s },
+        PacketHeader { raw: true, ..s },
+        PacketHeader { region: 1, ..s },
+    ] {
+        assert_malformed(h, "sync packet");
+    }
+}
+
+fn offsets(list: &[u32]) -> Vec<u8> {
+    list.iter().flat_map(|p| p.to_le_bytes()).collect()
+}
+
+fn decode_offsets_of(normal: &[u32], zero: &[u32], region_pages: u64) -> Result<(Vec<u32>, Vec<u32>), WireError> {
+    let h = pages(Method::None, normal.len() as u16, zero.len() as u16, normal.len() as u32 * PAGE_SIZE as u32);
+    let bytes = offsets(&[normal, zero].concat());
+    let (mut n, mut z) = (vec![99], vec![99]);
+    decode_offsets(&h, &bytes, region_pages, &mut n, &mut z)?;
+    Ok((n, z))
+}
+
+#[test]
+fn offsets_decode_into_normal_and_zero_lists() {
+    let (n, z) = decode_offsets_of(&[0, 1, 5, 99], &[2, 3, 98], 100).unwrap();
+    assert_eq!(n, [0, 1, 5, 99]);
+    assert_eq!(z, [2, 3, 98]);
+    let (n, z) = decode_offsets_of(&[], &[7], 8).unwrap();
+    assert!(n.is_empty());
+    assert_eq!(z, [7]);
+}
+
+#[test]
+fn offsets_outside_the_region_are_rejected() {
+    for (normal, zero) in [(&[100u32][..], &[][..]), (&[1, 2], &[100]), (&[0], &[u32::MAX])] {
+        let e = decode_offsets_of(normal, zero, 100).unwrap_err().to_string();
+        assert!(e.contains("outside region 3 of 100 pages"), "{e}");
+    }
+}
+
+#[test]
+fn offsets_must_strictly_increase() {
+    for (normal, zero) in [(&[1u32, 1][..], &[][..]), (&[2, 1], &[]), (&[], &[5, 4]), (&[0, 3], &[7, 7])] {
+        let e = decode_offsets_of(normal, zero, 100).unwrap_err().to_string();
+        assert!(e.contains("not strictly increasing"), "{normal:?} {zero:?}: {e}");
+    }
+}
+
+#[test]
+fn a_page_cannot_be_both_normal_and_zero() {
+    for (normal, zero) in [(&[3u32][..], &[3u32][..]), (&[1, 4, 9], &[2, 9]), (&[0, 50], &[0])] {
+        let e = decode_offsets_of(normal, zero, 100).unwrap_err().to_string();
+        assert!(e.contains("both normal and zero"), "{normal:?} {zero:?}: {e}");
+    }
+}
+
+#[test]
+fn packet_crc_covers_every_part_as_one_stream() {
+    let (h, o, p) = ([1u8; 32], [2u8; 8], [3u8; 100]);
+    let whole = [&h[..], &o[..], &p[..]].concat();
+    assert_eq!(packet_crc(&h, &o, &p), crc32c::crc32c(&whole));
+    let mut flipped = p;
+    flipped[50] ^= 0x10;
+    assert_ne!(packet_crc(&h, &o, &p), packet_crc(&h, &o, &flipped));
+}
+
+// ---- control frames ----
+
+fn hello() -> Control {
+    Control::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        session: SessionId(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+        role: Role::Data,
+        channel: 3,
+        channels: 4,
+        method: Method::Zstd,
+        level: 3,
+        regions: vec![("ram0".into(), 1 << 30), ("ram1".into(), 4096)],
+    })
+}
+
+fn frame(msg: &Control, blob: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    write_frame(&mut v, msg, blob).unwrap();
+    v
+}
+
+#[test]
+fn control_frames_round_trip() {
+    let msgs = [
+        (hello(), vec![]),
+        (Control::Welcome { fresh_destination: true }, vec![]),
+        (Control::Refuse { reason: "compression method mismatch: ü".into() }, vec![]),
+        (Control::RoundDone { round: 3, pages: 1 << 40 }, vec![]),
+        (Control::Finish { round: 9, digest: Some(format!("{:032x}", u128::MAX)) }, (0..=255u8).cycle().take(100_000).collect()),
+        (Control::Finish { round: 0, digest: None }, vec![0u8]),
+        (Control::Done { stats: serde_json::json!({"pages": 5, "provider": "x"}) }, vec![]),
+        (Control::Abort { reason: "because".into() }, vec![]),
+    ];
+    // Several frames back to back on one stream.
+    let mut stream = Vec::new();
+    for (m, blob) in &msgs {
+        stream.extend_from_slice(&frame(m, blob));
+    }
+    let mut r = &stream[..];
+    for (m, blob) in &msgs {
+        let (got, got_blob) = read_frame(&mut r).unwrap();
+        assert_eq!(&got, m);
+        assert_eq!(&got_blob, blob);
+    }
+    assert!(r.is_empty());
+    assert!(matches!(read_frame(&mut r), Err(WireError::Closed(_))), "clean end of stream reads as Closed");
+}
+
+#[test]
+fn session_id_is_32_hex_digits_on_the_wire() {
+    let f = frame(&hello(), &[]);
+    let body = String::from_utf8_lossy(&f[14..f.len() - 4]).to_string();
+    assert!(body.contains("\"0123456789abcdef0011223344556677\""), "{body}");
+    let short = body.replace("0123456789abcdef0011223344556677", "0123");
+    let e = serde_json::from_str::<Control>(&short).unwrap_err().to_string();
+    assert!(e.contains("32 hex digits"), "{e}");
+}
+
+#[test]
+fn flipped_byte_anywhere_in_a_frame_is_detected() {
+    let good = frame(&Control::Finish { round: 1, digest: Some("ab".into()) }, b"device state");
+    // Every byte after the magic: version and lengths, body, blob, CRC. A flip in a length
+    // field may instead read as a truncated or oversized frame; it must never be accepted.
+    for i in 4..good.len() {
+        let mut bad = good.clone();
+        bad[i] ^= 0x04;
+        let r = read_frame(&mut &bad[..]);
+        assert!(r.is_err(), "flip at byte {i} accepted: {r:?}");
+        if (14..good.len()).contains(&i) {
+            assert!(matches!(r, Err(WireError::Crc { .. })), "flip at byte {i}: {r:?}");
+        }
+    }
+    let e = read_frame(&mut &{
+        let mut b = good.clone();
+        b[20] ^= 1;
+        b
+    }[..])
+    .unwrap_err();
+    assert!(e.to_string().contains("CRC32C mismatch"), "{e}");
+}
+
+#[test]
+fn truncated_frame_is_closed() {
+    let good = frame(&Control::RoundDone { round: 1, pages: 2 }, b"xyz");
+    for cut in [1, 13, 14, 20, good.len() - 1] {
+        let e = read_frame(&mut &good[..cut]).unwrap_err();
+        assert!(matches!(e, WireError::Closed(_)), "cut at {cut}: {e}");
+        assert!(e.to_string().contains("closed"), "{e}");
+    }
+}
+
+#[test]
+fn oversized_declared_body_is_malformed_before_allocating() {
+    for (body, blob) in [(MAX_FRAME_BODY as u32 + 1, 0u32), (10, MAX_FRAME_BODY as u32 + 1), (u32::MAX, u32::MAX)] {
+        let mut f = frame(&Control::Abort { reason: "x".into() }, &[]);
+        f[6..10].copy_from_slice(&body.to_le_bytes());
+        f[10..14].copy_from_slice(&blob.to_le_bytes());
+        let e = read_frame(&mut &f[..]).unwrap_err();
+        assert!(matches!(e, WireError::Malformed { what: "control frame", .. }), "{e}");
+        assert!(e.to_string().contains("exceeds"), "{e}");
+    }
+}
+
+#[test]
+fn garbage_magic_is_bad_magic() {
+    let junk = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let e = read_frame(&mut &junk[..]).unwrap_err();
+    assert!(matches!(e, WireError::BadMagic { found } if found == u32::from_le_bytes(*b"GET ")), "{e}");
+    // A data packet on the control channel is not a frame either.
+    let pkt = PacketHeader::sync(Method::None, 0, 0).encode();
+    let mut stream = pkt.to_vec();
+    stream.extend_from_slice(&[0u8; 16]);
+    assert!(matches!(read_frame(&mut &stream[..]), Err(WireError::BadMagic { .. })));
+}
+
+#[test]
+fn valid_crc_over_a_bad_body_is_malformed() {
+    // Well framed, checksummed, but not a control message.
+    let body = br#"{"type":"launch_missiles"}"#;
+    let mut hdr = [0u8; 14];
+    hdr[0..4].copy_from_slice(b"PFCT");
+    hdr[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hdr[6..10].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&hdr), body);
+    let f = [&hdr[..], &body[..], &crc.to_le_bytes()].concat();
+    let e = read_frame(&mut &f[..]).unwrap_err();
+    assert!(matches!(e, WireError::Malformed { what: "control message", .. }), "{e}");
+}
