@@ -107,5 +107,34 @@ impl GuestMemory {
     }
 }
 
+/// Conformance suite for [`MemoryRegion`] backings (public so out-of-tree backings run it).
+pub mod conformance {
+    use super::*;
+
+    /// `region` must be freshly made, `len` bytes long.
+    pub fn run_suite(region: Arc<dyn MemoryRegion>, len: u64) {
+        assert_eq!(region.len(), len);
+        assert_eq!(region.len() % PAGE_SIZE as u64, 0);
+        assert_eq!(region.pages(), len / PAGE_SIZE as u64);
+        assert_eq!(region.host_ptr() as usize % PAGE_SIZE, 0, "mapping must be page aligned");
+        // SAFETY: the region contract.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.host_ptr(), len as usize) };
+        if region.is_fresh_zeroed() {
+            assert!(bytes.iter().all(|&b| b == 0), "a region claiming to be fresh must read zero");
+        }
+        let mem = GuestMemory::new(vec![region.clone()]).unwrap();
+        let before = mem.digest();
+        let last = len as usize - 1;
+        bytes[0] = 0x11;
+        bytes[last] = 0x22;
+        assert_eq!((bytes[0], bytes[last]), (0x11, 0x22));
+        assert_ne!(mem.digest(), before, "digest must see writes");
+        assert_eq!(mem.total_bytes(), len);
+        assert_eq!(mem.layout(), vec![(region.name().to_string(), len)]);
+        // Duplicate names are refused.
+        assert!(matches!(GuestMemory::new(vec![region.clone(), region]), Err(MemoryError::DuplicateName(_))));
+    }
+}
+
 #[cfg(test)]
 mod tests;
