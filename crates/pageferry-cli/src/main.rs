@@ -3,6 +3,7 @@
 //! reported here with context; the library's are typed.
 
 mod args;
+mod bench;
 mod demo;
 mod progress;
 mod workload;
@@ -38,6 +39,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Write a deterministic benchmark memory image.
     Image(ImageArgs),
+    /// Benchmark matrix (methods x channels x links) between two processes: markdown table,
+    /// JSON lines, SVG charts; `bench codecs` for bare codec speed.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +110,7 @@ fn main() {
         Cmd::Recv(a) => ("recv", recv(a)),
         Cmd::Demo(a) => ("demo", demo::run(a)),
         Cmd::Image(a) => ("image", make_image(a)),
+        Cmd::Bench(a) => ("bench", bench::run(a)),
     };
     if let Err(e) = r {
         eprintln!("pageferry {name}: error: {e:#}");

@@ -91,19 +91,6 @@ impl DeflateCompressor {
             }
         }
     }
-
-    /// Whether the output stays decodable when the input changes during the call.
-    pub fn tolerates_changing_input(&self) -> bool {
-        match self.engine {
-            // igzip levels 1–3 record literals in an intermediate buffer while parsing and
-            // build Huffman tables from that buffer; the conformance suite checks it.
-            #[cfg(feature = "isal")]
-            Engine::Isal(_) => true,
-            // libdeflate counts symbol frequencies while parsing, then re-reads literals from
-            // the input when writing: a byte that changed in between may have no code.
-            Engine::Libdeflate(_) => false,
-        }
-    }
 }
 
 /// A deflate decompressor (libdeflate) for one channel worker.

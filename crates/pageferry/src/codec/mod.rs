@@ -137,11 +137,19 @@ pub trait Codec: Send {
     /// Decompress one payload; it must produce exactly `out.len()` bytes, and anything else
     /// (too much, too little, corrupt) is an error. Never writes outside `out`.
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError>;
-    /// True when `compress` produces a decodable payload even if `input` changes during the
-    /// call (the guest writing a page being compressed). Codecs that may read a byte twice
-    /// and build tables from the first read (libdeflate) say false, and the engine gives them
-    /// a stable copy of live memory.
-    fn tolerates_changing_input(&self) -> bool;
+    /// True only when `compress` reads each input byte once (a device that DMAs the batch,
+    /// a codec that copies its input first), so that a page changing during the call cannot
+    /// corrupt *other* pages of the payload. The engine compresses live guest memory in
+    /// place only for such codecs, and a stable copy otherwise.
+    ///
+    /// No software LZ compressor qualifies: it emits bytes as literals at one moment and
+    /// later validates a match against the same input bytes at another, so an unchanged page
+    /// can decode to bytes a concurrently changed page held earlier — and an unchanged page is
+    /// never resent. (Seen with zstd on this project's demo: one byte wrong in an untouched
+    /// page.) Static memory (images, paused guests) is always compressed in place.
+    fn tolerates_changing_input(&self) -> bool {
+        false
+    }
     /// False for method `none`: the engine then sends pages raw without calling `compress`
     /// (and without gathering scattered pages into a buffer first).
     fn compresses(&self) -> bool {

@@ -31,7 +31,4 @@ impl Codec for ZlibCodec {
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
         self.dec.decompress(Method::Zlib, Framing::Zlib, input, out)
     }
-    fn tolerates_changing_input(&self) -> bool {
-        self.enc.tolerates_changing_input()
-    }
 }

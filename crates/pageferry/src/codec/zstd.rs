@@ -1,8 +1,7 @@
 //! Method `zstd` (levels 1–19, default 1): one zstd frame per batch, through the zstd crate.
 //!
-//! zstd copies literals into its sequence store as it parses and never re-reads the input to
-//! build entropy tables, so a page changing during compression yields a valid frame (with
-//! either version of the bytes) — it may be compressed straight from guest memory.
+//! Like every software LZ compressor, zstd must not see its input change during a call (see
+//! `Codec::tolerates_changing_input`); the engine gives it a stable copy of live memory.
 
 use super::{Codec, CodecError, CodecInfo, Method};
 
@@ -48,8 +47,5 @@ impl Codec for ZstdCodec {
             return Err(CodecError::Decompress { method: Method::Zstd, detail: format!("inflated to {n} bytes, expected {want}") });
         }
         Ok(())
-    }
-    fn tolerates_changing_input(&self) -> bool {
-        true
     }
 }

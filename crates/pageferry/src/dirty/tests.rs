@@ -105,3 +105,71 @@ fn bitmap_ranges_and_iteration() {
     b.clear();
     assert_eq!(b.count(), 0);
 }
+
+/// A writer thread stamps pages while the main thread repeatedly collects and copies the
+/// reported pages into a shadow; after the writer stops, one last collect-and-copy must make
+/// the shadow equal to memory. This is the pre-copy loop reduced to its tracker.
+fn concurrent_writes_are_never_missed(mem: GuestMemory) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let r = mem.regions()[0].clone();
+    let len = r.len() as usize;
+    unsafe { std::ptr::write_bytes(r.host_ptr(), 7, len) };
+    let mut t = UffdTracker::new();
+    t.start(&mem).unwrap();
+    let mut shadow = vec![0u8; len];
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (r, stop) = (r.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut x: u64 = 99;
+            let mut n: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let page = (x % r.pages()) as usize;
+                n += 1;
+                for i in (0..PAGE_SIZE / 8).step_by(64) {
+                    unsafe { (r.host_ptr().add(page * PAGE_SIZE) as *mut u64).add(i).write_volatile(n) };
+                }
+            }
+        })
+    };
+    let copy = |d: &DirtyPages, shadow: &mut [u8]| {
+        for p in d.region(0).iter_set() {
+            let o = p as usize * PAGE_SIZE;
+            unsafe { std::ptr::copy_nonoverlapping(r.host_ptr().add(o), shadow.as_mut_ptr().add(o), PAGE_SIZE) };
+        }
+    };
+    let rounds: usize = std::env::var("PF_STRESS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    for _ in 0..rounds {
+        let mut d = DirtyPages::for_memory(&mem);
+        t.collect(&mut d).unwrap();
+        copy(&d, &mut shadow);
+    }
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let mut d = DirtyPages::for_memory(&mem);
+    t.collect(&mut d).unwrap();
+    copy(&d, &mut shadow);
+    let mem_bytes = unsafe { std::slice::from_raw_parts(r.host_ptr(), len) };
+    let bad: Vec<usize> = (0..len / PAGE_SIZE).filter(|&p| mem_bytes[p * PAGE_SIZE..(p + 1) * PAGE_SIZE] != shadow[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]).collect();
+    assert!(bad.is_empty(), "{} pages written but never reported, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+}
+
+#[test]
+fn uffd_tracker_never_misses_concurrent_writes_anonymous() {
+    if !uffd_available() {
+        return;
+    }
+    concurrent_writes_are_never_missed(GuestMemory::single(MmapRegion::anonymous("r", 16 << 20).unwrap()).unwrap());
+}
+
+#[test]
+fn uffd_tracker_never_misses_concurrent_writes_shm_file() {
+    if !uffd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    concurrent_writes_are_never_missed(GuestMemory::single(MmapRegion::create_file("r", &dir.path().join("r"), 16 << 20).unwrap()).unwrap());
+}

@@ -297,7 +297,9 @@ impl Reader<'_> {
             i = j;
         }
         let mut crc = [0u8; 4];
-        if h.raw {
+        // Zero pages only (no payload: the source does not mark these raw) take the raw path
+        // too: there is nothing to decompress, and a codec asked to inflate nothing may fail.
+        if h.raw || normal.is_empty() {
             // Raw pages go from the socket straight into place (scattered reads for scattered
             // pages); a CRC mismatch fails the whole migration, so unverified bytes never
             // count as migrated.
@@ -484,13 +486,19 @@ fn control_loop(
     let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
     let mut completed: Option<u32> = None;
     let mut finish: Option<(u32, Option<String>, Vec<u8>)> = None;
+    let mut peak_rss = 0u64;
     loop {
+        peak_rss = peak_rss.max(super::stats::rss_anon_bytes());
         if let (Some((f, _, _)), Some(c)) = (&finish, completed) {
             if c >= *f {
                 break;
             }
         }
-        match events.recv().expect("event senders live in this scope") {
+        let event = match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(e) => e,
+            Err(_) => continue, // sample memory ~10×/s while waiting
+        };
+        match event {
             Event::RoundComplete(k) => {
                 completed = Some(k);
                 wire::write_frame(control, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
@@ -537,6 +545,7 @@ fn control_loop(
         verified,
         rounds: round + 1,
         provider: provider.to_string(),
+        peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
     };
     wire::write_frame(control, &Control::Done { stats: serde_json::to_value(&report).expect("report serializes") }, &[]).map_err(ctl_err)?;
     Ok(report)

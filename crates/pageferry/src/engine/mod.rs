@@ -18,6 +18,8 @@ mod source;
 pub mod stats;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_hostile;
 
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;

@@ -180,6 +180,7 @@ pub fn run_source(
             bytes_total: 0,
             round: 0,
             last_tick: Instant::now(),
+            peak_rss: 0,
         };
         let outcome = run.migrate(tracker, workload);
         if let Err(e) = &outcome {
@@ -226,6 +227,7 @@ pub fn run_source(
     report.verified = dest.verified;
     report.verify_ms = dest.verify_ms;
     report.recv_provider = dest.provider;
+    report.recv_peak_rss_anon_bytes = dest.peak_rss_anon_bytes;
     report.status = "completed".into();
     Ok(report)
 }
@@ -245,6 +247,7 @@ struct SourceRun<'a> {
     bytes_total: u64,
     round: u32,
     last_tick: Instant,
+    peak_rss: u64,
 }
 
 impl SourceRun<'_> {
@@ -317,6 +320,7 @@ impl SourceRun<'_> {
             downtime_ms: downtime.as_secs_f64() * 1000.0,
             rounds: self.round + 1,
             pages_per_round,
+            send_peak_rss_anon_bytes: self.peak_rss,
             ..Default::default()
         };
         Ok((report, dest))
@@ -375,6 +379,7 @@ impl SourceRun<'_> {
     fn tick(&mut self, force: bool) {
         if force || self.last_tick.elapsed() >= TICK {
             self.last_tick = Instant::now();
+            self.peak_rss = self.peak_rss.max(super::stats::rss_anon_bytes());
             self.progress.update(&Progress {
                 round: self.round,
                 bytes_done: self.counters.raw_bytes(),

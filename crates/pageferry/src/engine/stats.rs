@@ -63,6 +63,15 @@ impl CpuMeter {
     }
 }
 
+/// Anonymous resident memory of this process (heap, buffers, stacks; not file mappings such
+/// as an image's pages), from /proc/self/status; 0 where unavailable.
+pub fn rss_anon_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kib| kib * 1024)
+}
+
 /// cpu / wall as a percentage of one core.
 pub fn cpu_percent(cpu_s: f64, wall_s: f64) -> f64 {
     if wall_s > 0.0 {
@@ -94,6 +103,10 @@ pub struct DestinationReport {
     pub rounds: u32,
     /// Who decompressed ("libdeflate", "qat (software path)", ...).
     pub provider: String,
+    /// Peak anonymous memory of the destination process seen during the migration (guest
+    /// memory that is anonymous counts here too).
+    #[serde(default)]
+    pub peak_rss_anon_bytes: u64,
 }
 
 /// The source's final report.
@@ -130,6 +143,9 @@ pub struct MigrationReport {
     pub recv_cpu_pct: f64,
     pub verified: bool,
     pub recv_provider: String,
+    /// Peak anonymous memory (heap, buffers) of the source and destination processes.
+    pub send_peak_rss_anon_bytes: u64,
+    pub recv_peak_rss_anon_bytes: u64,
 }
 
 impl MigrationReport {
@@ -156,6 +172,8 @@ impl MigrationReport {
             self.max_bandwidth.map(|b| format!(" (cap {:.0} Mbps)", b as f64 * 8.0 / 1e6)).unwrap_or_default()));
         line("send cpu:", format!("{:.2} s ({:.0}%, {:.2} CPU-s/GiB)", self.send_cpu_s, self.send_cpu_pct, per_gib(self.send_cpu_s)));
         line("recv cpu:", format!("{:.2} s ({:.0}%, {:.2} CPU-s/GiB)", self.recv_cpu_s, self.recv_cpu_pct, per_gib(self.recv_cpu_s)));
+        line("process memory:", format!("send {:.1} MiB, recv {:.1} MiB (peak anonymous RSS)",
+            self.send_peak_rss_anon_bytes as f64 / (1 << 20) as f64, self.recv_peak_rss_anon_bytes as f64 / (1 << 20) as f64));
         line("verified:", if self.verified { "yes (memory digests match)".into() } else { "not checked".into() });
         s
     }

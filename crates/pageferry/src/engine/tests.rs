@@ -155,3 +155,168 @@ fn concurrent_writer_destination_equals_source_at_switchover() {
         assert!(r.rounds >= 2);
     }
 }
+
+/// Counts the switchover calls a source workload receives.
+#[derive(Default)]
+struct CountingWorkload {
+    pauses: u32,
+    resumes: u32,
+}
+
+impl SourceWorkload for CountingWorkload {
+    fn pause(&mut self) -> Result<Vec<u8>, WorkloadError> {
+        self.pauses += 1;
+        Ok(b"device state".to_vec())
+    }
+    fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
+        self.resumes += 1;
+        Ok(())
+    }
+}
+
+/// A destination workload that cannot start (e.g. the device state does not load).
+struct RefusingResume;
+
+impl DestinationWorkload for RefusingResume {
+    fn resume(&mut self, _device_state: &[u8]) -> Result<(), WorkloadError> {
+        Err("device state rejected".into())
+    }
+}
+
+#[test]
+fn destination_abort_leaves_source_memory_untouched_and_resumes_the_source() {
+    let src = test_memory([512, 64]);
+    let before = src.digest();
+    let dst = empty_like(&src);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let method = Method::Zstd;
+    let dcfg = DestinationConfig { codec: crate::codec::CodecSpec::new(method), ..Default::default() };
+    let scfg = SourceConfig { channels: 2, codec: crate::codec::CodecSpec::new(method), ..Default::default() };
+    let mut workload = CountingWorkload::default();
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut RefusingResume, &dcfg));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut workload, &scfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    let de = d.unwrap_err();
+    assert!(matches!(de, MigrationError::Workload { what: "resume", .. }), "{de}");
+    let se = r.unwrap_err();
+    assert!(matches!(se, MigrationError::PeerAborted(_)), "{se:?}");
+    assert!(se.to_string().contains("device state rejected"), "{se}");
+    // The destination received everything (it failed only at the very end) ...
+    assert_eq!(src.digest(), dst.digest());
+    // ... and the source is exactly as before, and running again.
+    assert_eq!(src.digest(), before, "the source's memory changed");
+    assert_eq!((workload.pauses, workload.resumes), (1, 1), "paused once for the switchover, resumed once after the failure");
+}
+
+#[test]
+fn destination_dying_mid_round_leaves_source_untouched_and_never_paused() {
+    // A destination that takes the handshake, reads a little of round 0, then aborts.
+    let src = test_memory([2048, 64]);
+    let before = src.digest();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let evil = std::thread::spawn(move || {
+        let mut socks = Vec::new();
+        for _ in 0..3 {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            let (hello, _) = crate::wire::read_frame(&mut s).unwrap();
+            assert!(matches!(hello, crate::wire::Control::Hello(_)));
+            crate::wire::write_frame(&mut s, &crate::wire::Control::Welcome { fresh_destination: false }, &[]).unwrap();
+            socks.push(s);
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        std::io::Read::read_exact(&mut socks[1], &mut buf).unwrap();
+        crate::wire::write_frame(&mut socks[0], &crate::wire::Control::Abort { reason: "disk full".into() }, &[]).unwrap();
+        // Hang up on everything.
+    });
+    let mut workload = CountingWorkload::default();
+    let scfg = SourceConfig { channels: 2, ..Default::default() };
+    let e = run_source(&addr, &src, &mut StaticTracker::new(), &mut workload, &scfg, &NoProgress).unwrap_err();
+    evil.join().unwrap();
+    // Either the Abort or the broken sockets, whichever the source saw first.
+    let msg = e.to_string();
+    assert!(msg.contains("disk full") || msg.contains("did the destination die"), "{msg}");
+    assert_eq!(src.digest(), before, "the source's memory changed");
+    assert_eq!((workload.pauses, workload.resumes), (0, 0), "the source was paused before the switchover");
+}
+
+/// Reports every page dirty every round: a guest rewriting all its memory between looks.
+struct AllDirty;
+
+impl crate::dirty::DirtyTracker for AllDirty {
+    fn start(&mut self, _memory: &GuestMemory) -> Result<(), crate::dirty::DirtyError> {
+        Ok(())
+    }
+    fn collect(&mut self, into: &mut crate::dirty::DirtyPages) -> Result<(), crate::dirty::DirtyError> {
+        for i in 0..into.regions().len() {
+            into.region_mut(i).set_all();
+        }
+        Ok(())
+    }
+    fn guest_may_write(&self) -> bool {
+        true
+    }
+    fn name(&self) -> &'static str {
+        "all-dirty"
+    }
+}
+
+/// The writer, counting switchover calls.
+struct CountedWriter {
+    writer: Writer,
+    pauses: u32,
+    resumes: u32,
+}
+
+impl SourceWorkload for CountedWriter {
+    fn pause(&mut self) -> Result<Vec<u8>, WorkloadError> {
+        self.pauses += 1;
+        self.writer.pause()
+    }
+    fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
+        self.resumes += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn max_rounds_exceeded_is_not_converged_and_the_guest_keeps_running() {
+    // The guest dirties all of its memory every round; the bandwidth cap makes each round
+    // take at least wire bytes / cap (≥ 60 ms here; the limiter cannot overshoot), far over
+    // the 5 ms downtime limit, so no round may ever end the pre-copy phase.
+    let src = test_memory([64, 16]);
+    let dst = empty_like(&src);
+    let mut workload = CountedWriter { writer: Writer::start(src.clone(), 20), pauses: 0, resumes: 0 };
+    let cfg = SourceConfig {
+        channels: 2,
+        codec: crate::codec::CodecSpec::new(Method::None),
+        downtime_limit: std::time::Duration::from_millis(5),
+        max_rounds: 3,
+        max_bandwidth: Some(4_000_000),
+        ..Default::default()
+    };
+    let (r, d) = migrate(&src, &dst, &mut AllDirty, &mut workload, cfg);
+    let e = r.unwrap_err();
+    assert!(matches!(e, MigrationError::NotConverged(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("did not converge") && msg.contains("after 3 rounds") && msg.contains("--max-rounds"), "{msg}");
+    assert!(msg.contains("the source keeps running"), "{msg}");
+    let de = d.unwrap_err().to_string();
+    assert!(de.contains("peer aborted") && de.contains("after 3 rounds"), "the destination prints the same reason: {de}");
+    assert_eq!((workload.pauses, workload.resumes), (0, 0), "the guest was paused without a switchover");
+    let thread = workload.writer.thread.as_ref().expect("writer never stopped");
+    assert!(!thread.is_finished(), "the guest stopped running");
+    // Still running: it keeps writing after the failure (waiting for the scheduler, not a clock
+    // threshold: the writer has all the time it needs).
+    let before = workload.writer.writes.load(Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while workload.writer.writes.load(Ordering::SeqCst) <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(workload.writer.writes.load(Ordering::SeqCst) > before, "the guest stopped writing");
+    workload.writer.pause().unwrap();
+}

@@ -136,7 +136,8 @@ fn decode_rejects_raw_payload_of_the_wrong_length() {
 
 #[test]
 fn decode_rejects_payload_and_page_count_disagreeing() {
-    assert_malformed(pages(Method::Zstd, 0, 3, 10), "payload without normal pages");
+    // (Caught by the payload bound: 10 bytes for 0 normal pages.)
+    assert_malformed(pages(Method::Zstd, 0, 3, 10), "payload of 10 bytes for 0 pages");
     assert_malformed(pages(Method::Zstd, 2, 0, 0), "normal pages without payload");
 }
 
@@ -201,9 +202,9 @@ fn a_page_cannot_be_both_normal_and_zero() {
 }
 
 #[test]
-fn packet_crc_covers_every_part_as_one_stream() {
+fn packet_crc_is_one_stream_of_offsets_payload_header() {
     let (h, o, p) = ([1u8; 32], [2u8; 8], [3u8; 100]);
-    let whole = [&h[..], &o[..], &p[..]].concat();
+    let whole = [&o[..], &p[..], &h[..]].concat();
     assert_eq!(packet_crc(&h, &o, &p), crc32c::crc32c(&whole));
     let mut flipped = p;
     flipped[50] ^= 0x10;

@@ -63,12 +63,6 @@ impl Codec for CpuCodec {
         decode_members(&mut self.dec, input, out).map_err(decompress_err)
     }
 
-    /// False: the trailer's CRC-32 is a second read of the input, separate from the deflate
-    /// pass, so a byte the guest changes in between makes a payload the destination rejects
-    /// (and libdeflate, used at levels > 1 or without ISA-L, is intolerant by itself).
-    fn tolerates_changing_input(&self) -> bool {
-        false
-    }
 }
 
 /// Decode a payload of gzip members into exactly `out`. Every member must fit what is left of

@@ -21,10 +21,12 @@
 //!   compresses, libdeflate decompresses; reports `cpu (isa-l)` / `cpu (libdeflate)`.
 //! - `auto` (default): `qat` when QATzip loads *and* its session has a device, else `cpu`,
 //!   with one note on stderr saying why. QATzip's software path is not chosen
-//!   automatically: on one core it compressed about 121 MB/s and decompressed about
-//!   315 MB/s here, several times slower than the `cpu` provider for the same bytes, and it
-//!   retries (and logs about) the missing device on every call. Provider `qat` still
-//!   forces it, e.g. to compare with QEMU.
+//!   automatically: it is several times slower than the `cpu` provider for the same format
+//!   (level 1, 512 KiB batches of the silesia-like image, MB/s per CPU-second on this
+//!   project's machine: QATzip 1.3.1 compresses ~87 and decompresses ~315, ratio 2.78; `cpu`
+//!   ~370 with ISA-L (ratio 2.83) or ~175 with libdeflate (ratio 3.03), and decompresses
+//!   ~700), and it retries (and reports) the missing device on every call. Provider `qat`
+//!   still forces it, e.g. to compare with QEMU.
 //!
 //! # Pointing pageferry at QATzip
 //! The library is looked for, in order, at `QatzipOptions::lib_path` (`--qatzip-lib PATH`),
@@ -47,10 +49,10 @@
 //!   smaller than the batch, and `None` only when the output does not fit the buffer given.
 //!   The largest payload is `max_compressed_len` (about 1.125 × the batch for QATzip, a few
 //!   hundred bytes over it for `cpu`), never 2 × the batch.
-//! - Neither provider claims `tolerates_changing_input`: the gzip trailer's CRC-32 is a read
-//!   of the input separate from the deflate pass, so a guest write in between makes a payload
-//!   the destination rejects. The engine compresses a stable copy; copying 512 KiB costs a
-//!   few percent of compressing it.
+//! - Neither provider claims `tolerates_changing_input` (no software compressor can; and the
+//!   gzip trailer's CRC-32 is a second read of the input). The engine compresses a stable
+//!   copy of live memory; copying 512 KiB costs a few percent of compressing it. A QAT device
+//!   reads its input once by DMA and could claim it — not done without hardware to verify.
 //! - `qzClose` is called only when a library's last session closes: some QATzip versions
 //!   stop the device for the whole process there.
 

@@ -241,8 +241,9 @@ pub(crate) struct QatCodec {
 }
 
 // SAFETY: a QATzip session is used by one thread at a time (`&mut self` for every call that
-// uses it); QATzip picks hardware instances per call, not per thread, so a session may move
-// between threads. `max_compressed_len` (`&self`) only reads session parameters.
+// uses it) and the library documents its calls as thread-safe, so a session may be set up
+// in one thread and used in another. `max_compressed_len` (`&self`) only reads session
+// parameters.
 unsafe impl Send for QatCodec {}
 
 fn setup_err(detail: String) -> CodecError {
@@ -272,8 +273,9 @@ impl QatCodec {
         // SAFETY: zeroed plain C data (integers).
         let zeroed: QzSessionParamsDeflate = unsafe { std::mem::zeroed() };
         let mut me = Self { lib, sess, level, hardware: false, params: zeroed, needs_reset: false, scratch: Vec::new() };
-        // SAFETY: zeroed plain C data (integers) with slack; the library fills the params.
+        // SAFETY: zeroed plain C data (integers) with slack.
         let mut params: ParamsWithSlack = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid params buffer for the library to fill.
         let rc = unsafe { (me.lib.get_defaults_deflate)(&mut params.p) };
         if rc != QZ_OK {
             return Err(setup_err(describe("qzGetDefaultsDeflate", rc)));
@@ -291,7 +293,8 @@ impl QatCodec {
         me.setup().map_err(setup_err)?;
         if !me.hardware {
             // Without a device, QATzip retries the hardware on every call and logs the miss
-            // each time; errors still reach the caller as status codes.
+            // each time; errors still reach the caller as status codes. (The level is
+            // process-wide; a process with a device never gets here.)
             if let Some(set) = me.lib.set_log_level {
                 // SAFETY: plain setter.
                 unsafe { set(LOG_NONE) };
@@ -438,13 +441,6 @@ impl Codec for QatCodec {
         Ok(())
     }
 
-    /// False: the gzip trailer's CRC-32 is computed apart from the deflate pass (in QATzip's
-    /// software path, and for hardware the library may copy the input into DMA buffers in
-    /// pieces), so a page changing during the call can yield a payload whose CRC does not
-    /// match; the engine's copy costs far less than the compression.
-    fn tolerates_changing_input(&self) -> bool {
-        false
-    }
 }
 
 impl Drop for QatCodec {

@@ -156,17 +156,17 @@ fn in_child(name: &str, env: &[(&str, &str)]) -> bool {
     false
 }
 
-fn fake_counter(name: &str) -> i64 {
+fn fake_counter(name: &str) -> std::ffi::c_long {
     // SAFETY: one of the fake library's counters, `long f(void)`; the library stays loaded
     // (the codecs' handle keeps it).
     unsafe {
         let lib = libloading::Library::new(fake_lib()).unwrap();
         let f: libloading::Symbol<unsafe extern "C" fn() -> std::ffi::c_long> = lib.get(name).unwrap();
-        f() as i64
+        f()
     }
 }
 
-fn fake_live_sessions() -> i64 {
+fn fake_live_sessions() -> std::ffi::c_long {
     fake_counter("fake_qz_live_sessions")
 }
 
@@ -366,6 +366,20 @@ fn auto_without_library_uses_cpu_and_qat_fails_clearly() {
     // Not a QATzip library at all.
     let e = open(1, &opts(Provider::Qat, Some(Path::new("libc.so.6")))).err().unwrap().to_string();
     assert!(e.contains("lacks qzInit"), "{e}");
+}
+
+#[test]
+fn environment_names_the_library() {
+    let fake = fake_lib();
+    if !in_child("environment_names_the_library", &[("PAGEFERRY_QATZIP_LIB", fake.to_str().unwrap())]) {
+        return;
+    }
+    let o = opts(Provider::Qat, None);
+    assert_eq!(o.library(), fake);
+    assert_eq!(open(1, &o).unwrap().info().provider, "qat (software path)");
+    // The option wins over the environment.
+    let missing = Path::new("/nonexistent/libqatzip.so.3");
+    assert!(open(1, &opts(Provider::Qat, Some(missing))).is_err());
 }
 
 #[test]

@@ -1,0 +1,199 @@
+//! SVG charts of the matrix (plotters, SVG backend only), per link:
+//! * `time-<link>.svg`: migration time by channel count, one line per method;
+//! * `cpu-<link>.svg`: CPU-seconds per GiB by channel count, one colour per method, the
+//!   source solid with dots, the destination dashed with triangles.
+//!
+//! Points are medians over the runs of a case; cases that failed or were skipped are absent.
+
+use super::link::Link;
+use super::matrix::{CaseResult, Status};
+use super::metrics::Getter;
+use anyhow::{anyhow, Result};
+use pageferry::codec::Method;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// One line of a chart.
+struct Series {
+    label: String,
+    color: RGBColor,
+    dashed: bool,
+    /// (index of the channel count, value).
+    points: Vec<(f64, f64)>,
+}
+
+fn method_color(m: Method, nth_level: usize) -> RGBColor {
+    let base = match m {
+        Method::None => RGBColor(110, 110, 110),
+        Method::Zlib => RGBColor(31, 119, 180),
+        Method::Zstd => RGBColor(44, 160, 44),
+        Method::Qatzip => RGBColor(214, 39, 40),
+    };
+    if nth_level == 0 {
+        base
+    } else {
+        // Further levels of one method: a darker shade each.
+        let f = 1.0 / (1.0 + 0.45 * nth_level as f64);
+        RGBColor((base.0 as f64 * f) as u8, (base.1 as f64 * f) as u8, (base.2 as f64 * f) as u8)
+    }
+}
+
+/// Write every chart into `dir`; returns the files written.
+pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
+    let ok: Vec<&CaseResult> = results.iter().filter(|r| r.status == Status::Ok && !r.runs.is_empty()).collect();
+    let mut links: Vec<&Link> = Vec::new();
+    for r in &ok {
+        if !links.contains(&&r.case.link) {
+            links.push(&r.case.link);
+        }
+    }
+    let mut written = Vec::new();
+    for link in links {
+        let on_link: Vec<&CaseResult> = ok.iter().copied().filter(|r| r.case.link == *link).collect();
+        let mut channels: Vec<usize> = on_link.iter().map(|r| r.case.channels).collect();
+        channels.sort_unstable();
+        channels.dedup();
+        let mut keys: Vec<(Method, u8)> = Vec::new();
+        for r in &on_link {
+            if !keys.contains(&(r.case.method, r.case.level)) {
+                keys.push((r.case.method, r.case.level));
+            }
+        }
+        let several_levels = |m: Method| keys.iter().filter(|k| k.0 == m).count() > 1;
+        let series_of = |get: Getter, side: &str, dashed: bool| -> Vec<Series> {
+            keys.iter()
+                .map(|&(m, l)| {
+                    let nth = keys.iter().filter(|k| k.0 == m).position(|k| k.1 == l).unwrap_or(0);
+                    let mut label = if several_levels(m) { format!("{m} {l}") } else { m.to_string() };
+                    if !side.is_empty() {
+                        label.push_str(side);
+                    }
+                    let mut points: Vec<(f64, f64)> = on_link
+                        .iter()
+                        .filter(|r| (r.case.method, r.case.level) == (m, l))
+                        .filter_map(|r| {
+                            let x = channels.iter().position(|&c| c == r.case.channels)? as f64;
+                            Some((x, get(&r.summary()?.median)))
+                        })
+                        .collect();
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    Series { label, color: method_color(m, nth), dashed, points }
+                })
+                .collect()
+        };
+        let labels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+
+        let p = dir.join(format!("time-{}.svg", link.slug()));
+        line_chart(&p, &format!("Migration time, link {link}"), "time (s)", &labels, &series_of(|m| m.time_s, "", false))?;
+        written.push(p);
+
+        let mut cpu = series_of(|m| m.send_cpu_s_per_gib, " send", false);
+        cpu.extend(series_of(|m| m.recv_cpu_s_per_gib, " recv", true));
+        let p = dir.join(format!("cpu-{}.svg", link.slug()));
+        line_chart(&p, &format!("CPU-seconds per GiB, link {link}"), "CPU-s per GiB", &labels, &cpu)?;
+        written.push(p);
+    }
+    Ok(written)
+}
+
+fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("chart {}: {e}", path.display());
+    let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+    // Headroom above the highest point for the legend box (one line per series).
+    let y_top = if y_max > 0.0 { y_max * (1.1 + 0.045 * series.len() as f64) } else { 1.0 };
+    let n = x_labels.len().max(1) as f64;
+    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.4f64..(n - 0.6), 0f64..y_top)
+        .map_err(|e| err(&e))?;
+    let fmt_x = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < x_labels.len() {
+            x_labels[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_labels(x_labels.len() + 1)
+        .x_label_formatter(&fmt_x)
+        .disable_x_mesh()
+        .x_desc("channels")
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for s in series.iter().filter(|s| !s.points.is_empty()) {
+        let color = s.color;
+        let style = color.stroke_width(2);
+        let anno = if s.dashed {
+            chart.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, style)).map_err(|e| err(&e))?
+        } else {
+            chart.draw_series(LineSeries::new(s.points.iter().copied(), style)).map_err(|e| err(&e))?
+        };
+        let dashed = s.dashed;
+        anno.label(s.label.clone()).legend(move |(x, y)| {
+            // Relative to (x, y): two short strokes for dashed, one long one otherwise.
+            let (a, b) = if dashed { (vec![(0, 0), (7, 0)], vec![(12, 0), (19, 0)]) } else { (vec![(0, 0), (19, 0)], vec![(0, 0), (19, 0)]) };
+            EmptyElement::at((x, y)) + PathElement::new(a, color.stroke_width(2)) + PathElement::new(b, color.stroke_width(2))
+        });
+        if s.dashed {
+            chart
+                .draw_series(s.points.iter().map(|&p| TriangleMarker::new(p, 5, color.filled())))
+                .map_err(|e| err(&e))?;
+        } else {
+            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| err(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::matrix::{Case, RunRecord};
+    use crate::bench::metrics::Metrics;
+    use pageferry::engine::MigrationReport;
+
+    #[test]
+    fn writes_svg_per_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |t: f64| {
+            let report = MigrationReport { total_time_s: t, raw_bytes: 1 << 30, wire_bytes: 1 << 29, send_cpu_s: t, recv_cpu_s: t / 2.0, ..Default::default() };
+            RunRecord { metrics: Metrics::from_report(&report), verified: true, file_check: "match".into(), wall_s: t, report }
+        };
+        let mut results = Vec::new();
+        for (m, l) in [(Method::None, 0), (Method::Zstd, 1), (Method::Zstd, 3)] {
+            for ch in [1, 2, 4] {
+                results.push(CaseResult {
+                    case: Case { method: m, level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() } },
+                    status: Status::Ok,
+                    reason: None,
+                    runs: vec![rec(10.0 / ch as f64)],
+                });
+            }
+        }
+        let files = write_all(&results, dir.path()).unwrap();
+        let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["time-cap-1gbit.svg", "cpu-cap-1gbit.svg"]);
+        for f in &files {
+            let s = std::fs::read_to_string(f).unwrap();
+            assert!(s.starts_with("<svg"), "{}", &s[..40.min(s.len())]);
+            assert!(s.contains("zstd 3"));
+        }
+        assert!(std::fs::read_to_string(&files[1]).unwrap().contains("none recv"));
+    }
+}

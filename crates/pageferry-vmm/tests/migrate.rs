@@ -1,0 +1,137 @@
+//! A running guest migrated live by pageferry's engine over loopback TCP, both ends in this
+//! process: the destination continues the guest where the source stopped it.
+
+mod common;
+
+use pageferry::codec::{CodecSpec, Method};
+use pageferry::engine::{run_destination, run_destination_with, run_source, DestinationConfig, MigrationReport, NoProgress, SourceConfig};
+use pageferry_vmm::{PendingDestination, Vm, VmConfig, VmStatus};
+use std::net::TcpListener;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+struct Outcome {
+    report: MigrationReport,
+    paused_at: u64,
+}
+
+/// Migrate a running writer guest from a new source VM to a new destination VM in this
+/// process, check that the destination continues it exactly, and print the timings.
+fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool, lazy_destination: bool, downtime_limit: Duration) -> Outcome {
+    let src = Vm::new(VmConfig { mem_bytes: mem, working_set_bytes: ws, pages_per_tick, tick: Some(Duration::from_millis(1)), ..Default::default() }).unwrap();
+    src.start().unwrap();
+    src.wait_for_counter(1000, Duration::from_secs(30)).unwrap();
+    // Either a VM made up front, or one the handshake creates at the source's size.
+    let pending = PendingDestination::new();
+    let made = (!lazy_destination).then(|| Vm::new_destination(mem).unwrap());
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let codec = CodecSpec::new(method);
+    let (report, dreport) = std::thread::scope(|s| {
+        let dcfg = DestinationConfig { codec: codec.clone(), ..Default::default() };
+        let made = made.as_ref();
+        let pending = &pending;
+        let d = s.spawn(move || match made {
+            Some(vm) => run_destination(&listener, &vm.guest_memory(), &mut vm.destination_workload(), &dcfg),
+            None => {
+                let mut workload = pending.clone();
+                run_destination_with(&listener, &mut |layout| pending.provide(layout), &mut workload, &dcfg).map(|(r, _)| r)
+            }
+        });
+        let mut tracker = src.dirty_tracker();
+        let mut work = src.source_workload();
+        let cfg = SourceConfig { codec: codec.clone(), downtime_limit, verify, ..Default::default() };
+        let r = run_source(&addr, &src.guest_memory(), &mut tracker, &mut work, &cfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    let dreport = dreport.expect("destination");
+    let dst = made.unwrap_or_else(|| pending.take_vm().expect("the handshake created the VM"));
+    assert_eq!(dst.mem_bytes(), mem);
+    let report = report.expect("source");
+    print!("{}", report.render());
+    assert_eq!(report.verified, verify);
+    assert_eq!(dreport.verified, verify);
+    assert_eq!(report.dirty_tracker, "kvm-dirty-log");
+
+    assert_eq!(src.status(), VmStatus::Paused);
+    let paused_at = src.counter();
+    let pause = src.last_pause().unwrap();
+    let r = dst.wait_resume_report(Duration::from_secs(10)).unwrap();
+    assert_eq!(dst.status(), VmStatus::Running);
+    assert_eq!(r.counter_at_restore, paused_at, "the destination's memory must hold the source's last counter");
+    assert!(r.unrestored_msrs.is_empty());
+    let (first, _) = r.first_progress.expect("guest made no progress on the destination");
+    assert!(first > paused_at);
+    let (downtime, clock) = r.downtime().unwrap();
+    println!(
+        "vmm: source pause {:?} (vCPU out after {:?}); destination restore {:?}; pause→vCPU running {:?} ({clock:?}); pause→first progress {:?}; counter {} → {}",
+        pause.state_captured,
+        pause.vcpu_stopped,
+        r.restore_took,
+        downtime,
+        r.downtime_to_progress().unwrap().0,
+        paused_at,
+        first
+    );
+    dst.wait_for_counter(paused_at + 500, Duration::from_secs(10)).unwrap();
+    dst.pause().unwrap();
+    let pat = dst.check_pattern().expect("page stamps on the destination");
+    assert_eq!(pat.working_set_pages, ws / 4096);
+    assert_eq!(dst.unexpected_exits(), 0);
+    Outcome { report, paused_at }
+}
+
+#[test]
+fn live_migration_of_a_running_guest_verified() {
+    if common::skip() {
+        return;
+    }
+    // 16 pages per 1 ms tick: 64 MB/s of dirtying over a 16 MiB working set.
+    let o = migrate(256 * MIB, 16 * MIB, 16, Method::Zstd, true, true, Duration::from_millis(50));
+    assert!(o.report.rounds >= 2 && o.paused_at > 1000);
+}
+
+#[test]
+fn live_migration_downtime() {
+    if common::skip() {
+        return;
+    }
+    // 4 pages per 1 ms tick (16 MB/s) over a 16 MiB working set, a 5 ms downtime budget, no
+    // end-to-end digest (it would count in the downtime): the destination's page stamps are
+    // the check.
+    let o = migrate(256 * MIB, 16 * MIB, 4, Method::None, false, false, Duration::from_millis(5));
+    println!("engine downtime {:.1} ms, rounds {}", o.report.downtime_ms, o.report.rounds);
+}
+
+#[test]
+fn refused_migration_leaves_the_source_running() {
+    if common::skip() {
+        return;
+    }
+    let src = Vm::new(VmConfig { mem_bytes: 32 * MIB, working_set_bytes: 4 * MIB, pages_per_tick: 4, tick: Some(Duration::from_millis(1)), ..Default::default() }).unwrap();
+    src.start().unwrap();
+    src.wait_for_counter(10, Duration::from_secs(10)).unwrap();
+    // A destination of a different size refuses the region layout.
+    let dst = Vm::new_destination(16 * MIB).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (r, d) = std::thread::scope(|s| {
+        let dmem = dst.guest_memory();
+        let mut dwork = dst.destination_workload();
+        let d = s.spawn(move || run_destination(&listener, &dmem, &mut dwork, &DestinationConfig::default()));
+        let mut tracker = src.dirty_tracker();
+        let mut work = src.source_workload();
+        let r = run_source(&addr, &src.guest_memory(), &mut tracker, &mut work, &SourceConfig::default(), &NoProgress);
+        (r, d.join().unwrap())
+    });
+    assert!(r.is_err() && d.is_err());
+    assert_eq!(src.status(), VmStatus::Running);
+    assert_eq!(dst.status(), VmStatus::Created);
+    let c = src.counter();
+    src.wait_for_counter(c + 10, Duration::from_secs(10)).unwrap();
+    // Tracking was switched off again: a new tracker can start.
+    let mut t = src.dirty_tracker();
+    pageferry::dirty::DirtyTracker::start(&mut t, &src.guest_memory()).unwrap();
+}
