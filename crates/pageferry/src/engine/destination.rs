@@ -78,7 +78,8 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
         };
         sock.set_nonblocking(false).ok();
         sock.set_nodelay(true).ok();
-        sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        // A real source speaks at once; a silent connection must not hold up the others long.
+        sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
         let hello = match wire::read_frame(&mut sock) {
             Ok((Control::Hello(h), _)) => h,
             Ok((other, _)) => {
@@ -136,6 +137,10 @@ struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
     channels: usize,
+    /// Readers hold it shared while applying a packet; the control loop sets it (exclusively)
+    /// once the final round is complete, so nothing changes memory during verification or
+    /// after the workload resumes.
+    closed: std::sync::RwLock<bool>,
 }
 
 #[derive(Default)]
@@ -271,6 +276,10 @@ impl Reader<'_> {
             check_crc(hdr, &[], &[], crc)?;
             self.gate.arrive(h.round, &self.events)?;
             return Ok(());
+        }
+        let closed = self.gate.closed.read().unwrap();
+        if *closed {
+            return Err(WireError::malformed("packet", "pages after the final round").into());
         }
         let region = self
             .memory
@@ -424,7 +433,7 @@ pub fn run_destination_with(
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
-    let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: data.len() };
+    let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: data.len(), closed: std::sync::RwLock::new(false) };
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
 
     let mut ctl_reader = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
@@ -503,7 +512,17 @@ fn control_loop(
                 completed = Some(k);
                 wire::write_frame(control, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
             }
-            Event::Failed(e) => return Err(e),
+            Event::Failed(e) => {
+                // A source that gives up sends Abort on control and then closes its data
+                // channels; report its reason rather than the closed channel it caused.
+                let until = Instant::now() + Duration::from_millis(500);
+                while let Ok(ev) = events.recv_deadline(until) {
+                    if let Event::Control(Ok((Control::Abort { reason }, _))) = ev {
+                        return Err(MigrationError::PeerAborted(reason));
+                    }
+                }
+                return Err(e);
+            }
             Event::Control(Ok((Control::Finish { round, digest }, state))) => {
                 if finish.is_some() || completed.is_some_and(|c| c > round) {
                     return Err(ctl_err(WireError::malformed("Finish", format!("for round {round} after round {completed:?}"))));
@@ -520,6 +539,7 @@ fn control_loop(
     }
     let (round, digest, state) = finish.expect("loop exits with a finish");
     gate.state.lock().unwrap().finished = true;
+    *gate.closed.write().unwrap() = true;
     let t = Instant::now();
     let verified = match digest {
         Some(hex) => {
