@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod demo;
 mod progress;
+mod vm;
 mod workload;
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +40,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Write a deterministic benchmark memory image.
     Image(ImageArgs),
+    /// Live-migrate a running KVM guest (the minimal VMM in crates/pageferry-vmm).
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
     /// Benchmark matrix (methods x channels x links) between two processes: markdown table,
     /// JSON lines, SVG charts; `bench codecs` for bare codec speed.
     Bench(bench::BenchArgs),
@@ -110,6 +114,7 @@ fn main() {
         Cmd::Recv(a) => ("recv", recv(a)),
         Cmd::Demo(a) => ("demo", demo::run(a)),
         Cmd::Image(a) => ("image", make_image(a)),
+        Cmd::Vm(c) => ("vm", vm::run(c)),
         Cmd::Bench(a) => ("bench", bench::run(a)),
     };
     if let Err(e) = r {
