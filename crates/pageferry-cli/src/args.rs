@@ -72,6 +72,9 @@ pub struct SourceArgs {
     /// Skip the end-to-end memory digest comparison.
     #[arg(long = "no-verify")]
     pub no_verify: bool,
+    /// Copy every batch before compressing/sending (measures what zero copy saves).
+    #[arg(long = "no-zero-copy")]
+    pub no_zero_copy: bool,
 }
 
 impl SourceArgs {
@@ -92,6 +95,7 @@ impl SourceArgs {
             timeout: Duration::from_secs(self.timeout_s),
             max_bandwidth,
             verify: !self.no_verify,
+            zero_copy: !self.no_zero_copy,
             ..Default::default()
         })
     }

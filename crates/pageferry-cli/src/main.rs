@@ -90,6 +90,9 @@ struct RecvArgs {
     /// Print the destination's report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Decompress through a bounce buffer (measures what zero copy saves).
+    #[arg(long = "no-zero-copy")]
+    no_zero_copy: bool,
 }
 
 #[derive(clap::Args)]
@@ -176,7 +179,7 @@ impl DirtyTracker for StartedTracker {
 }
 
 fn recv(a: RecvArgs) -> Result<()> {
-    let config = DestinationConfig { codec: a.method.spec()?, accept_timeout: Duration::from_secs(a.accept_timeout_s), ..Default::default() };
+    let config = DestinationConfig { codec: a.method.spec()?, accept_timeout: Duration::from_secs(a.accept_timeout_s), zero_copy: !a.no_zero_copy, ..Default::default() };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;

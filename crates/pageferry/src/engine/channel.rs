@@ -131,6 +131,8 @@ pub unsafe fn page_is_zero(p: *const u8) -> bool {
 pub struct WorkerContext {
     pub memory: GuestMemory,
     pub live: bool,
+    /// See `SourceConfig::zero_copy`.
+    pub zero_copy: bool,
     pub counters: Arc<Counters>,
     pub outstanding: Arc<Outstanding>,
     pub failure: Arc<Failure>,
@@ -140,7 +142,7 @@ pub struct WorkerContext {
 pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
     let method = codec.info().method;
     let buf_len = codec.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES);
-    let copy_for_codec = ctx.live && !codec.tolerates_changing_input();
+    let copy_for_codec = (ctx.live && !codec.tolerates_changing_input()) || !ctx.zero_copy;
     // Buffers come back from the socket writer once written; at most `POOL` per worker.
     const POOL: usize = 3;
     let (recycle_tx, recycle_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
@@ -229,7 +231,7 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
             raw = true;
         }
         if raw && matches!(payload, Payload::None) {
-            payload = if ctx.live {
+            payload = if ctx.live || !ctx.zero_copy {
                 // Copy, so the bytes checksummed are the bytes sent.
                 let mut p = get_buf(&mut allocated);
                 gather(&mut p);

@@ -198,6 +198,7 @@ struct Reader<'a> {
     events: Sender<Event>,
     /// For compressed batches of scattered pages only.
     bounce: Vec<u8>,
+    zero_copy: bool,
 }
 
 impl Reader<'_> {
@@ -308,7 +309,7 @@ impl Reader<'_> {
         let mut crc = [0u8; 4];
         // Zero pages only (no payload: the source does not mark these raw) take the raw path
         // too: there is nothing to decompress, and a codec asked to inflate nothing may fail.
-        if h.raw || normal.is_empty() {
+        if (h.raw && self.zero_copy) || normal.is_empty() {
             // Raw pages go from the socket straight into place (scattered reads for scattered
             // pages); a CRC mismatch fails the whole migration, so unverified bytes never
             // count as migrated.
@@ -325,7 +326,14 @@ impl Reader<'_> {
             check_crc(hdr, offsets, &payload[..len], crc)?;
             let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
             let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause });
-            if runs.len() == 1 {
+            if h.raw {
+                // (zero copy turned off, for measurement) raw through the payload buffer
+                let mut at = 0;
+                for r in runs.iter_mut() {
+                    r.copy_from_slice(&payload[at..at + r.len()]);
+                    at += r.len();
+                }
+            } else if runs.len() == 1 && self.zero_copy {
                 // Contiguous: decompress straight into place.
                 codec.decompress(&payload[..len], runs[0]).map_err(decode_err)?;
             } else {
@@ -460,7 +468,7 @@ pub fn run_destination_with(
                 Method::None => None,
                 _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
-            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES] };
+            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy };
             std::thread::Builder::new()
                 .name(format!("pf-c{idx}-rx"))
                 .spawn_scoped(scope, move || reader.run())

@@ -90,6 +90,9 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Keep retrying a refused connection this long (the destination may still be starting).
     pub connect_timeout: Duration,
+    /// Compress (static) guest memory in place and write raw pages from it; `false` copies
+    /// every batch first — only useful to measure what zero copy saves.
+    pub zero_copy: bool,
 }
 
 impl Default for SourceConfig {
@@ -104,6 +107,7 @@ impl Default for SourceConfig {
             max_bandwidth: None,
             verify: true,
             connect_timeout: Duration::from_secs(10),
+            zero_copy: true,
         }
     }
 }
@@ -117,6 +121,9 @@ pub struct DestinationConfig {
     pub accept_timeout: Duration,
     /// A connection silent for this long is considered dead.
     pub io_timeout: Duration,
+    /// Decompress and read raw pages straight into guest memory; `false` goes through a
+    /// bounce buffer — only useful to measure what zero copy saves.
+    pub zero_copy: bool,
 }
 
 impl Default for DestinationConfig {
@@ -125,6 +132,7 @@ impl Default for DestinationConfig {
             codec: CodecSpec::new(crate::codec::Method::None),
             accept_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(120),
+            zero_copy: true,
         }
     }
 }

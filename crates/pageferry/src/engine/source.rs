@@ -132,6 +132,7 @@ pub fn run_source(
     let ctx = Arc::new(WorkerContext {
         memory: memory.clone(),
         live: tracker.guest_may_write(),
+        zero_copy: config.zero_copy,
         counters: counters.clone(),
         outstanding: outstanding.clone(),
         failure: failure.clone(),

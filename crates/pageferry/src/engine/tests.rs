@@ -320,3 +320,23 @@ fn max_rounds_exceeded_is_not_converged_and_the_guest_keeps_running() {
     assert!(workload.writer.writes.load(Ordering::SeqCst) > before, "the guest stopped writing");
     workload.writer.pause().unwrap();
 }
+
+#[test]
+fn copying_paths_used_to_measure_zero_copy_migrate_identically() {
+    let src = test_memory([1500, 300]);
+    for method in [Method::None, Method::Zstd, Method::Zlib] {
+        let dst = empty_like(&src);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let codec = crate::codec::CodecSpec::new(method);
+        let dcfg = DestinationConfig { codec: codec.clone(), zero_copy: false, ..Default::default() };
+        let cfg = SourceConfig { codec, zero_copy: false, ..Default::default() };
+        let (r, d) = std::thread::scope(|s| {
+            let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+            (run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress), d.join().unwrap())
+        });
+        assert!(r.unwrap_or_else(|e| panic!("{method}: {e}")).verified);
+        d.unwrap();
+        assert_eq!(src.digest(), dst.digest(), "{method}");
+    }
+}
