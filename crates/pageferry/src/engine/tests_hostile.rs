@@ -127,7 +127,7 @@ type DestResult = Result<DestinationReport, MigrationError>;
 /// Run a real destination on its own thread; its result arrives on the receiver.
 fn spawn_destination(listener: TcpListener, memory: GuestMemory, method: Method, recorder: Recorder) -> Receiver<DestResult> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, io_timeout: IO };
+    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, io_timeout: IO, ..Default::default() };
     std::thread::Builder::new()
         .name("pf-test-dst".into())
         .spawn(move || {
@@ -843,7 +843,7 @@ fn missing_data_channels_time_out() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(Method::None), accept_timeout: Duration::from_millis(500), io_timeout: IO };
+    let config = DestinationConfig { codec: CodecSpec::new(Method::None), accept_timeout: Duration::from_millis(500), io_timeout: IO, ..Default::default() };
     let m = memory.clone();
     std::thread::spawn(move || {
         let _ = tx.send(run_destination(&listener, &m, &mut NoWorkload, &config));
