@@ -324,8 +324,9 @@ impl Reader<'_> {
             wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
             wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
             check_crc(hdr, offsets, &payload[..len], crc)?;
-            let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
             let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause });
+            let codec = self.codec.as_mut();
+            let no_codec = || WireError::malformed("packet", "compressed payload on a method-none migration");
             if h.raw {
                 // (zero copy turned off, for measurement) raw through the payload buffer
                 let mut at = 0;
@@ -334,9 +335,11 @@ impl Reader<'_> {
                     at += r.len();
                 }
             } else if runs.len() == 1 && self.zero_copy {
+                let codec = codec.ok_or_else(no_codec)?;
                 // Contiguous: decompress straight into place.
                 codec.decompress(&payload[..len], runs[0]).map_err(decode_err)?;
             } else {
+                let codec = codec.ok_or_else(no_codec)?;
                 let bounce = &mut self.bounce[..n_bytes];
                 codec.decompress(&payload[..len], bounce).map_err(decode_err)?;
                 let mut at = 0;
