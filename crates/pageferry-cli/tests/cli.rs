@@ -158,3 +158,50 @@ fn demo_runs_end_to_end_on_a_small_guest() {
     // Files are cleaned up.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// The real QATzip 1.3.1, unpacked by the project's script; None (with the reason printed)
+/// when it cannot be fetched.
+fn real_qatzip() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let lib = root.join(".qatzip/usr/lib/x86_64-linux-gnu/libqatzip.so.3");
+    if !lib.exists() {
+        let out = Command::new("bash").arg(root.join("scripts/fetch-qatzip.sh")).output().unwrap();
+        if !out.status.success() {
+            eprintln!("skipping: QATzip could not be fetched: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+    }
+    Some(lib)
+}
+
+#[test]
+fn qatzip_level_2_through_the_real_library_two_processes() {
+    // The analogue of QEMU's /migration/multifd/tcp/plain/qatzip: the library's software path.
+    let Some(lib) = real_qatzip() else { return };
+    let lib = lib.to_str().unwrap();
+    let q = ["--multifd-compression", "qatzip", "--multifd-qatzip-level", "2", "--qatzip-provider", "qat", "--qatzip-lib", lib];
+    let (r, src, dst, _dir) = migrate_image(&q, "16M");
+    assert!(same_file(&src, &dst));
+    assert_eq!(r["provider"], "qat (software path)");
+    assert_eq!(r["recv_provider"], "qat (software path)");
+    assert_eq!(r["level"], 2);
+    assert!(r["ratio"].as_f64().unwrap() > 2.0);
+
+    // Cross-decoding across processes: a cpu sender to a QATzip receiver, and back.
+    for (send_p, recv_p) in [("cpu", "qat"), ("qat", "cpu")] {
+        let dir = shm_dir();
+        let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+        make_image(&src, "8M");
+        fn side<'a>(p: &'a str, lib: &'a str) -> Vec<&'a str> {
+            vec!["--multifd-compression", "qatzip", "--qatzip-provider", p, "--qatzip-lib", lib]
+        }
+        let (recv, addr, out) = start_recv(&dst, &side(recv_p, lib));
+        let s = send(&addr, &src, &side(send_p, lib));
+        let (ok, _, err) = finish_recv(recv, out);
+        assert!(ok, "recv ({recv_p}) failed: {err}");
+        let r = report(&s);
+        assert!(same_file(&src, &dst), "{send_p} -> {recv_p}");
+        assert!(r["provider"].as_str().unwrap().starts_with(send_p), "{}", r["provider"]);
+        assert!(r["recv_provider"].as_str().unwrap().starts_with(recv_p), "{}", r["recv_provider"]);
+    }
+}
