@@ -99,8 +99,10 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
 fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("chart {}: {e}", path.display());
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
-    // Headroom above the highest point for the legend box (one line per series).
-    let y_top = if y_max > 0.0 { y_max * (1.1 + 0.045 * series.len() as f64) } else { 1.0 };
+    // Headroom above the highest point for the legend box: about 16 px a series plus its
+    // frame, out of a plotting area about 395 px high.
+    let legend_frac = (series.len() as f64 * 16.0 + 24.0) / 395.0;
+    let y_top = if y_max > 0.0 { y_max / (1.0 - legend_frac - 0.05).max(0.3) } else { 1.0 };
     let n = x_labels.len().max(1) as f64;
     let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -121,7 +123,7 @@ fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], serie
     };
     chart
         .configure_mesh()
-        .x_labels(x_labels.len() + 1)
+        .x_labels(x_labels.len())
         .x_label_formatter(&fmt_x)
         .disable_x_mesh()
         .x_desc("channels")

@@ -439,7 +439,7 @@ pub fn run(a: MatrixArgs) -> Result<()> {
         cases.len(), a.reps, img.desc, links.len(), mls.len(), channels, fmt_secs(prior_total)
     );
     let bar = ProgressBar::with_draw_target(Some(total_runs as u64), ProgressDrawTarget::stderr_with_hz(5));
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] run {pos}/{len} {wide_msg}").expect("static template"));
+    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:20}] {pos}/{len} runs done | {wide_msg}").expect("static template"));
     let plain = bar.is_hidden();
 
     let mut results: Vec<CaseResult> = Vec::new();
