@@ -14,14 +14,7 @@ pub fn cpu_s_per_gib(cpu_s: f64, bytes: u64) -> f64 {
     }
 }
 
-/// Megabits per second (10^6 bits).
-pub fn mbps(bytes: u64, secs: f64) -> f64 {
-    if secs > 0.0 {
-        bytes as f64 * 8.0 / secs / 1e6
-    } else {
-        0.0
-    }
-}
+pub use pageferry::engine::stats::mbps;
 
 /// Reads one field of [`Metrics`].
 pub type Getter = fn(&Metrics) -> f64;
