@@ -179,3 +179,138 @@ fn tc_link_case_and_namespace_removed() {
     assert!(!links.contains(&format!("pfb{pid}h")), "veth pfb{pid}h left behind");
     assert_eq!(shm_leftovers(pid), Vec::<String>::new());
 }
+
+/// The fake QATzip library for `bench pipeline`: `$PAGEFERRY_FAKE_QATZIP`, else
+/// `libfake_qatzip.so` next to the pageferry binary (`cargo test --workspace` builds it there as
+/// a workspace member), built there once when missing (`cargo test -p pageferry-cli`).
+fn fake_qatzip_lib() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PAGEFERRY_FAKE_QATZIP").filter(|p| !p.is_empty()) {
+            return Ok(PathBuf::from(p));
+        }
+        // <target>/<profile>/pageferry
+        let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?.to_path_buf();
+        let lib = profile_dir.join("libfake_qatzip.so");
+        if lib.exists() {
+            return Ok(lib);
+        }
+        let target_dir = profile_dir.parent().ok_or("unexpected binary location")?;
+        let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "fake-qatzip"])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        eprintln!("building the fake QATzip library: {cmd:?}");
+        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("cargo build -p fake-qatzip failed:\n{}", text(&out.stderr)));
+        }
+        if lib.exists() {
+            Ok(lib)
+        } else {
+            Err(format!("{} missing after cargo build -p fake-qatzip", lib.display()))
+        }
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))
+}
+
+/// `bench pipeline` on a tiny grid: table, JSON lines, chart, conclusion; and depth 2 beating
+/// depth 1 on one channel. That comparison is a property of the simulated device, not of the
+/// host's speed: a 512 KiB batch is 8 requests of 4 ms each, during which the worker sleeps,
+/// so one worker moves at most 64 KiB / 4 ms = 16.4 MB/s and two workers (depth 2) keep two of
+/// the 4 slots busy, ~2x (measured 1.8x on a loaded 2-core machine). The host's own part (about
+/// 5 ms of CPU per batch against 32 ms asleep) would have to grow several times over for the
+/// ratio to fall under the 1.3x asserted here.
+#[test]
+fn pipeline_bench_on_simulated_device() {
+    let lib = fake_qatzip_lib();
+    let out = tempfile::tempdir().unwrap();
+    let (o, pid) = pageferry_pid(&[
+        "bench",
+        "pipeline",
+        "--size",
+        "16M",
+        "--channels",
+        "1,2",
+        "--depths",
+        "1,2",
+        "--device",
+        "instances=4,latency_us=4000",
+        "--fake-lib",
+        lib.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "bench pipeline failed:\n{stdout}\n{stderr}");
+
+    // Markdown: rows = channels, columns = depth, cells "MB/s (%)".
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    assert_eq!(rows[0], "| channels | depth 1 | depth 2 |");
+    assert_eq!(rows[1], "|---:|---:|---:|");
+    for (row, ch) in rows[2..].iter().zip(["1", "2"]) {
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        assert_eq!(cells.len(), 3, "{row}");
+        assert_eq!(cells[0], ch);
+        for c in &cells[1..] {
+            assert!(c.contains(" MB/s (") && c.ends_with("%)"), "cell {c:?} in {row}");
+        }
+    }
+    assert!(stdout.contains("Simulated device: 4 instances x 4000 us per 64 KiB request = capacity 65.5 MB/s"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("Fewest channels reaching 90% of the device's 65.5 MB/s: depth 1: ")), "{stdout}");
+
+    // JSON lines: 4 cases, then the summary.
+    let lines = json_cases(&std::fs::read_to_string(out.path().join("pipeline.jsonl")).unwrap());
+    assert_eq!(lines.len(), 5);
+    let mut rate = std::collections::HashMap::new();
+    for c in &lines[..4] {
+        assert_eq!(c["type"], "case", "{c}");
+        assert_eq!(c["status"], "ok", "{c}");
+        assert_eq!(c["run"]["file_check"], "match", "{c}");
+        let report = &c["run"]["report"];
+        assert_eq!(report["provider"], "qat (hardware)", "{c}");
+        assert!(report["recv_provider"].as_str().unwrap().starts_with("cpu"), "{c}");
+        assert_eq!(report["pipeline_depth"], c["depth"], "{c}");
+        assert_eq!(report["channels"], c["channels"], "{c}");
+        assert_eq!(report["memory_bytes"], 16u64 << 20);
+        let u = c["utilisation_pct"].as_f64().unwrap();
+        assert!(u > 0.0 && u <= 110.0, "utilisation {u} in {c}");
+        assert!((c["capacity_mb_s"].as_f64().unwrap() - 65.536).abs() < 1e-9, "{c}");
+        rate.insert((c["channels"].as_u64().unwrap(), c["depth"].as_u64().unwrap()), c["mb_s"].as_f64().unwrap());
+    }
+    let s = &lines[4];
+    assert_eq!(s["type"], "summary");
+    assert_eq!(s["device"], "instances=4,latency_us=4000");
+    assert_eq!(s["reached"].as_array().unwrap().len(), 2);
+    assert!(s["conclusion"].as_str().unwrap().starts_with("Fewest channels reaching 90%"));
+    let (d1, d2) = (rate[&(1, 1)], rate[&(1, 2)]);
+    assert!(d2 >= 1.3 * d1, "depth 2 on 1 channel: {d2:.1} MB/s, depth 1: {d1:.1} MB/s (expected ~2x)");
+
+    let md = std::fs::read_to_string(out.path().join("pipeline.md")).unwrap();
+    assert!(md.contains("machine:") && md.contains("command:") && md.contains("| channels | depth 1 | depth 2 |"), "{md}");
+    check_svg(&out.path().join("pipeline.svg"));
+    assert_eq!(shm_leftovers(pid), Vec::<String>::new(), "the bench's /dev/shm images are removed");
+}
+
+#[test]
+fn pipeline_bench_explains_a_missing_library() {
+    let o = pageferry(&["bench", "pipeline", "--fake-lib", "/nonexistent/libfake_qatzip.so", "--size", "4M"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("cargo build --release -p fake-qatzip") && e.contains("/nonexistent/libfake_qatzip.so"), "{e}");
+}

@@ -190,15 +190,30 @@ impl Drop for Proc {
     }
 }
 
+/// What the source process of a run gets beyond [`RunEnv`] (`bench pipeline`): its own qatzip
+/// provider, more flags, and environment variables set for the source only.
+#[derive(Clone, Debug, Default)]
+pub struct SourceExtras {
+    /// The source's qatzip provider; None: `RunEnv::qatzip_provider`, as the destination's.
+    pub qatzip_provider: Option<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// Run one migration of `case`; `tick(elapsed)` is called about five times a second.
 pub fn run_once(env: &RunEnv, case: &Case, tick: &dyn Fn(f64)) -> Result<RunRecord> {
+    run_once_with(env, case, tick, &SourceExtras::default())
+}
+
+/// [`run_once`] with `extras` for the source process.
+pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &SourceExtras) -> Result<RunRecord> {
     let t0 = Instant::now();
     let _ = std::fs::remove_file(&env.dst);
     let method = case.method.name();
     let level_flag = format!("--multifd-{method}-level");
     let level = case.level.to_string();
-    let method_flags = |c: &mut Command| {
-        c.args(["--multifd-compression", method, "--qatzip-provider", &env.qatzip_provider]);
+    let method_flags = |c: &mut Command, provider: &str| {
+        c.args(["--multifd-compression", method, "--qatzip-provider", provider]);
         if case.method != Method::None {
             c.args([level_flag.as_str(), level.as_str()]);
         }
@@ -219,7 +234,7 @@ pub fn run_once(env: &RunEnv, case: &Case, tick: &dyn Fn(f64)) -> Result<RunReco
         _ => Command::new(&env.exe),
     };
     recv_cmd.args(["recv", "--json", "--listen", &format!("{listen_ip}:0"), "--image"]).arg(&env.dst);
-    method_flags(&mut recv_cmd);
+    method_flags(&mut recv_cmd, &env.qatzip_provider);
     recv_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut recv = Proc::spawn(&mut recv_cmd, "destination")?;
     let recv_err = drain(recv.child().stderr.take().expect("piped"));
@@ -239,7 +254,8 @@ pub fn run_once(env: &RunEnv, case: &Case, tick: &dyn Fn(f64)) -> Result<RunReco
         .args(["send", "--json", "--quiet", "--connect", &addr, "--multifd-channels", &case.channels.to_string(), "--timeout", "3600"])
         .arg("--image")
         .arg(env.src);
-    method_flags(&mut send_cmd);
+    method_flags(&mut send_cmd, extras.qatzip_provider.as_deref().unwrap_or(&env.qatzip_provider));
+    send_cmd.args(&extras.args).envs(extras.env.iter().map(|(k, v)| (k, v)));
     if let Link::Cap { text, .. } = &case.link {
         send_cmd.args(["--max-bandwidth", text]);
     }

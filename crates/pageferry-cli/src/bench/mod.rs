@@ -2,7 +2,8 @@
 //! channels, link) migrations of one memory image between two processes, each case as a real
 //! `recv` + `send` pair, and prints a markdown table, JSON lines and SVG charts.
 //! `pageferry bench codecs` measures the bare codecs on the same image's 512 KiB batches next
-//! to the engine's CPU cost for the same bytes.
+//! to the engine's CPU cost for the same bytes. `pageferry bench pipeline` shows pipelining
+//! keeping a simulated accelerator (the fake QATzip library's device) busy.
 //!
 //! Files: [`matrix`] (cases, processes, progress), [`link`] (`cap:`/`tc:`/`unlimited` links,
 //! the network namespace and Ctrl-C cleanup), [`metrics`] (per-run numbers, median/min/max),
@@ -13,6 +14,7 @@ mod codecs;
 mod link;
 mod matrix;
 mod metrics;
+mod pipeline;
 mod render;
 
 use crate::args::parse_size;
@@ -41,12 +43,16 @@ enum BenchCmd {
     /// Bare compress/decompress speed per core of each method and level on the image's 512 KiB
     /// batches, next to the engine's CPU-seconds per GiB for a migration of the same image.
     Codecs(codecs::CodecsArgs),
+    /// Throughput against channels and pipeline depth with qatzip offloaded to a simulated
+    /// device (the fake QATzip library: K instances, a fixed latency per 64 KiB request).
+    Pipeline(pipeline::PipelineArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
     link::install_signal_cleanup();
     match a.cmd {
         Some(BenchCmd::Codecs(c)) => codecs::run(c),
+        Some(BenchCmd::Pipeline(p)) => pipeline::run(p),
         None => matrix::run(a.matrix),
     }
 }
@@ -63,7 +69,7 @@ pub struct ImageOpts {
     #[arg(long, default_value = "silesia-like")]
     pub kind: String,
     /// Image size (1G, 256M, bytes; a multiple of 4096). Default: 1G (256M with --quick, 256M
-    /// for `bench codecs`).
+    /// for `bench codecs`, 128M for `bench pipeline`).
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Seed of the generated image.
