@@ -130,7 +130,10 @@ fn send(a: VmSendArgs) -> Result<()> {
     let config = a.engine.config()?;
     let vm = Vm::new(guest_config(&a.guest)?).context("creating the source VM")?;
     vm.start()?;
-    vm.wait_for_counter(1000, Duration::from_secs(30)).context("the guest did not start writing")?;
+    // Let the guest write its whole working set once before migrating, so the memory being
+    // moved is what a running guest's is (and at least 1000 writes).
+    let pass = (a.guest.working_set / 4096).max(1000);
+    vm.wait_for_counter(pass, Duration::from_secs(60)).context("the guest did not write its working set")?;
     let mut tracker = vm.dirty_tracker();
     let mut workload = vm.source_workload();
     let bar = crate::progress::Bar::new(vm.mem_bytes(), !a.quiet);
