@@ -14,12 +14,14 @@ use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
 /// One line of a chart.
-struct Series {
-    label: String,
-    color: RGBColor,
-    dashed: bool,
+pub(super) struct Series {
+    pub label: String,
+    pub color: RGBColor,
+    pub dashed: bool,
+    /// Mark each point (a dot, or a triangle when dashed); off for reference lines.
+    pub markers: bool,
     /// (index of the channel count, value).
-    points: Vec<(f64, f64)>,
+    pub points: Vec<(f64, f64)>,
 }
 
 fn method_color(m: Method, nth_level: usize) -> RGBColor {
@@ -77,7 +79,7 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
                         })
                         .collect();
                     points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                    Series { label, color: method_color(m, nth), dashed, points }
+                    Series { label, color: method_color(m, nth), dashed, markers: true, points }
                 })
                 .collect()
         };
@@ -96,7 +98,8 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
+/// A line chart over evenly spaced channel counts (`x_labels`), legend in the upper right.
+pub(super) fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("chart {}: {e}", path.display());
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
     // Headroom above the highest point for the legend box: about 16 px a series plus its
@@ -144,7 +147,8 @@ fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], serie
             let (a, b) = if dashed { (vec![(0, 0), (7, 0)], vec![(12, 0), (19, 0)]) } else { (vec![(0, 0), (19, 0)], vec![(0, 0), (19, 0)]) };
             EmptyElement::at((x, y)) + PathElement::new(a, color.stroke_width(2)) + PathElement::new(b, color.stroke_width(2))
         });
-        if s.dashed {
+        if !s.markers {
+        } else if s.dashed {
             chart
                 .draw_series(s.points.iter().map(|&p| TriangleMarker::new(p, 5, color.filled())))
                 .map_err(|e| err(&e))?;

@@ -336,77 +336,26 @@ const DEPTH_COLORS: [RGBColor; 6] =
 /// Throughput (y) against channels (x, evenly spaced), one line per depth, and the device's
 /// capacity as a dashed horizontal line.
 pub fn write_chart(path: &Path, results: &[PipeResult], channels: &[usize], depths: &[usize], dev: &Device) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("chart {}: {e}", path.display());
     let cap = dev.capacity() / 1e6;
-    let series: Vec<(usize, Vec<(f64, f64)>)> = depths
-        .iter()
-        .map(|&d| {
-            let pts = channels
-                .iter()
-                .enumerate()
-                .filter_map(|(i, &c)| Some((i as f64, results.iter().find(|r| r.channels == c && r.depth == d)?.rate()? / 1e6)))
-                .collect();
-            (d, pts)
-        })
-        .collect();
-    let y_max = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(cap, f64::max);
-    // Room above the highest line for the legend (about 16 px per entry of ~395 px).
-    let legend_frac = ((depths.len() + 1) as f64 * 16.0 + 24.0) / 395.0;
-    let y_top = y_max / (1.0 - legend_frac - 0.05).max(0.3);
     let n = channels.len().max(1) as f64;
-    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let title = format!("qatzip on a simulated device: {} x {} us per 64 KiB", dev.instances, dev.latency_us);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.4f64..(n - 0.6), 0f64..y_top)
-        .map_err(|e| err(&e))?;
-    let fmt_x = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < channels.len() {
-            channels[i as usize].to_string()
-        } else {
-            String::new()
-        }
-    };
-    chart
-        .configure_mesh()
-        .x_labels(channels.len())
-        .x_label_formatter(&fmt_x)
-        .disable_x_mesh()
-        .x_desc("channels")
-        .y_desc("MB/s of guest memory")
-        .draw()
-        .map_err(|e| err(&e))?;
-    let grey = RGBColor(110, 110, 110);
-    chart
-        .draw_series(DashedLineSeries::new([(-0.4, cap), (n - 0.6, cap)], 8, 5, grey.stroke_width(2)))
-        .map_err(|e| err(&e))?
-        .label(format!("device capacity {cap:.1} MB/s"))
-        .legend(move |(x, y)| {
-            EmptyElement::at((x, y)) + PathElement::new(vec![(0, 0), (7, 0)], grey.stroke_width(2)) + PathElement::new(vec![(12, 0), (19, 0)], grey.stroke_width(2))
-        });
-    for (i, (d, pts)) in series.iter().enumerate().filter(|(_, s)| !s.1.is_empty()) {
-        let color = DEPTH_COLORS[i % DEPTH_COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(format!("depth {d}"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 19, y)], color.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| err(&e))?;
+    let mut series = vec![super::charts::Series {
+        label: format!("device capacity {cap:.1} MB/s"),
+        color: RGBColor(110, 110, 110),
+        dashed: true,
+        markers: false,
+        points: vec![(-0.4, cap), (n - 0.6, cap)],
+    }];
+    for (i, &d) in depths.iter().enumerate() {
+        let points = channels
+            .iter()
+            .enumerate()
+            .filter_map(|(x, &c)| Some((x as f64, results.iter().find(|r| r.channels == c && r.depth == d)?.rate()? / 1e6)))
+            .collect();
+        series.push(super::charts::Series { label: format!("depth {d}"), color: DEPTH_COLORS[i % DEPTH_COLORS.len()], dashed: false, markers: true, points });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    let labels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+    let title = format!("qatzip on a simulated device: {} x {} us per 64 KiB", dev.instances, dev.latency_us);
+    super::charts::line_chart(path, &title, "MB/s of guest memory", &labels, &series)
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
