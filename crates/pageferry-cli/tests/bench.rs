@@ -188,41 +188,9 @@ fn fake_qatzip_lib() -> std::path::PathBuf {
     use std::sync::OnceLock;
     static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     LIB.get_or_init(|| {
-        if let Some(p) = std::env::var_os("PAGEFERRY_FAKE_QATZIP").filter(|p| !p.is_empty()) {
-            return Ok(PathBuf::from(p));
-        }
         // <target>/<profile>/pageferry
-        let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?.to_path_buf();
-        let lib = profile_dir.join("libfake_qatzip.so");
-        if lib.exists() {
-            return Ok(lib);
-        }
-        let target_dir = profile_dir.parent().ok_or("unexpected binary location")?;
-        let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "fake-qatzip"])
-            .env("CARGO_TARGET_DIR", target_dir)
-            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        eprintln!("building the fake QATzip library: {cmd:?}");
-        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("cargo build -p fake-qatzip failed:\n{}", text(&out.stderr)));
-        }
-        if lib.exists() {
-            Ok(lib)
-        } else {
-            Err(format!("{} missing after cargo build -p fake-qatzip", lib.display()))
-        }
+        let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?;
+        pageferry::codec::qatzip::fake_lib::locate_or_build(profile_dir)
     })
     .clone()
     .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))

@@ -57,6 +57,8 @@
 //!   stop the device for the whole process there.
 
 mod cpu;
+#[doc(hidden)]
+pub mod fake_lib;
 mod format;
 mod qat;
 
