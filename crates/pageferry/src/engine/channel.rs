@@ -17,7 +17,7 @@ use crate::wire::{PacketHeader, PacketKind};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{IoSlice, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Up to 128 pages of one region, in increasing order.
@@ -300,7 +300,6 @@ pub fn run_writer(
     limiter: Option<Arc<RateLimiter>>,
     counters: Arc<Counters>,
     failure: Arc<Failure>,
-    packets_sent: Arc<AtomicU64>,
 ) -> TcpStream {
     let mut packet_num = 0u64;
     for msg in rx.iter() {
@@ -335,7 +334,6 @@ pub fn run_writer(
         } else {
             Counters::add(&counters.wire_bytes, total as u64);
             Counters::add(&counters.packets, 1);
-            packets_sent.fetch_add(1, Ordering::Relaxed);
         }
         if let (Payload::Owned(buf, _), Some(r)) = (payload, recycle) {
             let _ = r.send(buf);

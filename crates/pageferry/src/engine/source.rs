@@ -20,7 +20,6 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{self, Control, Hello, Role, SessionId, WireError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -158,7 +157,7 @@ pub fn run_source(
                 std::thread::Builder::new()
                     .name(format!("pf-c{i}-tx"))
                     .spawn_scoped(scope, move || {
-                        channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure, Arc::new(AtomicU64::new(0)))
+                        channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure)
                     })
                     .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?,
             );
