@@ -6,7 +6,7 @@
 use crate::args::parse_size;
 use anyhow::{bail, Context, Result};
 use pageferry::engine::MigrationReport;
-use pageferry::image::{self, ImageKind};
+use pageferry_image::ImageKind;
 use pageferry::memory::{GuestMemory, MmapRegion};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -56,7 +56,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     eprintln!("pageferry demo: generating a {} MiB silesia-like memory image in {}", a.size >> 20, a.dir.display());
     let bar = indicatif::ProgressBar::new(a.size);
-    image::write_image(ImageKind::SilesiaLike, image::DEFAULT_SEED, a.size, &src, &mut |d| bar.set_position(d))
+    pageferry_image::write_image(ImageKind::SilesiaLike, pageferry_image::DEFAULT_SEED, a.size, &src, &mut |d| bar.set_position(d))
         .with_context(|| format!("writing {}", src.display()))?;
     bar.finish_and_clear();
 

@@ -14,7 +14,7 @@ use args::{parse_size, MethodArgs, SourceArgs};
 use clap::{Parser, Subcommand};
 use pageferry::dirty::{DirtyTracker, StaticTracker, UffdTracker};
 use pageferry::engine::{self, DestinationConfig, NoWorkload, SourceWorkload};
-use pageferry::image::{self, ImageKind};
+use pageferry_image::ImageKind;
 use pageferry::memory::{GuestMemory, MmapRegion};
 use std::io::Write;
 use std::net::TcpListener;
@@ -104,7 +104,7 @@ struct ImageArgs {
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     size: u64,
     /// Seed of the generator.
-    #[arg(long, default_value_t = image::DEFAULT_SEED)]
+    #[arg(long, default_value_t = pageferry_image::DEFAULT_SEED)]
     seed: u64,
     /// Output file.
     out: PathBuf,
@@ -211,7 +211,7 @@ fn make_image(a: ImageArgs) -> Result<()> {
     }
     let bar = indicatif::ProgressBar::new(a.size);
     bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}").unwrap());
-    image::write_image(kind, a.seed, a.size, &a.out, &mut |done| bar.set_position(done)).with_context(|| format!("writing {}", a.out.display()))?;
+    pageferry_image::write_image(kind, a.seed, a.size, &a.out, &mut |done| bar.set_position(done)).with_context(|| format!("writing {}", a.out.display()))?;
     bar.finish_and_clear();
     println!("wrote {} ({} bytes, kind {}, seed {:#x})", a.out.display(), a.size, kind.name(), a.seed);
     Ok(())

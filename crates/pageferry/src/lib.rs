@@ -11,4 +11,3 @@ pub mod dirty;
 pub mod engine;
 pub mod memory;
 pub mod wire;
-pub mod image;

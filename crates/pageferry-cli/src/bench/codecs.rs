@@ -314,7 +314,7 @@ pub fn run(a: CodecsArgs) -> Result<()> {
 mod tests {
     use super::*;
     use pageferry::codec::{CodecSpec, Method};
-    use pageferry::image::{fill, ImageKind, DEFAULT_SEED};
+    use pageferry_image::{fill, ImageKind, DEFAULT_SEED};
 
     #[test]
     fn bare_round_trip_and_numbers() {

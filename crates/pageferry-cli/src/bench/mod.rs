@@ -20,7 +20,7 @@ mod render;
 use crate::args::parse_size;
 use anyhow::{bail, Context, Result};
 use pageferry::codec::{CodecSpec, Method};
-use pageferry::image::{self, ImageKind};
+use pageferry_image::ImageKind;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -73,7 +73,7 @@ pub struct ImageOpts {
     #[arg(long, value_parser = parse_size)]
     pub size: Option<u64>,
     /// Seed of the generated image.
-    #[arg(long, default_value_t = image::DEFAULT_SEED)]
+    #[arg(long, default_value_t = pageferry_image::DEFAULT_SEED)]
     pub seed: u64,
 }
 
@@ -112,7 +112,7 @@ pub fn prepare_image(opts: &ImageOpts, default_size: u64, tag: &str) -> Result<P
         None => {
             let kind: ImageKind = opts.kind.parse().map_err(|e| anyhow::anyhow!("--kind: {e}"))?;
             eprintln!("pageferry bench: generating a {} MiB {} image in {}", size >> 20, kind.name(), SHM_DIR);
-            image::write_image(kind, opts.seed, size, &path, &mut |_| {}).with_context(|| format!("writing {}", path.display()))?;
+            pageferry_image::write_image(kind, opts.seed, size, &path, &mut |_| {}).with_context(|| format!("writing {}", path.display()))?;
             img.bytes = size;
             img.desc = format!("generated {} {} MiB, seed {:#x}", kind.name(), size >> 20, opts.seed);
         }

@@ -610,7 +610,7 @@ fn thread_cpu_secs() -> f64 {
 fn measure() {
     const BATCHES: usize = 128; // 64 MiB
     let mut image = vec![0u8; BATCHES * MAX_BATCH_BYTES];
-    crate::image::fill(crate::image::ImageKind::SilesiaLike, crate::image::DEFAULT_SEED, 0, &mut image);
+    pageferry_image::fill(pageferry_image::ImageKind::SilesiaLike, pageferry_image::DEFAULT_SEED, 0, &mut image);
     let mut providers: Vec<(String, Box<dyn Codec>)> = vec![("cpu".into(), open_with(1, Provider::Cpu, None))];
     if let Some(lib) = real_lib() {
         providers.push(("QATzip 1.3.1".into(), open_with(1, Provider::Qat, Some(&lib))));
