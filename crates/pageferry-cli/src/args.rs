@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use pageferry::codec::{qatzip::QatzipOptions, CodecSpec, Method};
 use pageferry::engine::ratelimit::parse_bandwidth;
-use pageferry::engine::SourceConfig;
+use pageferry::engine::{AutoConverge, SourceConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -72,6 +72,22 @@ pub struct SourceArgs {
     /// Skip the end-to-end memory digest comparison.
     #[arg(long = "no-verify")]
     pub no_verify: bool,
+    /// Throttle the workload when pre-copy does not converge (QEMU's auto-converge).
+    #[arg(long = "auto-converge")]
+    pub auto_converge: bool,
+    /// Auto-converge: first throttle, percent.
+    #[arg(long = "cpu-throttle-initial", default_value_t = 20)]
+    pub cpu_throttle_initial: u8,
+    /// Auto-converge: throttle step, percent.
+    #[arg(long = "cpu-throttle-increment", default_value_t = 10)]
+    pub cpu_throttle_increment: u8,
+    /// Auto-converge: highest throttle, percent.
+    #[arg(long = "max-cpu-throttle", default_value_t = 99)]
+    pub max_cpu_throttle: u8,
+    /// Auto-converge: a round counts as "dirtying too fast" when the guest dirtied more than
+    /// this percentage of the bytes transferred.
+    #[arg(long = "throttle-trigger-threshold", default_value_t = 50)]
+    pub throttle_trigger_threshold: u8,
     /// Copy every batch before compressing/sending (measures what zero copy saves).
     #[arg(long = "no-zero-copy")]
     pub no_zero_copy: bool,
@@ -86,7 +102,17 @@ impl SourceArgs {
             Some(s) => parse_bandwidth(s).map_err(anyhow::Error::msg).context("--max-bandwidth")?,
             None => None,
         };
+        let auto_converge = self.auto_converge.then_some(AutoConverge {
+            initial: self.cpu_throttle_initial,
+            increment: self.cpu_throttle_increment,
+            max: self.max_cpu_throttle,
+            trigger_threshold: self.throttle_trigger_threshold,
+        });
+        if let Some(ac) = &auto_converge {
+            ac.validate().map_err(anyhow::Error::msg)?;
+        }
         Ok(SourceConfig {
+            auto_converge,
             channels: self.channels,
             codec: self.method.spec()?,
             pipeline_depth: self.pipeline_depth,

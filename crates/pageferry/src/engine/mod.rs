@@ -12,6 +12,7 @@
 //! reader that decompresses in place). See `source.rs` and `destination.rs`.
 
 mod channel;
+mod converge;
 mod destination;
 pub mod ratelimit;
 mod source;
@@ -40,6 +41,13 @@ pub trait SourceWorkload: Send {
     fn pause(&mut self) -> Result<Vec<u8>, WorkloadError>;
     /// The migration failed after `pause`: keep running here.
     fn resume_after_failure(&mut self) -> Result<(), WorkloadError>;
+    /// Run at `100 - pct` percent of full speed from now on (auto-converge; 0 = full speed).
+    /// Returns `Ok(false)` when this workload cannot be throttled (the default); the engine
+    /// then says so in its report and error instead of pretending to throttle.
+    fn set_throttle(&mut self, pct: u8) -> Result<bool, WorkloadError> {
+        let _ = pct;
+        Ok(false)
+    }
 }
 
 /// What the destination starts once all memory has arrived.
@@ -90,6 +98,9 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Keep retrying a refused connection this long (the destination may still be starting).
     pub connect_timeout: Duration,
+    /// Throttle the workload when pre-copy does not converge [`--auto-converge`]; `None`
+    /// leaves it at full speed.
+    pub auto_converge: Option<AutoConverge>,
     /// Compress (static) guest memory in place and write raw pages from it; `false` copies
     /// every batch first — only useful to measure what zero copy saves.
     pub zero_copy: bool,
@@ -107,8 +118,49 @@ impl Default for SourceConfig {
             max_bandwidth: None,
             verify: true,
             connect_timeout: Duration::from_secs(10),
+            auto_converge: None,
             zero_copy: true,
         }
+    }
+}
+
+/// Auto-converge settings, QEMU's names and defaults: after a round in which the guest dirtied
+/// more than `trigger_threshold` percent of the bytes the link moved, for the second time, the
+/// throttle starts at `initial` percent, then rises by `increment` each further second time,
+/// up to `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoConverge {
+    /// [`--cpu-throttle-initial`, default 20]
+    pub initial: u8,
+    /// [`--cpu-throttle-increment`, default 10]
+    pub increment: u8,
+    /// [`--max-cpu-throttle`, default 99]
+    pub max: u8,
+    /// [`--throttle-trigger-threshold`, default 50]
+    pub trigger_threshold: u8,
+}
+
+impl Default for AutoConverge {
+    fn default() -> Self {
+        Self { initial: 20, increment: 10, max: 99, trigger_threshold: 50 }
+    }
+}
+
+impl AutoConverge {
+    /// Check the ranges QEMU accepts (1..=99 for the percentages, 1..=100 for the threshold).
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [("--cpu-throttle-initial", self.initial), ("--cpu-throttle-increment", self.increment), ("--max-cpu-throttle", self.max)] {
+            if !(1..=99).contains(&v) {
+                return Err(format!("{name} must be 1..=99, got {v}"));
+            }
+        }
+        if !(1..=100).contains(&self.trigger_threshold) {
+            return Err(format!("--throttle-trigger-threshold must be 1..=100, got {}", self.trigger_threshold));
+        }
+        if self.initial > self.max {
+            return Err(format!("--cpu-throttle-initial ({}) exceeds --max-cpu-throttle ({})", self.initial, self.max));
+        }
+        Ok(())
     }
 }
 

@@ -13,6 +13,7 @@
 use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext};
 use super::ratelimit::RateLimiter;
 use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink};
+use super::converge::Throttler;
 use super::{MigrationError, SourceConfig, SourceWorkload};
 use crate::codec::{self, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
@@ -79,6 +80,9 @@ pub fn run_source(
 ) -> Result<MigrationReport, MigrationError> {
     if config.channels == 0 || config.channels > 256 {
         return Err(MigrationError::Config(format!("--multifd-channels must be 1..=256, got {}", config.channels)));
+    }
+    if let Some(ac) = &config.auto_converge {
+        ac.validate().map_err(MigrationError::Config)?;
     }
     let cpu = CpuMeter::start();
     let t0 = Instant::now();
@@ -181,8 +185,17 @@ pub fn run_source(
             round: 0,
             last_tick: Instant::now(),
             peak_rss: 0,
+            throttler: config.auto_converge.map(Throttler::new),
+            throttle_per_round: Vec::new(),
+            throttled: false,
+            throttle_unsupported: None,
         };
-        let outcome = run.migrate(tracker, workload);
+        let mut outcome = run.migrate(tracker, workload);
+        // Success or failure: the workload (stopped, or running here) is not left throttled.
+        // (After success the source is stopped for good, so a failure to unthrottle it is moot.)
+        if let (Err(te), Err(e)) = (run.unthrottle(workload), &outcome) {
+            outcome = Err(MigrationError::Other(format!("{e}; {te}")));
+        }
         if let Err(e) = &outcome {
             failure.set(e.to_string());
             // Tell the destination why; it prints the same reason.
@@ -248,6 +261,14 @@ struct SourceRun<'a> {
     round: u32,
     last_tick: Instant,
     peak_rss: u64,
+    /// Auto-converge state (None without --auto-converge).
+    throttler: Option<Throttler>,
+    /// The throttle in effect during each round.
+    throttle_per_round: Vec<u8>,
+    /// The workload's throttle is above 0 and must be removed at the end.
+    throttled: bool,
+    /// Why auto-converge could not throttle, if it could not.
+    throttle_unsupported: Option<String>,
 }
 
 impl SourceRun<'_> {
@@ -257,6 +278,8 @@ impl SourceRun<'_> {
         tracker.collect(&mut dirty)?;
         loop {
             let started = Instant::now();
+            let wire_before = self.counters.wire();
+            self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             let pages = self.send_round(&dirty)?;
             self.wait_round_done()?;
             pages_per_round.push(pages);
@@ -269,10 +292,16 @@ impl SourceRun<'_> {
             if estimate <= self.config.downtime_limit {
                 break;
             }
+            self.auto_converge(workload, dirty.count() * PAGE_SIZE as u64, self.counters.wire() - wire_before)?;
             let rounds_done = self.round + 1;
             if rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout {
+                let hint = match (&self.throttler, &self.throttle_unsupported) {
+                    (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
+                    (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
+                    (None, None) => "raise --downtime-limit, --max-rounds or --timeout, lower the guest's dirty rate, or use --auto-converge".into(),
+                };
                 return Err(MigrationError::NotConverged(format!(
-                    "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms (raise --downtime-limit, --max-rounds or --timeout, or lower the guest's dirty rate); the source keeps running",
+                    "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms; {hint}; the source keeps running",
                     self.t0.elapsed().as_secs_f64(),
                     remaining / (1 << 20) as f64,
                     rate / 1e6,
@@ -298,6 +327,7 @@ impl SourceRun<'_> {
                 (pages, digest.join().expect("digest thread"))
             });
             pages_per_round.push(pages?);
+            self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             let digest = digest.map(|d| format!("{d:032x}"));
             wire::write_frame(self.control, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
             let dest = self.wait_done()?;
@@ -306,6 +336,10 @@ impl SourceRun<'_> {
         let dest = match finish {
             Ok(d) => d,
             Err(e) => {
+                // The source continues at full speed.
+                if let Err(te) = self.unthrottle(workload) {
+                    return Err(MigrationError::Other(format!("{e}; {te}")));
+                }
                 if let Err(re) = workload.resume_after_failure() {
                     return Err(MigrationError::Other(format!("{e}; resuming the source also failed: {re}")));
                 }
@@ -320,10 +354,48 @@ impl SourceRun<'_> {
             downtime_ms: downtime.as_secs_f64() * 1000.0,
             rounds: self.round + 1,
             pages_per_round,
+            throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
+            mechanisms: self.mechanisms(),
+            throttle_note: self.throttle_unsupported.clone(),
             send_peak_rss_anon_bytes: self.peak_rss,
             ..Default::default()
         };
         Ok((report, dest))
+    }
+
+    /// Auto-converge after a round that did not converge: raise the throttle per QEMU's rule.
+    fn auto_converge(&mut self, workload: &mut dyn SourceWorkload, dirtied: u64, transferred: u64) -> Result<(), MigrationError> {
+        if self.throttle_unsupported.is_some() {
+            return Ok(());
+        }
+        let Some(pct) = self.throttler.as_mut().and_then(|t| t.after_round(dirtied, transferred)) else { return Ok(()) };
+        match workload.set_throttle(pct) {
+            Ok(true) => {
+                self.throttled = true;
+                Ok(())
+            }
+            Ok(false) => {
+                self.throttle_unsupported = Some("this workload does not support throttling".into());
+                Ok(())
+            }
+            Err(cause) => Err(MigrationError::Workload { what: "throttle", cause }),
+        }
+    }
+
+    /// Back to full speed (after success, failure or giving up); failures only noted.
+    fn unthrottle(&mut self, workload: &mut dyn SourceWorkload) -> Result<(), String> {
+        if std::mem::take(&mut self.throttled) {
+            workload.set_throttle(0).map_err(|e| format!("removing the auto-converge throttle failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn mechanisms(&self) -> Vec<String> {
+        let mut m = vec!["pre-copy".to_string()];
+        if self.throttle_per_round.iter().chain(self.throttler.as_ref().map(|t| t.pct()).iter()).any(|&p| p > 0) {
+            m.push("auto-converge".into());
+        }
+        m
     }
 
     /// Queue every dirty page as batches, then a sync on every channel. Returns pages sent.

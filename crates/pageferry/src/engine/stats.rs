@@ -128,6 +128,15 @@ pub struct MigrationReport {
     pub verify_ms: f64,
     pub rounds: u32,
     pub pages_per_round: Vec<u64>,
+    /// What ran: "pre-copy", then "auto-converge" when the workload was throttled.
+    #[serde(default)]
+    pub mechanisms: Vec<String>,
+    /// The auto-converge throttle (percent) in effect during each round.
+    #[serde(default)]
+    pub throttle_pct_per_round: Vec<u8>,
+    /// Why auto-converge could not throttle, when it was asked to and could not.
+    #[serde(default)]
+    pub throttle_note: Option<String>,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
     pub ratio: f64,
@@ -167,7 +176,14 @@ impl MigrationReport {
         } else {
             format!("{:.1} ms", self.downtime_ms)
         });
+        line("mechanisms:", self.mechanisms.join(" + "));
         line("rounds:", format!("{} (pages per round: {:?})", self.rounds, self.pages_per_round));
+        if self.throttle_pct_per_round.iter().any(|&p| p > 0) {
+            line("throttle per round:", format!("{:?} %", self.throttle_pct_per_round));
+        }
+        if let Some(n) = &self.throttle_note {
+            line("auto-converge:", n.clone());
+        }
         line("raw bytes:", format!("{}", self.raw_bytes));
         line("wire bytes:", format!("{}", self.wire_bytes));
         line("ratio:", format!("{:.2}", self.ratio));

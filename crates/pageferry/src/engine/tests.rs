@@ -340,3 +340,128 @@ fn copying_paths_used_to_measure_zero_copy_migrate_identically() {
         assert_eq!(src.digest(), dst.digest(), "{method}");
     }
 }
+
+/// A source workload that records the throttle the engine asks for and can refuse it.
+#[derive(Default)]
+struct ThrottleRecorder {
+    calls: Vec<u8>,
+    now: Arc<std::sync::atomic::AtomicU8>,
+    pauses: u32,
+    resumes: u32,
+}
+
+impl SourceWorkload for ThrottleRecorder {
+    fn pause(&mut self) -> Result<Vec<u8>, WorkloadError> {
+        self.pauses += 1;
+        Ok(Vec::new())
+    }
+    fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
+        self.resumes += 1;
+        Ok(())
+    }
+    fn set_throttle(&mut self, pct: u8) -> Result<bool, WorkloadError> {
+        self.calls.push(pct);
+        self.now.store(pct, Ordering::SeqCst);
+        Ok(true)
+    }
+}
+
+/// A guest whose dirtying follows the throttle: every round it dirties the first
+/// `(100 - throttle)`% of region 0 — all of it unthrottled.
+struct ThrottledDirt(Arc<std::sync::atomic::AtomicU8>, bool);
+
+impl crate::dirty::DirtyTracker for ThrottledDirt {
+    fn start(&mut self, _memory: &GuestMemory) -> Result<(), crate::dirty::DirtyError> {
+        Ok(())
+    }
+    fn collect(&mut self, into: &mut crate::dirty::DirtyPages) -> Result<(), crate::dirty::DirtyError> {
+        if !std::mem::replace(&mut self.1, true) {
+            for i in 0..into.regions().len() {
+                into.region_mut(i).set_all();
+            }
+            return Ok(());
+        }
+        let r = into.region_mut(0);
+        let pages = r.pages() * (100 - self.0.load(Ordering::SeqCst) as u64) / 100;
+        r.set_range(0, pages);
+        Ok(())
+    }
+    fn guest_may_write(&self) -> bool {
+        true
+    }
+    fn name(&self) -> &'static str {
+        "throttled-dirt"
+    }
+}
+
+fn capped(max_rounds: u32, auto_converge: Option<AutoConverge>) -> SourceConfig {
+    SourceConfig {
+        channels: 2,
+        codec: crate::codec::CodecSpec::new(Method::None),
+        // Region 0 (256 pages, 1 MiB) takes ≥ 100 ms per round at this cap: only a round of a
+        // few pages fits the downtime limit.
+        downtime_limit: std::time::Duration::from_millis(8),
+        max_bandwidth: Some(10_000_000),
+        max_rounds,
+        auto_converge,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn auto_converge_raises_the_throttle_per_qemus_rule_until_it_converges_then_removes_it() {
+    let src = test_memory([256, 16]);
+    let dst = empty_like(&src);
+    let mut w = ThrottleRecorder::default();
+    let mut tracker = ThrottledDirt(w.now.clone(), false);
+    let ac = AutoConverge { initial: 40, increment: 25, max: 99, trigger_threshold: 50 };
+    let (r, d) = migrate(&src, &dst, &mut tracker, &mut w, capped(30, Some(ac)));
+    let r = r.unwrap();
+    d.unwrap();
+    assert_eq!(r.mechanisms, ["pre-copy", "auto-converge"]);
+    // Round 0 (everything) and round 1 (all of region 0 dirty) are "high"; the second raises
+    // the throttle to 40, rounds 2 (60% dirty) and 3 to 65, 4 and 5 to 90, 6 and 7 to 99,
+    // where 1% of region 0 (2 pages) fits the limit.
+    assert_eq!(w.calls, [40, 65, 90, 99, 0], "throttle requests, then removal after success");
+    assert_eq!(r.throttle_pct_per_round.len() as u32, r.rounds);
+    assert_eq!(&r.throttle_pct_per_round[..4], [0, 0, 40, 40]);
+    assert_eq!(*r.throttle_pct_per_round.last().unwrap(), 99);
+    assert!(r.render().contains("throttle per round:"), "{}", r.render());
+    assert_eq!(src.digest(), dst.digest());
+}
+
+#[test]
+fn without_auto_converge_the_same_guest_never_converges_and_is_never_throttled() {
+    let src = test_memory([256, 16]);
+    let dst = empty_like(&src);
+    let mut w = ThrottleRecorder::default();
+    let mut tracker = ThrottledDirt(w.now.clone(), false);
+    let (r, _d) = migrate(&src, &dst, &mut tracker, &mut w, capped(4, None));
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("did not converge") && msg.contains("--auto-converge"), "{msg}");
+    assert!(w.calls.is_empty());
+}
+
+#[test]
+fn a_failed_auto_converged_migration_leaves_the_source_running_at_full_speed() {
+    let src = test_memory([256, 16]);
+    let dst = empty_like(&src);
+    let mut w = ThrottleRecorder::default();
+    // Round counts so the throttle is up (20 after round 1, 30 after round 3) when the
+    // migration gives up after round 4.
+    let (r, _d) = migrate(&src, &dst, &mut AllDirty, &mut w, capped(5, Some(AutoConverge::default())));
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("throttled the workload to 30%"), "{msg}");
+    assert_eq!(w.calls, [20, 30, 0], "the throttle is removed after the failure");
+    assert_eq!((w.pauses, w.resumes), (0, 0));
+}
+
+#[test]
+fn a_workload_that_cannot_be_throttled_is_reported_not_pretended() {
+    let src = test_memory([256, 16]);
+    let dst = empty_like(&src);
+    let mut w = CountingWorkload::default();
+    let (r, _d) = migrate(&src, &dst, &mut AllDirty, &mut w, capped(4, Some(AutoConverge::default())));
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("could not throttle the workload") && msg.contains("does not support throttling"), "{msg}");
+}
