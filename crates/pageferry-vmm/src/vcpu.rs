@@ -90,6 +90,22 @@ pub(crate) struct Shared {
     pub run_started: Mutex<Option<Stamp>>,
     /// Exits the guest was not expected to make but which are harmless (I/O, MMIO).
     pub unexpected_exits: AtomicU64,
+    /// Auto-converge throttle in percent (0 = full speed); see [`VcpuRunner::set_throttle`].
+    throttle: Mutex<u8>,
+    throttle_cv: Condvar,
+    /// Set by the throttle timer just before it kicks the vCPU: the exit is a throttle stop.
+    throttle_kick: AtomicBool,
+    /// Time the vCPU spent asleep for the throttle (ns).
+    pub throttled_ns: AtomicU64,
+}
+
+/// The throttle's running slice, as QEMU's cpu-throttle: the vCPU runs this long, then sleeps
+/// `pct / (100 - pct)` of it, so it is asleep `pct`% of the time.
+pub(crate) const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+pub(crate) fn throttle_sleep(pct: u8) -> Duration {
+    let pct = pct.min(99) as u32;
+    THROTTLE_SLICE * pct / (100 - pct)
 }
 
 /// The vCPU and the thread that runs it. The thread is created once and parks between runs,
@@ -97,6 +113,8 @@ pub(crate) struct Shared {
 pub(crate) struct VcpuRunner {
     pub shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Kicks the vCPU out of KVM_RUN every slice while a throttle is set.
+    timer: Option<JoinHandle<()>>,
 }
 
 impl VcpuRunner {
@@ -109,10 +127,24 @@ impl VcpuRunner {
             stop: AtomicBool::new(false),
             run_started: Mutex::new(None),
             unexpected_exits: AtomicU64::new(0),
+            throttle: Mutex::new(0),
+            throttle_cv: Condvar::new(),
+            throttle_kick: AtomicBool::new(false),
+            throttled_ns: AtomicU64::new(0),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new().name("vcpu0".into()).spawn(move || thread_main(&s))?;
-        Ok(Self { shared, thread: Some(thread) })
+        let (s, target) = (shared.clone(), thread.as_pthread_t());
+        let timer = std::thread::Builder::new().name("vcpu0-throttle".into()).spawn(move || throttle_timer(&s, target))?;
+        Ok(Self { shared, thread: Some(thread), timer: Some(timer) })
+    }
+
+    /// Throttle the vCPU to run only `100 - pct` percent of the time (0 = full speed): every
+    /// `THROTTLE_SLICE` of running it is kicked out of KVM_RUN and sleeps its share, like
+    /// QEMU's cpu-throttle. Takes effect at the next slice; a stop interrupts the sleep.
+    pub fn set_throttle(&self, pct: u8) {
+        *self.shared.throttle.lock().unwrap() = pct.min(99);
+        self.shared.throttle_cv.notify_all();
     }
 
     fn kick(&self) {
@@ -184,6 +216,11 @@ impl Drop for VcpuRunner {
         self.stop();
         self.shared.ctl.lock().unwrap().phase = Phase::Exit;
         self.shared.cv.notify_all();
+        // The timer first: it signals the vCPU thread, which must still exist.
+        self.set_throttle(0);
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -198,6 +235,49 @@ fn unblock_kick_signal() {
         libc::sigaddset(&mut set, kick_signal());
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
+}
+
+/// While a throttle is set: every slice of running (plus the sleep that follows it), mark the
+/// kick as a throttle stop and signal the vCPU thread.
+fn throttle_timer(shared: &Shared, target: libc::pthread_t) {
+    loop {
+        let pct = {
+            let mut t = shared.throttle.lock().unwrap();
+            while *t == 0 {
+                if shared.ctl.lock().unwrap().phase == Phase::Exit {
+                    return;
+                }
+                t = shared.throttle_cv.wait_timeout(t, Duration::from_millis(100)).unwrap().0;
+            }
+            *t
+        };
+        std::thread::sleep(THROTTLE_SLICE);
+        if shared.ctl.lock().unwrap().phase == Phase::Running {
+            shared.throttle_kick.store(true, Ordering::SeqCst);
+            // SAFETY: the vCPU thread is joined only after this thread (see Drop).
+            unsafe { libc::pthread_kill(target, kick_signal()) };
+        }
+        // Let the vCPU sleep its share before the next slice starts counting.
+        std::thread::sleep(throttle_sleep(pct));
+    }
+}
+
+/// The throttle's sleep on the vCPU thread; a stop request ends it early.
+fn throttle_pause(shared: &Shared) {
+    let pct = *shared.throttle.lock().unwrap();
+    if pct == 0 {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let until = t0 + throttle_sleep(pct);
+    while !shared.stop.load(Ordering::SeqCst) {
+        let now = std::time::Instant::now();
+        if now >= until {
+            break;
+        }
+        std::thread::sleep((until - now).min(Duration::from_micros(500)));
+    }
+    shared.throttled_ns.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 fn thread_main(shared: &Shared) {
@@ -235,6 +315,7 @@ fn complete_pending_exit(vcpu: &mut VcpuFd) {
 /// Run the guest until asked to stop or until it fails.
 fn run_guest(vcpu: &mut VcpuFd, shared: &Shared) -> Outcome {
     vcpu.set_kvm_immediate_exit(0);
+    shared.throttle_kick.store(false, Ordering::SeqCst);
     let ie: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(ie));
     let mut first = true;
@@ -270,6 +351,9 @@ fn run_guest(vcpu: &mut VcpuFd, shared: &Shared) -> Outcome {
                     break Outcome::Stopped;
                 }
                 vcpu.set_kvm_immediate_exit(0);
+                if shared.throttle_kick.swap(false, Ordering::SeqCst) {
+                    throttle_pause(shared);
+                }
             }
             Err(e) => break Outcome::Failed(format!("KVM_RUN failed: {e}")),
         }

@@ -341,6 +341,18 @@ impl Vm {
         self.inner.status()
     }
 
+    /// Auto-converge: let the vCPU run only `100 - pct` percent of the time (0 = full speed).
+    /// Every 10 ms of running the vCPU leaves KVM_RUN and sleeps its share (QEMU's
+    /// cpu-throttle); a pause interrupts the sleep.
+    pub fn set_throttle(&self, pct: u8) {
+        self.inner.runner.set_throttle(pct);
+    }
+
+    /// Total time the vCPU has slept for the throttle.
+    pub fn throttled_time(&self) -> Duration {
+        Duration::from_nanos(self.inner.runner.shared.throttled_ns.load(Ordering::Relaxed))
+    }
+
     /// The guest's page counter (pages written since boot, carried across migrations).
     pub fn counter(&self) -> u64 {
         self.inner.read(guest::STATUS_GPA + status::COUNTER as u64)
@@ -721,6 +733,11 @@ impl VmSourceWorkload {
     /// Continue the guest here after a failed migration.
     pub fn resume_after_failure(&mut self) -> Result<(), VmError> {
         self.vm.start()
+    }
+
+    /// Auto-converge: see [`Vm::set_throttle`].
+    pub fn set_throttle(&mut self, pct: u8) {
+        self.vm.runner.set_throttle(pct);
     }
 }
 

@@ -16,6 +16,10 @@ impl SourceWorkload for VmSourceWorkload {
     fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
         Ok(VmSourceWorkload::resume_after_failure(self)?)
     }
+    fn set_throttle(&mut self, pct: u8) -> Result<bool, WorkloadError> {
+        VmSourceWorkload::set_throttle(self, pct);
+        Ok(true)
+    }
 }
 
 impl DestinationWorkload for VmDestinationWorkload {

@@ -4,7 +4,7 @@
 mod common;
 
 use pageferry::codec::{CodecSpec, Method};
-use pageferry::engine::{run_destination, run_destination_with, run_source, DestinationConfig, MigrationReport, NoProgress, SourceConfig};
+use pageferry::engine::{AutoConverge, run_destination, run_destination_with, run_source, DestinationConfig, MigrationReport, NoProgress, SourceConfig};
 use pageferry_vmm::{PendingDestination, Vm, VmConfig, VmStatus};
 use std::net::TcpListener;
 use std::time::Duration;
@@ -18,7 +18,8 @@ struct Outcome {
 
 /// Migrate a running writer guest from a new source VM to a new destination VM in this
 /// process, check that the destination continues it exactly, and print the timings.
-fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool, lazy_destination: bool, downtime_limit: Duration) -> Outcome {
+#[allow(clippy::too_many_arguments)]
+fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool, lazy_destination: bool, downtime_limit: Duration, tweak: impl FnOnce(&mut SourceConfig)) -> Outcome {
     let src = Vm::new(VmConfig { mem_bytes: mem, working_set_bytes: ws, pages_per_tick, tick: Some(Duration::from_millis(1)), ..Default::default() }).unwrap();
     src.start().unwrap();
     src.wait_for_counter(1000, Duration::from_secs(30)).unwrap();
@@ -42,7 +43,8 @@ fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool,
         });
         let mut tracker = src.dirty_tracker();
         let mut work = src.source_workload();
-        let cfg = SourceConfig { codec: codec.clone(), downtime_limit, verify, ..Default::default() };
+        let mut cfg = SourceConfig { codec: codec.clone(), downtime_limit, verify, ..Default::default() };
+        tweak(&mut cfg);
         let r = run_source(&addr, &src.guest_memory(), &mut tracker, &mut work, &cfg, &NoProgress);
         (r, d.join().unwrap())
     });
@@ -89,7 +91,7 @@ fn live_migration_of_a_running_guest_verified() {
         return;
     }
     // 16 pages per 1 ms tick: 64 MB/s of dirtying over a 16 MiB working set.
-    let o = migrate(256 * MIB, 16 * MIB, 16, Method::Zstd, true, true, Duration::from_millis(50));
+    let o = migrate(256 * MIB, 16 * MIB, 16, Method::Zstd, true, true, Duration::from_millis(50), |_| {});
     assert!(o.report.rounds >= 2 && o.paused_at > 1000);
 }
 
@@ -101,8 +103,25 @@ fn live_migration_downtime() {
     // 4 pages per 1 ms tick (16 MB/s) over a 16 MiB working set, a 5 ms downtime budget, no
     // end-to-end digest (it would count in the downtime): the destination's page stamps are
     // the check.
-    let o = migrate(256 * MIB, 16 * MIB, 4, Method::None, false, false, Duration::from_millis(5));
+    let o = migrate(256 * MIB, 16 * MIB, 4, Method::None, false, false, Duration::from_millis(5), |_| {});
     println!("engine downtime {:.1} ms, rounds {}", o.report.downtime_ms, o.report.rounds);
+}
+
+#[test]
+fn auto_converge_throttles_the_vcpu_until_a_guest_faster_than_the_link_migrates() {
+    if common::skip() {
+        return;
+    }
+    // 16 pages per 1 ms tick (64 MB/s) over a 4 MiB working set, a 16 MB/s link: every round
+    // leaves the whole working set dirty (~260 ms at the cap), over the 10 ms limit. The guest
+    // catches up on naps under 50 ms, so the throttle starts at 90% (90 ms naps).
+    let o = migrate(64 * MIB, 4 * MIB, 16, Method::None, false, false, Duration::from_millis(10), |c| {
+        c.max_bandwidth = Some(16_000_000);
+        c.max_rounds = 20;
+        c.auto_converge = Some(AutoConverge { initial: 90, ..Default::default() });
+    });
+    assert_eq!(o.report.mechanisms, ["pre-copy", "auto-converge"]);
+    assert!(o.report.throttle_pct_per_round.last().copied().unwrap() >= 90, "{:?}", o.report.throttle_pct_per_round);
 }
 
 #[test]

@@ -61,6 +61,42 @@ fn throttled_guest_keeps_its_rate() {
     vm.check_pattern().unwrap();
 }
 
+#[test]
+fn cpu_throttle_puts_the_vcpu_to_sleep_its_share_and_a_pause_cuts_the_sleep_short() {
+    if common::skip() {
+        return;
+    }
+    let vm = Vm::new(VmConfig { mem_bytes: 16 * MIB, working_set_bytes: MIB, ..Default::default() }).unwrap();
+    vm.start().unwrap();
+    vm.wait_for_counter(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(vm.throttled_time(), Duration::ZERO);
+    vm.set_throttle(80);
+    let (t0, c0) = (Instant::now(), vm.counter());
+    std::thread::sleep(Duration::from_millis(500));
+    let (slept, wall) = (vm.throttled_time(), t0.elapsed());
+    // 80% of the time asleep in 40 ms naps; generous bounds for a loaded machine (the timer
+    // thread may be scheduled late, which only lengthens the running slices).
+    println!("throttle 80%: asleep {slept:?} of {wall:?}");
+    assert!(slept >= wall / 4, "asleep only {slept:?} of {wall:?}");
+    assert!(vm.counter() > c0, "a throttled guest still runs");
+    // 99%: ~1 s naps; pausing must not wait for the nap to end.
+    vm.set_throttle(99);
+    std::thread::sleep(Duration::from_millis(100));
+    let st = vm.pause().unwrap();
+    let p = vm.last_pause().unwrap();
+    assert!(p.vcpu_stopped < Duration::from_millis(500), "pause waited {:?} for the throttle", p.vcpu_stopped);
+    vm.check_pattern().unwrap();
+    // Unthrottled again: no more naps.
+    vm.set_throttle(0);
+    vm.start().unwrap();
+    vm.wait_for_counter(st.meta.counter + 1000, Duration::from_secs(10)).unwrap();
+    let before = vm.throttled_time();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(vm.throttled_time() - before < Duration::from_millis(20), "still throttled after set_throttle(0)");
+    vm.pause().unwrap();
+    vm.check_pattern().unwrap();
+}
+
 /// Copy all of `src`'s guest memory into `dst` (both stopped).
 fn copy_memory(src: &Vm, dst: &Vm) {
     let (s, d) = (src.guest_memory(), dst.guest_memory());
