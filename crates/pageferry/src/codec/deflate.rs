@@ -3,8 +3,10 @@
 //! Measured on this project's machine (1 core, 512 KiB batches of the silesia-like image,
 //! CPU-s per GiB, level 1): ISA-L igzip compresses at 2.58 (ratio 2.79), libdeflate at 5.45
 //! (2.95), zlib-rs at 5.40 (2.25); libdeflate decompresses fastest (1.31, ISA-L 1.52).
-//! So: compression at level 1 uses ISA-L when built with the `isal` feature, libdeflate
-//! otherwise and for levels 2–9; decompression always uses libdeflate.
+//! So: compression at level 1 uses ISA-L when the build has it, libdeflate otherwise and for
+//! levels 2–9; decompression always uses libdeflate. Which ISA-L (build.rs decides): the one
+//! `isal-sys` builds from source with the `isal` feature, else the system's (`libisal-dev`)
+//! when it is installed, through a small C shim compiled against its header.
 
 use super::{CodecError, Method};
 
@@ -20,12 +22,21 @@ pub enum Framing {
 /// Highest level handed to ISA-L; higher levels use libdeflate for its better ratio.
 const ISAL_MAX_LEVEL: u8 = 1;
 
-/// Name of the engine used for level-1 compression in this build.
+/// The ISA-L this build compresses with, as reports name it; `None`: libdeflate only.
+const ISAL_NAME: Option<&str> = if cfg!(feature = "isal") {
+    Some("isa-l (source build)")
+} else if cfg!(pageferry_isal_system) {
+    Some("isa-l (system)")
+} else {
+    None
+};
+
+/// Name of the engine this build compresses deflate at `level` with: "isa-l (source build)",
+/// "isa-l (system)" or "libdeflate".
 pub fn deflate_backend_name(level: u8) -> &'static str {
-    if cfg!(feature = "isal") && level <= ISAL_MAX_LEVEL {
-        "isa-l"
-    } else {
-        "libdeflate"
+    match ISAL_NAME {
+        Some(name) if level <= ISAL_MAX_LEVEL => name,
+        _ => "libdeflate",
     }
 }
 
@@ -43,19 +54,19 @@ pub struct DeflateCompressor {
 }
 
 enum Engine {
-    #[cfg(feature = "isal")]
+    #[cfg(any(feature = "isal", pageferry_isal_system))]
     Isal(isal::Isal),
     Libdeflate(libdeflater::Compressor),
 }
 
 impl DeflateCompressor {
     pub fn new(method: Method, level: u8, framing: Framing) -> Result<Self, CodecError> {
-        let engine = if deflate_backend_name(level) == "isa-l" {
-            #[cfg(feature = "isal")]
+        let engine = if deflate_backend_name(level) != "libdeflate" {
+            #[cfg(any(feature = "isal", pageferry_isal_system))]
             {
                 Engine::Isal(isal::Isal::new(level))
             }
-            #[cfg(not(feature = "isal"))]
+            #[cfg(not(any(feature = "isal", pageferry_isal_system)))]
             unreachable!()
         } else {
             let lvl = libdeflater::CompressionLvl::new(level as i32)
@@ -67,8 +78,8 @@ impl DeflateCompressor {
 
     pub fn backend(&self) -> &'static str {
         match self.engine {
-            #[cfg(feature = "isal")]
-            Engine::Isal(_) => "isa-l",
+            #[cfg(any(feature = "isal", pageferry_isal_system))]
+            Engine::Isal(_) => deflate_backend_name(self.level),
             Engine::Libdeflate(_) => "libdeflate",
         }
     }
@@ -80,7 +91,7 @@ impl DeflateCompressor {
     /// Compress `input` into `out`; `None` when it does not fit `out`.
     pub fn compress(&mut self, input: &[u8], out: &mut [u8]) -> Option<usize> {
         match &mut self.engine {
-            #[cfg(feature = "isal")]
+            #[cfg(any(feature = "isal", pageferry_isal_system))]
             Engine::Isal(e) => e.compress(input, out, self.framing),
             Engine::Libdeflate(c) => {
                 let r = match self.framing {
@@ -161,6 +172,106 @@ mod isal {
                 } else {
                     None
                 }
+            }
+        }
+    }
+}
+
+/// ISA-L from the system (build.rs found `-lisal` and compiled `isal_shim.c` against its header).
+#[cfg(all(pageferry_isal_system, not(feature = "isal")))]
+mod isal {
+    use super::Framing;
+
+    extern "C" {
+        fn pageferry_isal_level_buf_size() -> u32;
+        #[allow(clippy::too_many_arguments)]
+        fn pageferry_isal_compress(
+            input: *const u8,
+            in_len: u32,
+            out: *mut u8,
+            out_cap: u32,
+            level: u32,
+            level_buf: *mut u8,
+            level_buf_size: u32,
+            zlib: i32,
+        ) -> u32;
+    }
+
+    pub struct Isal {
+        level: u8,
+        level_buf: Vec<u8>,
+    }
+
+    impl Isal {
+        pub fn new(level: u8) -> Self {
+            // SAFETY: returns a constant of the header.
+            let size = unsafe { pageferry_isal_level_buf_size() };
+            Self { level, level_buf: vec![0; size as usize] }
+        }
+
+        pub fn compress(&mut self, input: &[u8], out: &mut [u8], framing: Framing) -> Option<usize> {
+            let in_len = u32::try_from(input.len()).ok()?;
+            let out_cap = u32::try_from(out.len()).unwrap_or(u32::MAX);
+            // SAFETY: the shim reads `in_len` bytes of `input` and writes at most `out_cap` bytes of
+            // `out`; the level buffer is ours and as large as it says.
+            let n = unsafe {
+                pageferry_isal_compress(
+                    input.as_ptr(),
+                    in_len,
+                    out.as_mut_ptr(),
+                    out_cap,
+                    self.level as u32,
+                    self.level_buf.as_mut_ptr(),
+                    self.level_buf.len() as u32,
+                    (framing == Framing::Zlib) as i32,
+                )
+            };
+            (n > 0).then_some(n as usize)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The build picks ISA-L as build.rs documents: the source build with the `isal` feature,
+    /// else the system's whenever its header is installed (scripts/setup-deps.sh installs it),
+    /// else libdeflate; levels above 1 always use libdeflate.
+    #[test]
+    fn backend_follows_the_build() {
+        let system = std::path::Path::new("/usr/include/isa-l/igzip_lib.h").exists()
+            && !std::env::var("PAGEFERRY_ISAL").is_ok_and(|v| v == "off" || v == "0");
+        let want = if cfg!(feature = "isal") {
+            "isa-l (source build)"
+        } else if system {
+            "isa-l (system)"
+        } else {
+            "libdeflate"
+        };
+        assert_eq!(deflate_backend_name(1), want);
+        assert_eq!(deflate_backend_name(2), "libdeflate");
+        for framing in [Framing::Zlib, Framing::Raw] {
+            let c = DeflateCompressor::new(Method::Zlib, 1, framing).unwrap();
+            assert_eq!(c.backend(), want);
+        }
+    }
+
+    /// Whatever engine compresses, libdeflate decodes both framings back to the input, and an
+    /// output buffer that is too small gives `None` (send raw), never a partial stream.
+    #[test]
+    fn engines_round_trip_and_respect_the_output_size() {
+        let data = super::super::conformance::sample_text(128 * 4096, 7);
+        for level in [1, 6] {
+            for framing in [Framing::Zlib, Framing::Raw] {
+                let mut c = DeflateCompressor::new(Method::Zlib, level, framing).unwrap();
+                let mut out = vec![0u8; bound(data.len())];
+                let n = c.compress(&data, &mut out).expect("compresses");
+                assert!(n < data.len() / 2, "{}: {n} bytes", c.backend());
+                let mut back = vec![0u8; data.len()];
+                DeflateDecompressor::default().decompress(Method::Zlib, framing, &out[..n], &mut back).unwrap();
+                assert!(back == data, "{} level {level} {framing:?}", c.backend());
+                assert_eq!(c.compress(&data, &mut out[..n / 2]), None, "{}: too small an output", c.backend());
             }
         }
     }
