@@ -61,7 +61,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let mut recv = Command::new(&exe)
-        .args(["recv", "--listen", "127.0.0.1:0", "--json", "--multifd-compression", &a.method])
+        .args(["recv", "--listen", "127.0.0.1:0", "--json", "--no-verify", "--multifd-compression", &a.method])
         .arg("--image")
         .arg(&dst)
         .stdout(Stdio::piped())

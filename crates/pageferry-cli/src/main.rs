@@ -79,9 +79,15 @@ struct RecvArgs {
     /// Address to listen on (host:port; port 0 picks one, printed as "listening on ADDR").
     #[arg(long)]
     listen: String,
-    /// Image file to write (created or truncated to the size the source announces).
+    /// Image file to write, at the size the source announces. It is received into
+    /// IMAGE.incomplete (space reserved in the handshake) and renamed to IMAGE only once the
+    /// migration completed; a failed one leaves IMAGE as it was.
     #[arg(long)]
     image: PathBuf,
+    /// Accept a source that skips the end-to-end memory digest (its --no-verify); without
+    /// this, such a source is refused in the handshake.
+    #[arg(long = "no-verify")]
+    no_verify: bool,
     #[command(flatten)]
     method: MethodArgs,
     /// Seconds to wait for the source to connect.
@@ -122,7 +128,16 @@ fn main() {
     };
     if let Err(e) = r {
         eprintln!("pageferry {name}: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(exit_code(&e));
+    }
+}
+
+/// Exit status: 1 failure (the source keeps running), 3 outcome unknown after the commit
+/// point (the source stays paused: the destination may be running).
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.chain().find_map(|c| c.downcast_ref::<engine::MigrationError>()) {
+        Some(engine::MigrationError::OutcomeUnknown(_)) => 3,
+        _ => 1,
     }
 }
 
@@ -178,21 +193,50 @@ impl DirtyTracker for StartedTracker {
     }
 }
 
+/// Where `recv` writes until the migration completed.
+fn incomplete_path(image: &std::path::Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".incomplete");
+    PathBuf::from(s)
+}
+
 fn recv(a: RecvArgs) -> Result<()> {
-    let config = DestinationConfig { codec: a.method.spec()?, accept_timeout: Duration::from_secs(a.accept_timeout_s), zero_copy: !a.no_zero_copy, ..Default::default() };
+    let config = DestinationConfig {
+        codec: a.method.spec()?,
+        accept_timeout: Duration::from_secs(a.accept_timeout_s),
+        zero_copy: !a.no_zero_copy,
+        require_verify: !a.no_verify,
+        ..Default::default()
+    };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    let path = a.image.clone();
+    let partial = incomplete_path(&a.image);
+    let mut created = false;
     let mut provide = |regions: &[(String, u64)]| -> Result<GuestMemory, String> {
         let [(name, len)] = regions else {
             return Err(format!("an image destination takes one region, the source announced {}", regions.len()));
         };
-        let r = MmapRegion::create_file(name, &path, *len).map_err(|e| format!("destination image {}: {e}", path.display()))?;
+        // Called only for a handshake that passed every other check. A leftover of an
+        // interrupted run is ours (by its name) and incomplete by definition.
+        let _ = std::fs::remove_file(&partial);
+        let r = MmapRegion::create_file_reserved(name, &partial, *len).map_err(|e| format!("destination image: {e}"))?;
+        created = true;
         GuestMemory::new(vec![Arc::new(r)]).map_err(|e| e.to_string())
     };
-    let (report, memory) = engine::run_destination_with(&listener, &mut provide, &mut NoWorkload, &config).context("receiving migration")?;
+    let result = engine::run_destination_with(&listener, &mut provide, &mut NoWorkload, &config);
+    let (report, memory) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_file(&partial);
+            }
+            return Err(e).context("receiving migration");
+        }
+    };
     drop(memory);
+    // The commit point for an image: complete and checked, so it takes its real name.
+    std::fs::rename(&partial, &a.image).with_context(|| format!("renaming {} to {}", partial.display(), a.image.display()))?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

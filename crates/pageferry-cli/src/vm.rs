@@ -35,6 +35,9 @@ pub struct VmRecvArgs {
     /// How long the resumed guest runs before the stamp check.
     #[arg(long = "run-after-ms", default_value_t = 300)]
     run_after_ms: u64,
+    /// Accept a source that skips the end-to-end memory digest (its --no-verify).
+    #[arg(long = "no-verify")]
+    no_verify: bool,
     #[arg(long)]
     json: bool,
 }
@@ -156,7 +159,9 @@ fn send(a: VmSendArgs) -> Result<()> {
 }
 
 fn recv(a: VmRecvArgs) -> Result<()> {
-    let config = DestinationConfig { codec: a.method.spec()?, ..Default::default() };
+    // SAFETY: sysconf has no preconditions.
+    let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
+    let config = DestinationConfig { codec: a.method.spec()?, require_verify: !a.no_verify, max_memory: Some(ram), ..Default::default() };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     let pending = PendingDestination::new();
     if let Some(mem) = a.mem {
@@ -207,6 +212,7 @@ fn demo(a: VmDemoArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut recv = Command::new(&exe)
         .args(["vm", "recv", "--listen", "127.0.0.1:0", "--json", "--multifd-compression", &a.method])
+        .args(if a.verify { &[][..] } else { &["--no-verify"][..] })
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the destination")?;

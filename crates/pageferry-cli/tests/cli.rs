@@ -246,3 +246,78 @@ fn auto_converge_finishes_the_migration_dirtying_four_times_faster_than_the_link
     // The writer stopped at switchover: the source file is the final memory.
     assert!(same_file(&src, &dst), "destination differs from the source's final memory");
 }
+
+/// A tmpfs of `size` mounted on a fresh directory (unmounted on drop), or why not.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir.path()).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn destination_without_room_refuses_in_the_handshake_and_keeps_the_old_image() {
+    let fs = match SmallFs::mount("8m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIP destination_without_room: cannot mount a small tmpfs (needs root): {why}");
+            return;
+        }
+    };
+    let dir = shm_dir();
+    let src = dir.path().join("src.img");
+    make_image(&src, "24M");
+    let dst = fs.0.path().join("dst.img");
+    std::fs::write(&dst, b"an older image").unwrap();
+    for method in ["none", "zstd"] {
+        let (recv, addr, out) = start_recv(&dst, &["--multifd-compression", method]);
+        let s = send(&addr, &src, &["--multifd-compression", method]);
+        let (ok, _, err) = finish_recv(recv, out);
+        let serr = String::from_utf8_lossy(&s.stderr);
+        assert!(!ok && !s.status.success(), "{method}: a destination without room succeeded");
+        for e in [&serr[..], &err[..]] {
+            assert!(e.contains("dst.img.incomplete") && e.contains("needs 25165824 bytes") && e.contains("free"), "{method}: {e}");
+            assert!(!e.contains("Bad address") && !e.contains("signal"), "{method}: {e}");
+        }
+        assert_eq!(s.status.code(), Some(1));
+        assert_eq!(std::fs::read(&dst).unwrap(), b"an older image", "{method}: the old image changed");
+        assert!(!fs.0.path().join("dst.img.incomplete").exists(), "{method}: a partial image was left behind");
+    }
+}
+
+#[test]
+fn completed_image_replaces_the_old_one_and_a_failed_one_never_does() {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "8M");
+    std::fs::write(&dst, b"old").unwrap();
+    // The source hangs up right after the handshake (wrong flags: refused) -> nothing changes.
+    let (recv, addr, out) = start_recv(&dst, &[]);
+    let s = send(&addr, &src, &["--no-verify"]);
+    let (ok, _, err) = finish_recv(recv, out);
+    assert!(!ok && !s.status.success());
+    assert!(err.contains("--no-verify"), "{err}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    assert!(!dir.path().join("dst.img.incomplete").exists());
+    // Both sides agree to skip the digest: completes and replaces it.
+    let (recv, addr, out) = start_recv(&dst, &["--no-verify"]);
+    let s = send(&addr, &src, &["--no-verify"]);
+    let (ok, rest, err) = finish_recv(recv, out);
+    assert!(ok, "{err}");
+    assert!(rest.contains("\"verified\":false"), "{rest}");
+    report(&s);
+    assert!(same_file(&src, &dst));
+    assert!(!dir.path().join("dst.img.incomplete").exists());
+}

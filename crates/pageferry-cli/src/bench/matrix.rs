@@ -127,7 +127,7 @@ pub struct RunEnv<'a> {
     pub dirty_rate: Option<String>,
     pub dirty_set: Option<String>,
     pub qatzip_provider: String,
-    /// Pass `--no-verify` to the source (the file comparison still checks the result).
+    /// Pass `--no-verify` to both sides (the file comparison still checks the result).
     pub no_engine_verify: bool,
     pub file_check: bool,
 }
@@ -235,6 +235,9 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
     };
     recv_cmd.args(["recv", "--json", "--listen", &format!("{listen_ip}:0"), "--image"]).arg(&env.dst);
     method_flags(&mut recv_cmd, &env.qatzip_provider);
+    if env.no_engine_verify {
+        recv_cmd.arg("--no-verify");
+    }
     recv_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut recv = Proc::spawn(&mut recv_cmd, "destination")?;
     let recv_err = drain(recv.child().stderr.take().expect("piped"));

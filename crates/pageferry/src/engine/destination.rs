@@ -35,6 +35,10 @@ fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfi
     if h.channels == 0 || h.channels > 256 {
         return Err(format!("bad channel count {}", h.channels));
     }
+    if !h.verify && config.require_verify {
+        return Err("the source skips the end-to-end memory digest (--no-verify) but this destination requires it; pass --no-verify to the destination too to accept an unverified migration".into());
+    }
+    check_layout(&h.regions, config.max_memory)?;
     let memory = provide(&h.regions)?;
     let ours = memory.layout();
     if h.regions != ours {
@@ -42,6 +46,34 @@ fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfi
         return Err(format!("memory layout mismatch: source has [{}], destination has [{}]", show(&h.regions), show(&ours)));
     }
     Ok(memory)
+}
+
+/// Announced sizes against the protocol's and this destination's limits, before anything is
+/// allocated for them.
+fn check_layout(regions: &[(String, u64)], max_memory: Option<u64>) -> Result<(), String> {
+    if regions.is_empty() || regions.len() > wire::MAX_REGIONS {
+        return Err(format!("the source announced {} memory regions; 1 to {} are accepted", regions.len(), wire::MAX_REGIONS));
+    }
+    let mut total = 0u64;
+    for (name, len) in regions {
+        if name.len() > wire::MAX_REGION_NAME {
+            return Err(format!("region name of {} bytes exceeds {}", name.len(), wire::MAX_REGION_NAME));
+        }
+        if *len == 0 || len % PAGE_SIZE as u64 != 0 {
+            return Err(format!("region '{name}': length {len} is not a non-zero multiple of {PAGE_SIZE}"));
+        }
+        // Page offsets are u32 on the wire.
+        if len / PAGE_SIZE as u64 > u32::MAX as u64 + 1 {
+            return Err(format!("region '{name}': {len} bytes exceeds the protocol's limit of 2^32 pages (16 TiB)"));
+        }
+        total = total.checked_add(*len).ok_or_else(|| "announced memory size overflows".to_string())?;
+    }
+    if let Some(max) = max_memory {
+        if total > max {
+            return Err(format!("the source announced {total} bytes of memory; this destination accepts at most {max}"));
+        }
+    }
+    Ok(())
 }
 
 fn refuse(sock: &mut TcpStream, reason: &str) {
@@ -80,7 +112,7 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
         sock.set_nodelay(true).ok();
         // A real source speaks at once; a silent connection must not hold up the others long.
         sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
-        let hello = match wire::read_frame(&mut sock) {
+        let hello = match wire::read_frame_limited(&mut sock, wire::MAX_HANDSHAKE_BODY) {
             Ok((Control::Hello(h), _)) => h,
             Ok((other, _)) => {
                 eprintln!("pageferry: dropping connection from {peer}: expected a handshake, got {other:?}");
@@ -486,7 +518,7 @@ pub fn run_destination_with(
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &mut control, memory, workload, &gate, &counters, &cpu, &provider);
+        let outcome = control_loop(&ev_rx, &mut control, memory, workload, &gate, &counters, &cpu, &provider, hello.verify);
         if let Err(e) = &outcome {
             let _ = wire::write_frame(&mut control, &Control::Abort { reason: e.to_string() }, &[]);
         }
@@ -511,6 +543,7 @@ fn control_loop(
     counters: &Counters,
     cpu: &CpuMeter,
     provider: &str,
+    announced_verify: bool,
 ) -> Result<DestinationReport, MigrationError> {
     let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
     let mut completed: Option<u32> = None;
@@ -570,9 +603,13 @@ fn control_loop(
             }
             true
         }
-        None => false,
+        // Announced in the Hello and accepted there (both sides agreed to skip it).
+        None if !announced_verify => false,
+        None => return Err(ctl_err(WireError::malformed("Finish", "no memory digest although the source announced verification"))),
     };
     let verify_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Commit point: every check passed. From here on this side runs the guest; errors no
+    // longer end in an Abort (the source must not resume after one) but in a report.
     workload.resume(&state).map_err(|source| MigrationError::Workload { what: "resume", cause: source })?;
     let (cpu_s, wall_s) = cpu.read();
     let report = DestinationReport {
@@ -586,7 +623,12 @@ fn control_loop(
         rounds: round + 1,
         provider: provider.to_string(),
         peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
+        done_not_delivered: false,
     };
-    wire::write_frame(control, &Control::Done { stats: serde_json::to_value(&report).expect("report serializes") }, &[]).map_err(ctl_err)?;
+    let mut report = report;
+    if wire::write_frame(control, &Control::Done { stats: serde_json::to_value(&report).expect("report serializes") }, &[]).is_err() {
+        // The guest runs here now; the source, without Done, stays paused and says so.
+        report.done_not_delivered = true;
+    }
     Ok(report)
 }

@@ -176,6 +176,13 @@ pub struct DestinationConfig {
     /// Decompress and read raw pages straight into guest memory; `false` goes through a
     /// bounce buffer — only useful to measure what zero copy saves.
     pub zero_copy: bool,
+    /// Refuse a source that announces it will not send the end-to-end digest (its
+    /// `--no-verify`), and fail a `Finish` without one [`--no-verify` on the destination
+    /// turns this off: both sides must agree to skip verification].
+    pub require_verify: bool,
+    /// Refuse a source announcing more memory than this (bytes, all regions), before anything
+    /// is allocated. `None`: only the protocol's limits (and whatever the provider checks).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for DestinationConfig {
@@ -185,12 +192,15 @@ impl Default for DestinationConfig {
             accept_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(120),
             zero_copy: true,
+            require_verify: true,
+            max_memory: None,
         }
     }
 }
 
 /// Why a migration ended without success. The source's memory is never modified, and a
-/// source whose workload was paused has been resumed when this is returned.
+/// source whose workload was paused has been resumed when this is returned — except
+/// [`MigrationError::OutcomeUnknown`], after the commit point, where it stays paused.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("cannot connect to {addr}: {cause}")]
@@ -211,6 +221,11 @@ pub enum MigrationError {
     Workload { what: &'static str, cause: WorkloadError },
     #[error("verification failed: source memory digest {source_digest:032x}, destination {dest_digest:032x}")]
     Verify { source_digest: u128, dest_digest: u128 },
+    /// The source sent its final state (the commit point) but did not learn whether the
+    /// destination accepted it. The source's workload stays paused: resuming it could make
+    /// two running copies. Whoever drives the migration must ask the destination.
+    #[error("outcome unknown: the destination may be running; do not resume here ({0})")]
+    OutcomeUnknown(String),
     #[error("{0}")]
     Config(String),
     #[error("{0}")]

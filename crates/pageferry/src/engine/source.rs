@@ -103,6 +103,7 @@ pub fn run_source(
         method: config.codec.method,
         level: config.codec.level,
         regions: memory.layout(),
+        verify: config.verify,
     };
     let mut control = connect(addr, config.connect_timeout)?;
     handshake(&mut control, hello(Role::Control, 0), "control channel")?;
@@ -198,8 +199,11 @@ pub fn run_source(
         }
         if let Err(e) = &outcome {
             failure.set(e.to_string());
-            // Tell the destination why; it prints the same reason.
-            let _ = wire::write_frame(run.control, &Control::Abort { reason: e.to_string() }, &[]);
+            // Tell the destination why; it prints the same reason. Not after the commit point:
+            // the destination may already run the guest, and nothing can take that back.
+            if !matches!(e, MigrationError::OutcomeUnknown(_)) {
+                let _ = wire::write_frame(run.control, &Control::Abort { reason: e.to_string() }, &[]);
+            }
         }
         run.work_tx = None;
         run.to_sockets.clear();
@@ -315,6 +319,8 @@ impl SourceRun<'_> {
         // Switchover: pause, send the last dirty set and the device state.
         let paused_at = Instant::now();
         let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
+        // Set once Finish is on the wire: the commit point (see the protocol doc in wire/).
+        let mut committed = false;
         let finish = (|| {
             tracker.collect(&mut dirty)?;
             self.round += 1;
@@ -329,12 +335,22 @@ impl SourceRun<'_> {
             pages_per_round.push(pages?);
             self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             let digest = digest.map(|d| format!("{d:032x}"));
+            // A Finish that could not be written whole cannot have been accepted (the frame's
+            // CRC covers all of it), so a write error here is still a plain failure.
             wire::write_frame(self.control, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
+            committed = true;
             let dest = self.wait_done()?;
             Ok::<_, MigrationError>(dest)
         })();
         let dest = match finish {
             Ok(d) => d,
+            // Past the commit point only the destination's own Abort (sent before it resumes
+            // anything) proves the guest does not run there; anything else — Done lost or
+            // garbled, the link gone, a timeout — leaves the outcome unknown, and resuming here
+            // could make two running copies. Stay paused and say so.
+            Err(e) if committed && !matches!(e, MigrationError::PeerAborted(_)) => {
+                return Err(MigrationError::OutcomeUnknown(e.to_string()));
+            }
             Err(e) => {
                 // The source continues at full speed.
                 if let Err(te) = self.unthrottle(workload) {

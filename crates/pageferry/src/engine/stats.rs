@@ -107,6 +107,11 @@ pub struct DestinationReport {
     /// memory that is anonymous counts here too).
     #[serde(default)]
     pub peak_rss_anon_bytes: u64,
+    /// The destination resumed (the commit point was passed) but could not deliver `Done` to
+    /// the source: the source then reports the outcome as unknown and stays paused, so the
+    /// operator must tell it (the destination is the one running).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done_not_delivered: bool,
 }
 
 /// The source's final report.

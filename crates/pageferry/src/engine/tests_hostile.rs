@@ -148,7 +148,7 @@ fn await_destination(rx: &Receiver<DestResult>) -> DestResult {
 }
 
 fn hello(session: SessionId, role: Role, channel: u16, channels: u16, method: Method, regions: Vec<(String, u64)>) -> Control {
-    Control::Hello(Hello { version: PROTOCOL_VERSION, session, role, channel, channels, method, level: method.levels().2, regions })
+    Control::Hello(Hello { version: PROTOCOL_VERSION, session, role, channel, channels, method, level: method.levels().2, regions, verify: true })
 }
 
 fn connect(addr: &str) -> TcpStream {
@@ -853,4 +853,102 @@ fn missing_data_channels_time_out() {
     expect_welcome(&mut ctl);
     let e = await_destination(&rx).unwrap_err().to_string();
     assert!(e.contains("timed out") && e.contains("0 of 2 data channels"), "{e}");
+}
+
+// ---- verification agreement and announced sizes ----
+
+#[test]
+fn unverified_source_is_refused_unless_the_destination_agrees() {
+    let src = super::tests::test_memory([64, 16]);
+    let scfg = SourceConfig { verify: false, ..source_config(Method::Zstd, 2) };
+    // The default destination requires the digest: refused, same reason on both sides.
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (r, d) = migrate_with(&src, &dst, scfg.clone(), Method::Zstd);
+    let (se, de) = (r.unwrap_err(), d.unwrap_err());
+    assert_eq!(refused_reason(&se), refused_reason(&de));
+    assert!(se.to_string().contains("--no-verify"), "{se}");
+    Model::canary().check(&dst, &[]);
+    // A destination that agreed to skip it: completes, and says it was not verified.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { codec: CodecSpec::new(Method::Zstd), require_verify: false, accept_timeout: IO, ..Default::default() };
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+        (run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress), d.join().unwrap())
+    });
+    assert!(!r.unwrap().verified);
+    assert!(!d.unwrap().verified);
+    assert_eq!(src.digest(), dst.digest());
+}
+
+#[test]
+fn finish_without_digest_after_announcing_verification_fails() {
+    let mut ev = Evil::start(Method::None, 1);
+    let s = ev.sync(0, 0);
+    ev.send(0, &s);
+    ev.expect_round_done(0);
+    ev.finish(0, None, b"state");
+    ev.expect_failure(&["no memory digest", "announced verification"]);
+}
+
+#[test]
+fn oversized_announcements_are_refused_before_anything_is_allocated() {
+    let many: Vec<(String, u64)> = (0..=wire::MAX_REGIONS).map(|i| (format!("r{i}"), 4096)).collect();
+    let cases: Vec<(Vec<(String, u64)>, &str)> = vec![
+        (many, "memory regions"),
+        (vec![("ram0".into(), 1 << 62)], "2^32 pages"),
+        (vec![("ram0".into(), (16u64 << 40) + 4096)], "2^32 pages"),
+        (vec![("ram0".into(), 4095)], "multiple of"),
+        (vec![("ram0".into(), 1 << 40), ("ram1".into(), 1 << 40)], "at most"),
+        (vec![("x".repeat(300), 4096)], "region name"),
+    ];
+    for (regions, needle) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let provided = std::sync::atomic::AtomicBool::new(false);
+        let dcfg = DestinationConfig { accept_timeout: IO, max_memory: Some(1 << 40), ..Default::default() };
+        let de = std::thread::scope(|s| {
+            let d = s.spawn(|| {
+                let mut provide = |_: &[(String, u64)]| -> Result<GuestMemory, String> {
+                    provided.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Err("must not be called".into())
+                };
+                run_destination_with(&listener, &mut provide, &mut NoWorkload, &dcfg)
+            });
+            let mut ctl = connect(&addr);
+            wire::write_frame(&mut ctl, &hello(SessionId::random(), Role::Control, 0, 1, Method::None, regions), &[]).unwrap();
+            match wire::read_frame(&mut ctl).unwrap().0 {
+                Control::Refuse { reason } => assert!(reason.contains(needle), "'{reason}' does not mention '{needle}'"),
+                other => panic!("expected Refuse, got {other:?}"),
+            }
+            d.join().unwrap()
+        });
+        assert!(de.is_err());
+        assert!(!provided.load(std::sync::atomic::Ordering::SeqCst), "memory was provided for a refused announcement ({needle})");
+    }
+}
+
+#[test]
+fn a_handshake_frame_over_the_limit_is_dropped_unread() {
+    // A frame header announcing a 37 MB Hello: dropped without reading (or allocating) the
+    // body; the real source that follows still migrates.
+    let src = super::tests::test_memory([64, 16]);
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), Method::None, Recorder::default());
+    let mut evil = connect(&addr);
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(b"PFCT");
+    hdr.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hdr.extend_from_slice(&(37u32 << 20).to_le_bytes());
+    hdr.extend_from_slice(&0u32.to_le_bytes());
+    evil.write_all(&hdr).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut evil, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the destination answered an oversized handshake");
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(Method::None, 2), &NoProgress);
+    r.unwrap();
+    await_destination(&dest).unwrap();
+    assert_eq!(src.digest(), dst.digest());
 }

@@ -69,6 +69,36 @@ impl MmapRegion {
         Ok(Self { name: name.into(), ptr, len, owned: true, fresh: true, _file: Some(file) })
     }
 
+    /// Create a new file (it must not exist) of `len` zero bytes with all its blocks
+    /// reserved (`posix_fallocate`), and map it shared. The space is checked against the file
+    /// system's free space first, so a destination that cannot hold the guest says so — naming
+    /// the path and both sizes — before any page arrives, and writing the mapping can never
+    /// fault for lack of room (a sparse file on a full tmpfs kills its writer with SIGBUS).
+    /// On any error the file is removed again.
+    pub fn create_file_reserved(name: &str, path: &Path, len: u64) -> Result<Self, MemoryError> {
+        check_len(name, len)?;
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io_err("create", name))?;
+        let made = (|| {
+            let free = free_bytes(&file).map_err(io_err("statvfs", name))?;
+            if free < len {
+                return Err(MemoryError::NoSpace { path: path.to_path_buf(), need: len, free });
+            }
+            reserve(&file, len).map_err(|cause| match cause.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EFBIG) => MemoryError::NoSpace { path: path.to_path_buf(), need: len, free },
+                _ => MemoryError::Io { what: "reserve space for", name: name.into(), cause },
+            })?;
+            map(file.as_raw_fd(), len, libc::MAP_SHARED).map_err(io_err("mmap", name))
+        })();
+        match made {
+            Ok(ptr) => Ok(Self { name: name.into(), ptr, len, owned: true, fresh: true, _file: Some(file) }),
+            Err(e) => {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                Err(e)
+            }
+        }
+    }
+
     /// A new memfd of `len` zero bytes, mapped shared (shareable with another process by fd).
     pub fn memfd(name: &str, len: u64) -> Result<Self, MemoryError> {
         check_len(name, len)?;
@@ -139,5 +169,38 @@ impl Drop for MmapRegion {
             // SAFETY: unmapping our own mapping.
             unsafe { libc::munmap(self.ptr.cast(), self.len as usize) };
         }
+    }
+}
+
+/// Bytes an unprivileged writer may still allocate on `file`'s file system.
+fn free_bytes(file: &File) -> std::io::Result<u64> {
+    // SAFETY: fstatvfs fills the struct; the result is checked.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Allocate every block of `file` up to `len` (posix_fallocate; on a file system without it,
+/// by writing zeros).
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    let len_off = libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: plain syscall on our descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len_off) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        e => Err(std::io::Error::from_raw_os_error(e)),
     }
 }

@@ -25,6 +25,8 @@ pub enum MemoryError {
     Io { what: &'static str, name: String, cause: std::io::Error },
     #[error("region '{name}': length {len} is not a non-zero multiple of the page size ({PAGE_SIZE})")]
     BadLength { name: String, len: u64 },
+    #[error("{}: needs {need} bytes ({:.1} MiB), the file system has {free} bytes ({:.1} MiB) free", path.display(), *need as f64 / 1048576.0, *free as f64 / 1048576.0)]
+    NoSpace { path: std::path::PathBuf, need: u64, free: u64 },
     #[error("duplicate region name '{0}'")]
     DuplicateName(String),
 }

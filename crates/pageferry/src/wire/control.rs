@@ -63,6 +63,16 @@ pub struct Hello {
     pub level: u8,
     /// Region table (name, bytes), in region-id order.
     pub regions: Vec<(String, u64)>,
+    /// Whether the source will send a digest of all memory in `Finish`. A source that skips
+    /// it (`--no-verify`) says so here, and a destination that requires verification refuses
+    /// the handshake; a `Finish` without a digest after `verify: true` is a failure.
+    /// (Additive field: absent means `true`.)
+    #[serde(default = "yes")]
+    pub verify: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Messages after the handshake (and the handshake replies).
@@ -109,6 +119,13 @@ pub fn write_frame(w: &mut impl Write, msg: &Control, blob: &[u8]) -> Result<(),
 
 /// Read one frame; checks magic, version, sizes and CRC before parsing the body.
 pub fn read_frame(r: &mut impl Read) -> Result<(Control, Vec<u8>), WireError> {
+    read_frame_limited(r, MAX_FRAME_BODY)
+}
+
+/// [`read_frame`] with a smaller cap on the body and the blob: what a handshake reads from a
+/// peer not yet known, so an unauthenticated connection costs at most `max` bytes of memory.
+pub fn read_frame_limited(r: &mut impl Read, max: usize) -> Result<(Control, Vec<u8>), WireError> {
+    let max = max.min(MAX_FRAME_BODY);
     let mut hdr = [0u8; FRAME_HEADER_LEN];
     read_exact(r, &mut hdr, "while waiting for a control message")?;
     let magic = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
@@ -118,8 +135,8 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Control, Vec<u8>), WireError> {
     let version = u16::from_le_bytes(hdr[4..6].try_into().unwrap());
     let body_len = u32::from_le_bytes(hdr[6..10].try_into().unwrap()) as usize;
     let blob_len = u32::from_le_bytes(hdr[10..14].try_into().unwrap()) as usize;
-    if body_len > MAX_FRAME_BODY || blob_len > MAX_FRAME_BODY {
-        return Err(WireError::malformed("control frame", format!("body {body_len} / blob {blob_len} bytes exceeds {MAX_FRAME_BODY}")));
+    if body_len > max || blob_len > max {
+        return Err(WireError::malformed("control frame", format!("body {body_len} / blob {blob_len} bytes exceeds {max}")));
     }
     let mut rest = vec![0u8; body_len + blob_len + 4];
     read_exact(r, &mut rest, "in the middle of a control message")?;

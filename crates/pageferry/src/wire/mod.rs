@@ -18,6 +18,25 @@
 //!    │  (either side may send Abort{reason} on control at any time; both print it)
 //! ```
 //!
+//! Commit point (as in QEMU): once the source has written `Finish` whole, the destination is
+//! the side that may run the guest. The destination resumes only after its own checks pass
+//! (every round complete, the digest equal when verification was announced); it sends
+//! `Abort` only before resuming, never after. A source that gets `Abort` after `Finish`
+//! resumes its guest; a source that cannot learn the outcome (`Done` lost or garbled, the link
+//! gone, a timeout) stays paused and reports "outcome unknown: the destination may be running;
+//! do not resume here" (`MigrationError::OutcomeUnknown`) — never two running copies. A
+//! `Finish` that could not be written whole is no commit (its CRC covers the whole frame), so
+//! the source resumes after such a write error.
+//!
+//! Verification is agreed in the handshake: `Hello.verify` says whether `Finish` will carry
+//! the digest; a destination that requires it refuses `verify: false`, and a `Finish` without
+//! a digest after `verify: true` is a failure, not an unverified success.
+//!
+//! Limits checked before anything is allocated: a handshake frame is at most
+//! [`MAX_HANDSHAKE_BODY`] bytes (larger: dropped unread), at most [`MAX_REGIONS`] regions,
+//! names of at most [`MAX_REGION_NAME`] bytes, each region a non-zero page multiple of at most
+//! 2^32 pages (offsets are u32), the total within the destination's `max_memory`.
+//!
 //! State machine of a destination data channel: `Handshake → Round(k) --Sync(k)--> Gate(k)
 //! --all channels synced--> Round(k+1)`. A channel blocks at the gate, so no packet of round
 //! k+1 is applied before every channel has delivered round k: a stale copy of a page can never
@@ -36,12 +55,20 @@
 mod control;
 mod packet;
 
-pub use control::{read_frame, write_frame, Control, Hello, Role, SessionId};
+pub use control::{read_frame, read_frame_limited, write_frame, Control, Hello, Role, SessionId};
 pub use packet::{decode_offsets, packet_crc, PacketHeader, PacketKind, PACKET_HEADER_LEN, PACKET_MAGIC};
 
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Largest control frame body we accept (a region table or device state; not guest memory).
 pub const MAX_FRAME_BODY: usize = 64 << 20;
+/// Largest handshake frame (a Hello with its region table) a destination reads from a peer it
+/// does not know yet: ample for [`MAX_REGIONS`] regions, and what an unauthenticated
+/// connection may cost in memory.
+pub const MAX_HANDSHAKE_BODY: usize = 1 << 20;
+/// Most regions a Hello may announce.
+pub const MAX_REGIONS: usize = 1024;
+/// Longest region name (bytes).
+pub const MAX_REGION_NAME: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {

@@ -223,6 +223,7 @@ fn hello() -> Control {
         method: Method::Zstd,
         level: 3,
         regions: vec![("ram0".into(), 1 << 30), ("ram1".into(), 4096)],
+        verify: true,
     })
 }
 
