@@ -195,7 +195,11 @@ pub fn run_source(
         // Success or failure: the workload (stopped, or running here) is not left throttled.
         // (After success the source is stopped for good, so a failure to unthrottle it is moot.)
         if let (Err(te), Err(e)) = (run.unthrottle(workload), &outcome) {
-            outcome = Err(MigrationError::Other(format!("{e}; {te}")));
+            outcome = Err(match e {
+                // (keeps its meaning: the source stays paused)
+                MigrationError::OutcomeUnknown(m) => MigrationError::OutcomeUnknown(format!("{m}; {te}")),
+                e => MigrationError::Other(format!("{e}; {te}")),
+            });
         }
         if let Err(e) = &outcome {
             failure.set(e.to_string());
