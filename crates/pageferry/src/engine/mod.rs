@@ -14,6 +14,7 @@
 mod channel;
 mod converge;
 mod destination;
+pub mod policy;
 pub mod ratelimit;
 mod source;
 pub mod stats;

@@ -9,6 +9,7 @@
 //! otherwise be added to every packet of a single channel (9% at 1 Gbit/s here). QEMU's
 //! limiter refills per 100 ms window and overshoots by 11–17% on this path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,8 @@ impl Clock for RealClock {
 pub const SLACK: Duration = Duration::from_millis(2);
 
 pub struct RateLimiter<C: Clock = RealClock> {
-    bytes_per_sec: u64,
+    /// Changeable while senders use it ([`RateLimiter::set_rate`]).
+    bytes_per_sec: AtomicU64,
     /// When the bytes granted so far have been paid for.
     paid_until: Mutex<Option<Duration>>,
     clock: C,
@@ -58,11 +60,21 @@ impl RateLimiter<RealClock> {
 impl<C: Clock> RateLimiter<C> {
     pub fn with_clock(bytes_per_sec: u64, clock: C) -> Self {
         assert!(bytes_per_sec > 0, "rate must be positive");
-        Self { bytes_per_sec, paid_until: Mutex::new(None), clock }
+        Self { bytes_per_sec: AtomicU64::new(bytes_per_sec), paid_until: Mutex::new(None), clock }
     }
 
     pub fn rate(&self) -> u64 {
-        self.bytes_per_sec
+        self.bytes_per_sec.load(Ordering::Relaxed)
+    }
+
+    /// Change the cap while the migration runs (a link that got faster or slower, an operator
+    /// raising `--max-bandwidth`). Reservations made from now on pay at the new rate; bytes
+    /// already granted keep their time.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        assert!(bytes_per_sec > 0, "rate must be positive");
+        // Under the lock, so a reservation sees one rate from start to end.
+        let _paid = self.paid_until.lock().unwrap();
+        self.bytes_per_sec.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Reserve `bytes` and return the time at which they may be written.
@@ -73,7 +85,8 @@ impl<C: Clock> RateLimiter<C> {
             Some(p) => p.max(now.saturating_sub(SLACK)),
             None => now,
         };
-        let cost = Duration::from_nanos((bytes as u128 * 1_000_000_000 / self.bytes_per_sec as u128) as u64);
+        let rate = self.bytes_per_sec.load(Ordering::Relaxed);
+        let cost = Duration::from_nanos((bytes as u128 * 1_000_000_000 / rate as u128) as u64);
         let end = start + cost;
         *paid = Some(end);
         end
@@ -122,7 +135,8 @@ pub fn parse_bandwidth(s: &str) -> Result<Option<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
     /// A clock that only moves when told to (or when someone sleeps on it).
     #[derive(Default)]
@@ -202,6 +216,21 @@ mod tests {
                 l.clock.advance(Duration::from_millis(3));
             }
         }
+    }
+
+    #[test]
+    fn the_rate_can_change_while_in_use() {
+        let l = RateLimiter::with_clock(1_000_000, FakeClock::default());
+        l.acquire(500_000);
+        assert_eq!(l.clock.now(), Duration::from_millis(500));
+        l.set_rate(250_000);
+        assert_eq!(l.rate(), 250_000);
+        // The next 500 KB pay at the new rate: 2 s.
+        l.acquire(500_000);
+        assert_eq!(l.clock.now(), Duration::from_millis(2500));
+        l.set_rate(10_000_000);
+        l.acquire(1_000_000);
+        assert_eq!(l.clock.now(), Duration::from_millis(2600));
     }
 
     #[test]

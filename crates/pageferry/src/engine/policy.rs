@@ -1,0 +1,635 @@
+//! `--multifd-compression auto`: which method and level each batch is sent with.
+//!
+//! Compression pays only when the link is the bottleneck. The policy models one batch of raw
+//! (non-zero) bytes `B` sent with candidate `c` as a two-stage pipeline — the compression
+//! workers, then the link — and predicts its time per raw byte as
+//!
+//! ```text
+//! t(c) = max( 1 / (cpu_rate(c) × cores),  ratio(c) / link_rate )      (none: 1 / link_rate)
+//! ```
+//!
+//! where `cpu_rate(c)` is raw bytes compressed per second by one worker (measured around the
+//! codec call, so a loaded machine shows up as a slower rate), `ratio(c)` is wire bytes per
+//! raw byte actually sent (batches that did not shrink count as raw, as they are sent),
+//! `cores` is the CPU the source may use (`--max-cpu`, at most one per worker) and
+//! `link_rate` is wire bytes per second the data channels moved, extrapolated to writers
+//! that are busy all the time (a writer is busy while it waits for the rate limiter or for
+//! the socket, idle while it waits for work), and never above a configured cap.
+//!
+//! Every window (64 batches or one second) the policy takes the link sample, folds the
+//! window's per-candidate measurements into moving estimates, and picks the candidate with the
+//! least predicted time — switching only when that beats the current one by more than the
+//! hysteresis margin, so noise does not make it flap. Candidates other than the current one
+//! are measured by probes: now and then one batch is compressed with another candidate (and
+//! sent like that — every packet names its method), at most a small share of the CPU.
+//! Zero pages cost nothing whatever the method, and a batch that does not shrink is sent raw
+//! by the channel worker, so neither needs a decision here.
+//!
+//! The type is plain state driven by the engine (times are passed in), so the unit tests below
+//! drive it with synthetic measurements.
+
+use crate::codec::Method;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A method at a level (zstd's fast levels are negative); `none` has level 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Candidate {
+    pub method: Method,
+    pub level: i32,
+}
+
+impl Candidate {
+    pub const NONE: Candidate = Candidate { method: Method::None, level: 0 };
+
+    pub fn new(method: Method, level: i32) -> Self {
+        Self { method, level: if method == Method::None { 0 } else { level } }
+    }
+    pub fn compresses(&self) -> bool {
+        self.method != Method::None
+    }
+}
+
+impl fmt::Display for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.compresses() {
+            write!(f, "{}:{}", self.method, self.level)
+        } else {
+            f.write_str("none")
+        }
+    }
+}
+
+impl FromStr for Candidate {
+    type Err = String;
+    /// `none`, `zstd:-1`, `zlib:1`, or a bare method at its default level.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (m, l) = match s.split_once(':') {
+            Some((m, l)) => (m, Some(l)),
+            None => (s, None),
+        };
+        let method: Method = m.trim().parse().map_err(|e: crate::codec::CodecError| e.to_string())?;
+        let level = match l {
+            Some(l) => l.trim().parse::<i32>().map_err(|_| format!("bad level in '{s}' (expected e.g. zstd:-1)"))?,
+            None => method.levels().2 as i32,
+        };
+        Ok(Candidate::new(method, level))
+    }
+}
+
+/// What `auto` chooses among, and how it measures. Defaults suit the engine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AutoConfig {
+    /// Candidates the source offers (the engine keeps those the destination decodes; `none`
+    /// is always one).
+    pub candidates: Vec<Candidate>,
+    /// Cores the compression workers may use together [`--max-cpu`]; `None`: one per worker
+    /// (the channels × pipeline depth).
+    pub max_cpu: Option<f64>,
+    /// Decide after this many batches ...
+    pub window_batches: u32,
+    /// ... or this many seconds, whichever comes first (with at least a few batches).
+    pub window_s: f64,
+    /// Switch only when the best candidate's predicted time beats the current one's by this
+    /// share.
+    pub hysteresis: f64,
+    /// Largest share of the available CPU spent on probes.
+    pub probe_cpu_share: f64,
+    /// At least this many batches between two probes (once every candidate was measured).
+    pub probe_gap: u32,
+}
+
+impl Default for AutoConfig {
+    fn default() -> Self {
+        Self {
+            candidates: default_candidates(),
+            max_cpu: None,
+            window_batches: 64,
+            window_s: 1.0,
+            hysteresis: 0.07,
+            probe_cpu_share: 0.03,
+            probe_gap: 16,
+        }
+    }
+}
+
+/// none, zstd at fast levels -5 and -1 and at 1 and 3, zlib at 1 (ISA-L when built with it).
+/// qatzip joins when a QAT device is present (the engine adds it).
+pub fn default_candidates() -> Vec<Candidate> {
+    vec![
+        Candidate::NONE,
+        Candidate::new(Method::Zstd, -5),
+        Candidate::new(Method::Zstd, -1),
+        Candidate::new(Method::Zstd, 1),
+        Candidate::new(Method::Zstd, 3),
+        Candidate::new(Method::Zlib, 1),
+    ]
+}
+
+/// What the data channels' writers did during one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LinkSample {
+    /// Wire bytes written by all writers.
+    pub wire_bytes: u64,
+    /// Seconds the writers were busy (waiting for the limiter or the socket, writing), summed.
+    pub busy_s: f64,
+    /// Number of writers (data channels).
+    pub writers: usize,
+    /// Length of the window, seconds.
+    pub wall_s: f64,
+    /// A configured cap on wire bytes per second (the rate limiter's current rate).
+    pub cap: Option<f64>,
+}
+
+impl LinkSample {
+    /// Wire bytes per second the writers would move if they were busy all the time; `None`
+    /// when the window moved nothing.
+    pub fn rate(&self) -> Option<f64> {
+        if self.wire_bytes == 0 || self.wall_s <= 0.0 || self.writers == 0 {
+            return None;
+        }
+        let achieved = self.wire_bytes as f64 / self.wall_s;
+        let busy = (self.busy_s / (self.wall_s * self.writers as f64)).clamp(0.05, 1.0);
+        let r = achieved / busy;
+        Some(match self.cap {
+            Some(c) => r.min(c),
+            None => r,
+        })
+    }
+}
+
+/// One batch's plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// Index into [`Policy::candidates`].
+    pub index: usize,
+    pub candidate: Candidate,
+    /// Sent with a non-current candidate to measure it.
+    pub probe: bool,
+}
+
+/// Moving estimates for one candidate.
+#[derive(Clone, Copy, Debug, Default)]
+struct Estimate {
+    /// Raw bytes per second of one worker.
+    cpu_rate: Option<f64>,
+    /// Wire bytes per raw byte.
+    ratio: Option<f64>,
+}
+
+/// Measurements of the current window, per candidate.
+#[derive(Clone, Copy, Debug, Default)]
+struct Acc {
+    raw: u64,
+    wire: u64,
+    secs: f64,
+}
+
+/// Batches and bytes sent with one candidate (the report's shares).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoShare {
+    pub candidate: String,
+    pub batches: u64,
+    /// Of which probes.
+    pub probes: u64,
+    /// Raw (non-zero) bytes these batches carried.
+    pub raw_bytes: u64,
+    /// Wire bytes of their payloads.
+    pub wire_bytes: u64,
+}
+
+/// What `auto` did, for the migration report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoReport {
+    /// Cores the policy planned with.
+    pub cores: f64,
+    pub shares: Vec<AutoShare>,
+    pub decisions: u64,
+    pub switches: u64,
+    /// Why the last decision chose what it chose.
+    pub last_reason: String,
+    /// Every switch: (seconds since start, candidate, reason).
+    pub switch_log: Vec<(f64, String, String)>,
+}
+
+impl AutoReport {
+    /// Shares of batches in percent, largest first: `zstd:1 81%, none 19%`.
+    pub fn summary(&self) -> String {
+        let total: u64 = self.shares.iter().map(|s| s.batches).sum::<u64>().max(1);
+        let mut v: Vec<&AutoShare> = self.shares.iter().filter(|s| s.batches > 0).collect();
+        v.sort_by(|a, b| b.batches.cmp(&a.batches));
+        v.iter().map(|s| format!("{} {:.0}%", s.candidate, 100.0 * s.batches as f64 / total as f64)).collect::<Vec<_>>().join(", ")
+    }
+    /// Share of batches (0..1) sent with `candidate` (as displayed, e.g. "none", "zstd:1").
+    pub fn share_of(&self, candidate: &str) -> f64 {
+        let total: u64 = self.shares.iter().map(|s| s.batches).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        self.shares.iter().filter(|s| s.candidate == candidate).map(|s| s.batches).sum::<u64>() as f64 / total as f64
+    }
+}
+
+/// The per-window chooser (see the module documentation).
+pub struct Policy {
+    cands: Vec<Candidate>,
+    est: Vec<Estimate>,
+    win: Vec<Acc>,
+    cores: f64,
+    cfg: AutoConfig,
+    current: usize,
+    /// Wire bytes per second of all channels together.
+    link: Option<f64>,
+    start: f64,
+    win_start: f64,
+    win_batches: u32,
+    since_probe: u32,
+    next_probe: usize,
+    probe_secs: f64,
+    report: AutoReport,
+}
+
+impl Policy {
+    /// `candidates` are what both sides support (`none` is added when missing); `workers` the
+    /// compression workers, which bound the cores; `now` seconds on the caller's clock.
+    pub fn new(candidates: &[Candidate], cfg: AutoConfig, workers: usize, now: f64) -> Self {
+        let mut cands = vec![Candidate::NONE];
+        for c in candidates {
+            if !cands.contains(c) {
+                cands.push(*c);
+            }
+        }
+        let cores = cfg.max_cpu.unwrap_or(workers as f64).min(workers.max(1) as f64).max(0.01);
+        // Start with the cheapest compressing candidate listed: a safe middle until the first
+        // window has measured the link.
+        let current = if cands.len() > 1 { 1 } else { 0 };
+        let n = cands.len();
+        let shares = cands.iter().map(|c| AutoShare { candidate: c.to_string(), ..Default::default() }).collect();
+        Self {
+            cands,
+            est: vec![Estimate::default(); n],
+            win: vec![Acc::default(); n],
+            cores,
+            cfg,
+            current,
+            link: None,
+            start: now,
+            win_start: now,
+            win_batches: 0,
+            since_probe: 0,
+            next_probe: 0,
+            probe_secs: 0.0,
+            report: AutoReport { cores, shares, ..Default::default() },
+        }
+    }
+
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.cands
+    }
+    pub fn current(&self) -> Candidate {
+        self.cands[self.current]
+    }
+    /// The link rate estimate, wire bytes per second.
+    pub fn link_rate(&self) -> Option<f64> {
+        self.link
+    }
+
+    /// The candidate for the next batch: the current one, or now and then a probe.
+    pub fn choose(&mut self, now: f64) -> Choice {
+        self.win_batches += 1;
+        self.since_probe += 1;
+        if let Some(i) = self.probe_target(now) {
+            self.since_probe = 0;
+            return Choice { index: i, candidate: self.cands[i], probe: true };
+        }
+        Choice { index: self.current, candidate: self.cands[self.current], probe: false }
+    }
+
+    fn probe_target(&mut self, now: f64) -> Option<usize> {
+        let n = self.cands.len();
+        // Not yet measured: probe at once (every other batch), so the first decision has
+        // every candidate's numbers.
+        if let Some(i) = (1..n).find(|&i| i != self.current && !self.measured(i)) {
+            return (self.since_probe >= 2).then_some(i);
+        }
+        if n <= 2 || self.since_probe < self.cfg.probe_gap {
+            return None;
+        }
+        let budget = self.cfg.probe_cpu_share * self.cores * (now - self.start) + 0.01;
+        if self.probe_secs > budget {
+            return None;
+        }
+        // Round robin over the compressing candidates other than the current one.
+        for _ in 0..n {
+            self.next_probe = self.next_probe % (n - 1) + 1;
+            if self.next_probe != self.current {
+                return Some(self.next_probe);
+            }
+        }
+        None
+    }
+
+    /// A batch of `raw` non-zero bytes was encoded with `choice` into `wire` payload bytes
+    /// (`raw` when it went raw) in `secs` of one worker's time.
+    pub fn record(&mut self, choice: &Choice, raw: u64, wire: u64, secs: f64) {
+        let a = &mut self.win[choice.index];
+        a.raw += raw;
+        a.wire += wire;
+        a.secs += secs;
+        if choice.probe {
+            self.probe_secs += secs;
+        }
+        let s = &mut self.report.shares[choice.index];
+        s.batches += 1;
+        s.probes += choice.probe as u64;
+        s.raw_bytes += raw;
+        s.wire_bytes += wire;
+    }
+
+    /// Has candidate `i` a measurement (an estimate, or a sample in this window)?
+    fn measured(&self, i: usize) -> bool {
+        self.est[i].ratio.is_some() || self.win[i].raw > 0
+    }
+
+    /// True when the window is over and [`Policy::decide`] should run. The first window ends
+    /// as soon as every candidate has been measured once.
+    pub fn window_due(&self, now: f64) -> bool {
+        let first_done = self.report.decisions == 0 && self.win_batches >= 4 && (0..self.cands.len()).all(|i| self.measured(i) || i == 0);
+        first_done || self.win_batches >= self.cfg.window_batches || (self.win_batches >= 4 && now - self.win_start >= self.cfg.window_s)
+    }
+
+    /// Predicted seconds per raw byte with candidate `i`, if it has been measured.
+    fn predict(&self, i: usize) -> Option<f64> {
+        let link = self.link?;
+        if !self.cands[i].compresses() {
+            return Some(1.0 / link);
+        }
+        let e = self.est[i];
+        Some((1.0 / (e.cpu_rate? * self.cores)).max(e.ratio? / link))
+    }
+
+    /// End the window: fold in its measurements and the link sample, maybe switch. Returns
+    /// the candidate to use from now on.
+    pub fn decide(&mut self, now: f64, link: LinkSample) -> Candidate {
+        for (i, a) in self.win.iter_mut().enumerate() {
+            if a.raw == 0 {
+                continue;
+            }
+            let e = &mut self.est[i];
+            // Weight by the bytes measured: a whole window counts more than one probe.
+            let w = (a.raw as f64 / (16u64 << 20) as f64).clamp(0.25, 0.75);
+            let ratio = a.wire as f64 / a.raw as f64;
+            e.ratio = Some(e.ratio.map_or(ratio, |r| r + w * (ratio - r)));
+            if self.cands[i].compresses() && a.secs > 0.0 {
+                let rate = a.raw as f64 / a.secs;
+                e.cpu_rate = Some(e.cpu_rate.map_or(rate, |r| r + w * (rate - r)));
+            }
+            *a = Acc::default();
+        }
+        if let Some(r) = link.rate() {
+            self.link = Some(match self.link {
+                // A link that changed by more than half is taken at once; else smoothed.
+                Some(l) if r < 2.0 * l && r > 0.5 * l => 0.5 * (l + r),
+                _ => r,
+            });
+        }
+        self.win_start = now;
+        self.win_batches = 0;
+        self.report.decisions += 1;
+
+        let Some(link) = self.link else {
+            self.report.last_reason = "no link measurement yet".into();
+            return self.current();
+        };
+        let mut ranked: Vec<(usize, f64)> = (0..self.cands.len()).filter_map(|i| self.predict(i).map(|t| (i, t))).collect();
+        ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let Some(&(best, t_best)) = ranked.first() else {
+            return self.current();
+        };
+        let t_cur = self.predict(self.current);
+        let switch = best != self.current && t_cur.is_none_or(|t| t_best < t * (1.0 - self.cfg.hysteresis));
+        let gib = (1u64 << 30) as f64;
+        let describe = |i: usize, t: f64| {
+            let e = self.est[i];
+            match (self.cands[i].compresses(), e.cpu_rate, e.ratio) {
+                (true, Some(r), Some(q)) => format!("{} {:.2} s/GiB ({:.0} MB/s per core, ratio {:.2})", self.cands[i], t * gib, r / 1e6, 1.0 / q),
+                _ => format!("{} {:.2} s/GiB", self.cands[i], t * gib),
+            }
+        };
+        let mut reason = format!(
+            "link {:.0} MB/s, {} cores: {}",
+            link / 1e6,
+            self.cores,
+            ranked.iter().take(3).map(|&(i, t)| describe(i, t)).collect::<Vec<_>>().join("; ")
+        );
+        if switch {
+            reason.push_str(&format!("; switched from {}", self.current()));
+            self.current = best;
+            self.report.switches += 1;
+            self.report.switch_log.push((now - self.start, self.current().to_string(), reason.clone()));
+        } else if best != self.current {
+            reason.push_str(&format!("; kept {} (within the {:.0}% margin)", self.current(), self.cfg.hysteresis * 100.0));
+        }
+        self.report.last_reason = reason;
+        self.current()
+    }
+
+    pub fn report(&self) -> AutoReport {
+        self.report.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BATCH: u64 = 512 << 10;
+
+    /// A synthetic world: per-candidate CPU rate (raw bytes/s per core) and ratio (raw/wire),
+    /// a link (wire bytes/s). Batches flow through a two-stage pipeline; time advances by the
+    /// slower stage.
+    struct World {
+        cpu: Vec<(Candidate, f64, f64)>,
+        link: f64,
+        now: f64,
+        cores: f64,
+    }
+
+    impl World {
+        fn new(link: f64, cpu_scale: f64) -> Self {
+            let c = |m, l, rate: f64, ratio| (Candidate::new(m, l), rate * cpu_scale, ratio);
+            Self {
+                cpu: vec![
+                    c(Method::Zstd, -5, 900e6, 2.1),
+                    c(Method::Zstd, -1, 650e6, 2.5),
+                    c(Method::Zstd, 1, 410e6, 3.06),
+                    c(Method::Zstd, 3, 230e6, 3.34),
+                    c(Method::Zlib, 1, 480e6, 2.83),
+                ],
+                link,
+                now: 0.0,
+                cores: 2.0,
+            }
+        }
+        fn policy(&self) -> Policy {
+            Policy::new(&self.cpu.iter().map(|c| c.0).collect::<Vec<_>>(), AutoConfig::default(), 2, self.now)
+        }
+        /// Run `batches` batches; returns the share of batches per candidate.
+        fn run(&mut self, p: &mut Policy, batches: usize) -> std::collections::HashMap<Candidate, usize> {
+            let mut used = std::collections::HashMap::new();
+            let (mut wire_w, mut busy_w, mut t_w) = (0u64, 0.0, self.now);
+            for _ in 0..batches {
+                let ch = p.choose(self.now);
+                *used.entry(ch.candidate).or_insert(0) += 1;
+                let (secs, wire) = match self.cpu.iter().find(|c| c.0 == ch.candidate) {
+                    Some(&(_, rate, ratio)) => (BATCH as f64 / rate, (BATCH as f64 / ratio) as u64),
+                    None => (0.0, BATCH),
+                };
+                p.record(&ch, BATCH, wire, secs);
+                let link_s = wire as f64 / self.link;
+                self.now += (secs / self.cores).max(link_s);
+                wire_w += wire;
+                busy_w += link_s * 2.0; // two writers share the link
+                if p.window_due(self.now) {
+                    let s = LinkSample { wire_bytes: wire_w, busy_s: busy_w, writers: 2, wall_s: self.now - t_w, cap: None };
+                    p.decide(self.now, s);
+                    (wire_w, busy_w, t_w) = (0, 0.0, self.now);
+                }
+            }
+            used
+        }
+    }
+
+    #[test]
+    fn slow_link_picks_a_compressing_method() {
+        // 100 Mbit/s: the link is the bottleneck for every candidate; the best ratio wins.
+        let mut w = World::new(12.5e6, 1.0);
+        let mut p = w.policy();
+        w.run(&mut p, 400);
+        assert_eq!(p.current(), Candidate::new(Method::Zstd, 3), "{}", p.report().last_reason);
+    }
+
+    #[test]
+    fn fast_link_and_slow_cpu_pick_none() {
+        // 2 GB/s link, a CPU five times slower than this machine's: compressing only costs.
+        let mut w = World::new(2e9, 0.2);
+        let mut p = w.policy();
+        let used = w.run(&mut p, 600);
+        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+        // After the first window it stays there, apart from probes.
+        let none = used[&Candidate::NONE];
+        assert!(none > 500, "none used for {none} of 600 batches: {used:?}");
+    }
+
+    #[test]
+    fn gigabit_link_picks_the_fastest_method_that_keeps_it_full() {
+        // 1 Gbit/s, 2 cores: zstd:3 would be CPU bound (460 MB/s raw < 3.34 × 125 MB/s), so
+        // the model prefers a candidate whose pipeline is shortest.
+        let mut w = World::new(125e6, 1.0);
+        let mut p = w.policy();
+        w.run(&mut p, 600);
+        let best = w
+            .cpu
+            .iter()
+            .map(|&(c, rate, ratio)| (c, (1.0 / (rate * 2.0)).max(1.0 / ratio / 125e6)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        let cur = p.current();
+        let t_cur = w.cpu.iter().find(|c| c.0 == cur).map(|&(_, r, q)| (1.0 / (r * 2.0)).max(1.0 / q / 125e6)).unwrap();
+        assert!(t_cur <= best.1 * 1.07, "chose {cur} ({t_cur}), best {} ({}): {}", best.0, best.1, p.report().last_reason);
+        assert!(cur.compresses());
+    }
+
+    #[test]
+    fn a_changing_link_changes_the_choice() {
+        let mut w = World::new(2e9, 0.2);
+        let mut p = w.policy();
+        w.run(&mut p, 300);
+        assert_eq!(p.current(), Candidate::NONE);
+        w.link = 12.5e6;
+        w.run(&mut p, 300);
+        assert!(p.current().compresses(), "slow link, still {}: {}", p.current(), p.report().last_reason);
+        w.link = 2e9;
+        w.run(&mut p, 300);
+        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+        let r = p.report();
+        assert!(r.switches >= 2, "{r:?}");
+        assert!(r.share_of("none") > 0.3 && r.share_of("none") < 0.9, "{}", r.summary());
+    }
+
+    #[test]
+    fn candidates_are_probed_but_cheaply() {
+        let mut w = World::new(2e9, 1.0);
+        let mut p = w.policy();
+        let used = w.run(&mut p, 4000);
+        // Every candidate was measured ...
+        for c in &w.cpu {
+            assert!(used.get(&c.0).copied().unwrap_or(0) >= 2, "{} never probed: {used:?}", c.0);
+        }
+        // ... and probes stayed a small share of the batches.
+        let probes: u64 = p.report().shares.iter().map(|s| s.probes).sum();
+        assert!(probes < 4000 / 10, "{probes} probes in 4000 batches");
+    }
+
+    #[test]
+    fn near_ties_do_not_flap() {
+        // Two candidates 3% apart, measurements jittering by ±4% window to window: the
+        // hysteresis keeps whichever was chosen first.
+        let a = Candidate::new(Method::Zstd, 1);
+        let b = Candidate::new(Method::Zlib, 1);
+        let mut p = Policy::new(&[a, b], AutoConfig { probe_gap: 4, ..Default::default() }, 2, 0.0);
+        let mut now = 0.0;
+        for k in 0..200 {
+            let jitter = if k % 2 == 0 { 1.04 } else { 0.96 };
+            for _ in 0..64 {
+                let ch = p.choose(now);
+                let (rate, ratio) = if ch.candidate == a { (400e6 * jitter, 3.0) } else { (400e6 / jitter, 2.91) };
+                let wire = (BATCH as f64 / ratio) as u64;
+                p.record(&ch, BATCH, wire, if ch.candidate.compresses() { BATCH as f64 / rate } else { 0.0 });
+                now += wire as f64 / 12.5e6;
+            }
+            p.decide(now, LinkSample { wire_bytes: 64 * BATCH / 3, busy_s: 2.0 * 64.0 * (BATCH as f64 / 3.0) / 12.5e6, writers: 2, wall_s: 64.0 * (BATCH as f64 / 3.0) / 12.5e6, cap: None });
+        }
+        assert!(p.report().switches <= 2, "{} switches: {:?}", p.report().switches, p.report().switch_log);
+    }
+
+    #[test]
+    fn link_sample_extrapolates_idle_writers_and_respects_the_cap() {
+        // Writers busy a quarter of the time moved 100 MB/s: they could move 400.
+        let s = LinkSample { wire_bytes: 100_000_000, busy_s: 0.5, writers: 2, wall_s: 1.0, cap: None };
+        assert_eq!(s.rate(), Some(400e6));
+        assert_eq!(LinkSample { cap: Some(125e6), ..s }.rate(), Some(125e6));
+        assert_eq!(LinkSample { wire_bytes: 0, ..s }.rate(), None);
+    }
+
+    #[test]
+    fn the_cpu_budget_bounds_the_compressing_rate() {
+        // Fast link but only a tenth of a core: compression cannot keep up; none wins even
+        // though the same CPU with 2 cores would compress.
+        let cands: Vec<Candidate> = World::new(1.0, 1.0).cpu.iter().map(|c| c.0).collect();
+        let mut p = Policy::new(&cands, AutoConfig { max_cpu: Some(0.1), ..Default::default() }, 2, 0.0);
+        assert_eq!(p.report().cores, 0.1);
+        let mut now = 0.0;
+        for _ in 0..3 {
+            for _ in 0..64 {
+                let ch = p.choose(now);
+                let wire = if ch.candidate.compresses() { BATCH / 3 } else { BATCH };
+                p.record(&ch, BATCH, wire, if ch.candidate.compresses() { BATCH as f64 / 400e6 } else { 0.0 });
+                now += 0.001;
+            }
+            p.decide(now, LinkSample { wire_bytes: 64 * BATCH, busy_s: 0.128, writers: 2, wall_s: 0.064, cap: Some(500e6) });
+        }
+        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+    }
+
+    #[test]
+    fn candidates_parse_and_print() {
+        assert_eq!("zstd:-1".parse::<Candidate>(), Ok(Candidate::new(Method::Zstd, -1)));
+        assert_eq!("zlib".parse::<Candidate>(), Ok(Candidate::new(Method::Zlib, 1)));
+        assert_eq!("none".parse::<Candidate>(), Ok(Candidate::NONE));
+        assert_eq!(Candidate::new(Method::Zstd, -5).to_string(), "zstd:-5");
+        assert!("lz4:1".parse::<Candidate>().is_err());
+        assert!("zstd:x".parse::<Candidate>().is_err());
+    }
+}
