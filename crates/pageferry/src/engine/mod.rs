@@ -95,6 +95,9 @@ pub struct SourceConfig {
     pub timeout: Duration,
     /// Cap on wire bytes per second across all channels [`--max-bandwidth`].
     pub max_bandwidth: Option<u64>,
+    /// A limiter to use instead of one made from `max_bandwidth`: its cap can be changed
+    /// while the migration runs ([`ratelimit::RateLimiter::set_rate`]).
+    pub limiter: Option<std::sync::Arc<ratelimit::RateLimiter>>,
     /// Compare a digest of all memory at the end (both sides hash their memory).
     pub verify: bool,
     /// Keep retrying a refused connection this long (the destination may still be starting).
@@ -117,6 +120,7 @@ impl Default for SourceConfig {
             max_rounds: 30,
             timeout: Duration::from_secs(600),
             max_bandwidth: None,
+            limiter: None,
             verify: true,
             connect_timeout: Duration::from_secs(10),
             auto_converge: None,

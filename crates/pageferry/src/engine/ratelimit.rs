@@ -51,6 +51,12 @@ pub struct RateLimiter<C: Clock = RealClock> {
     clock: C,
 }
 
+impl<C: Clock> std::fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter").field("bytes_per_sec", &self.rate()).finish()
+    }
+}
+
 impl RateLimiter<RealClock> {
     pub fn new(bytes_per_sec: u64) -> Self {
         Self::with_clock(bytes_per_sec, RealClock::default())
@@ -135,7 +141,6 @@ pub fn parse_bandwidth(s: &str) -> Result<Option<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
     /// A clock that only moves when told to (or when someone sleeps on it).

@@ -130,6 +130,10 @@ pub struct MigrationReport {
     /// Workload paused on the source → destination reports it running (includes verification
     /// when `verify` is on; see `verify_ms`).
     pub downtime_ms: f64,
+    /// What the switchover test predicted for the last round: its dirty bytes over the guest
+    /// bytes per second of the round before (compression included).
+    #[serde(default)]
+    pub expected_downtime_ms: f64,
     pub verify_ms: f64,
     pub rounds: u32,
     pub pages_per_round: Vec<u64>,
@@ -182,6 +186,7 @@ impl MigrationReport {
             format!("{:.1} ms", self.downtime_ms)
         });
         line("mechanisms:", self.mechanisms.join(" + "));
+        line("expected downtime:", format!("{:.1} ms (last round's dirty bytes at the guest bytes/s of the round before)", self.expected_downtime_ms));
         line("rounds:", format!("{} (pages per round: {:?})", self.rounds, self.pages_per_round));
         if self.throttle_pct_per_round.iter().any(|&p| p > 0) {
             line("throttle per round:", format!("{:?} %", self.throttle_pct_per_round));
