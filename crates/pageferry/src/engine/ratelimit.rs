@@ -141,7 +141,7 @@ pub fn parse_bandwidth(s: &str) -> Result<Option<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-use std::sync::Mutex;
+    use std::sync::Mutex;
 
     /// A clock that only moves when told to (or when someone sleeps on it).
     #[derive(Default)]
