@@ -399,8 +399,10 @@ fn capped(max_rounds: u32, auto_converge: Option<AutoConverge>) -> SourceConfig 
         channels: 2,
         codec: crate::codec::CodecSpec::new(Method::None),
         // Region 0 (256 pages, 1 MiB) takes ≥ 100 ms per round at this cap: only a round of a
-        // few pages fits the downtime limit.
-        downtime_limit: std::time::Duration::from_millis(8),
+        // few pages fits the downtime limit. (At 90% throttle a round is 25 pages, 20 of them
+        // non-zero: ≥ 6.2 ms of pacing after the limiter's 2 ms slack, so 8 ms sometimes fit
+        // there; 5 ms never does, while the 2-page rounds at 99% take ~1 ms.)
+        downtime_limit: std::time::Duration::from_millis(5),
         max_bandwidth: Some(10_000_000),
         max_rounds,
         auto_converge,
