@@ -6,6 +6,10 @@
 //! - [`StaticTracker`]: everything once, then nothing — for paused guests and image files;
 //! - [`UffdTracker`]: userfaultfd asynchronous write-protect + `PAGEMAP_SCAN` for memory in this
 //!   process (Linux 6.7+);
+//! - [`AtomicBitmapTracker`] (feature `vm-memory`): pages written through rust-vmm vm-memory's
+//!   accessors, from its per-region `AtomicBitmap`;
+//! - [`UnionTracker`]: two trackers as one (a KVM VMM: the dirty log for vCPU writes plus the
+//!   vm-memory bitmap for the VMM's own);
 //! - a KVM dirty-log tracker lives with the VMM (`pageferry-vmm`), behind this same trait.
 //!
 //! A tracker may over-report (a page written back to the same bytes is still dirty) but never
@@ -14,10 +18,16 @@
 mod bitmap;
 mod static_tracker;
 mod uffd;
+mod union;
+#[cfg(feature = "vm-memory")]
+mod vm_bitmap;
 
 pub use bitmap::{DirtyBitmap, DirtyPages};
 pub use static_tracker::StaticTracker;
 pub use uffd::UffdTracker;
+pub use union::UnionTracker;
+#[cfg(feature = "vm-memory")]
+pub use vm_bitmap::AtomicBitmapTracker;
 
 use crate::memory::GuestMemory;
 
@@ -51,6 +61,8 @@ pub trait DirtyTracker: Send {
 
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, feature = "vm-memory"))]
+mod tests_vm;
 
 /// A shared conformance suite every tracker must pass, public so that trackers living in other
 /// crates (the KVM dirty log) run the same checks.

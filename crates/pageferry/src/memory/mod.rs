@@ -10,8 +10,12 @@
 //! input; see `engine::source` for the rules.
 
 mod mmap;
+#[cfg(feature = "vm-memory")]
+mod vm_mem;
 
 pub use mmap::MmapRegion;
+#[cfg(feature = "vm-memory")]
+pub use vm_mem::{vm_region_name, VmMemoryRegion};
 
 use std::sync::Arc;
 
