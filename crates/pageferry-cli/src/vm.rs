@@ -147,7 +147,7 @@ fn send(a: VmSendArgs) -> Result<()> {
         engine: report,
         counter_at_pause: pause.counter,
         vcpu_stop_us: pause.vcpu_stopped.as_secs_f64() * 1e6,
-        last_harvest_us: tracker.last_harvest().map(|h| h.total.as_secs_f64() * 1e6),
+        last_harvest_us: tracker.first().last_harvest().map(|h| h.total.as_secs_f64() * 1e6),
     };
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
@@ -166,7 +166,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
     let pending = PendingDestination::new();
     if let Some(mem) = a.mem {
         // Made up front: the handshake then checks the source's size against it.
-        pending.provide(&[("ram0".to_string(), mem)]).map_err(anyhow::Error::msg)?;
+        pending.provide(&[(pageferry_vmm::RAM_REGION.to_string(), mem)]).map_err(anyhow::Error::msg)?;
     }
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;

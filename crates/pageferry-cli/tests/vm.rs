@@ -23,7 +23,7 @@ fn live_migrate(method: &str) {
     // Memory equal at switchover: the engine compared digests of both sides before resuming.
     assert_eq!(s["engine"]["verified"], true, "{method}");
     assert_eq!(s["engine"]["method"], method);
-    assert_eq!(s["engine"]["dirty_tracker"], "kvm-dirty-log");
+    assert_eq!(s["engine"]["dirty_tracker"], "kvm-dirty-log+vm-memory-bitmap");
     // Counter continuity: the destination's memory holds the counter the source stopped at,
     // and the guest goes on from there.
     let paused = s["counter_at_pause"].as_u64().unwrap();

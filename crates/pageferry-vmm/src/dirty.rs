@@ -21,12 +21,17 @@
 
 use crate::sys::{self, KVM_CLEAR_DIRTY_LOG, KVM_GET_DIRTY_LOG};
 use crate::vm::{set_slot, DirtyLogMode, VmInner, RAM_SLOT};
+use pageferry::dirty::{AtomicBitmapTracker, UnionTracker};
 use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, KVM_MEM_LOG_DIRTY_PAGES};
 use pageferry::dirty::{DirtyError, DirtyPages, DirtyTracker};
-use pageferry::memory::{GuestMemory, MemoryRegion, PAGE_SIZE};
+use pageferry::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What [`crate::Vm::dirty_tracker`] returns: KVM's dirty log (vCPU writes) united with
+/// vm-memory's bitmap (the VMM's writes through [`crate::Vm::guest_ram`]).
+pub type VmDirtyTracker = UnionTracker<KvmDirtyTracker, AtomicBitmapTracker>;
 
 /// Cost of one `collect`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -40,7 +45,8 @@ pub struct HarvestStats {
 }
 
 /// Dirty tracking for a [`crate::Vm`]'s guest RAM through KVM's dirty log. Get one from
-/// [`crate::Vm::dirty_tracker`]; one tracker may be started at a time per VM.
+/// [`crate::Vm::kvm_dirty_tracker`] (alone) or [`crate::Vm::dirty_tracker`] (with vm-memory's
+/// bitmap); one may be started at a time per VM.
 pub struct KvmDirtyTracker {
     vm: Arc<VmInner>,
     started: bool,
@@ -94,7 +100,7 @@ impl DirtyTracker for KvmDirtyTracker {
             return Err(DirtyError::Other("tracker already started".into()));
         }
         let ours = memory.regions().len() == 1
-            && memory.regions()[0].host_ptr() == self.vm.ram.host_ptr()
+            && memory.regions()[0].host_ptr() == self.vm.ram_ptr()
             && memory.regions()[0].len() == self.vm.mem_bytes;
         if !ours {
             return Err(DirtyError::Other("KvmDirtyTracker can only track its own VM's guest_memory()".into()));

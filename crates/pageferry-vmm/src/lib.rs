@@ -6,13 +6,18 @@
 //! The engine needs three things from a VMM, and this crate is a worked example of each:
 //!
 //! 1. **Memory** — a [`pageferry::memory::GuestMemory`] whose regions are the VMM's own guest-RAM
-//!    mappings. Here guest RAM is one anonymous mapping registered as KVM memory slot 0;
-//!    [`Vm::guest_memory`] hands the same mapping to the engine as region `"ram0"`. The source
+//!    mappings. Here guest RAM is a rust-vmm `vm-memory` `GuestMemoryMmap<AtomicBitmap>`
+//!    ([`GuestRam`], one region at guest address 0, registered as KVM memory slot 0), and
+//!    [`Vm::guest_memory`] hands the same mapping to the engine with pageferry's `vm-memory`
+//!    feature (`GuestMemory::from_vm_memory`'s regions) as region `"ram@0x0"`. The source
 //!    engine reads pages from it while the guest runs; the destination engine writes pages
 //!    into the destination VM's (not yet running) mapping. A destination's region reports
 //!    `is_fresh_zeroed`, so zero pages need not be written in round 0.
-//! 2. **Dirty log** — a [`pageferry::dirty::DirtyTracker`]. Guest writes happen inside KVM, so
-//!    the tracker is KVM's own dirty log: [`KvmDirtyTracker`] turns on
+//! 2. **Dirty log** — a [`pageferry::dirty::DirtyTracker`]. [`Vm::dirty_tracker`] is the union
+//!    ([`VmDirtyTracker`]) of KVM's dirty log, for the guest's writes, and pageferry's
+//!    `AtomicBitmapTracker` over vm-memory's bitmap, for the VMM's own writes through
+//!    [`Vm::guest_ram`] (device emulation, in a VMM that has devices). Guest writes happen inside
+//!    KVM, so that part is KVM's own dirty log: [`KvmDirtyTracker`] turns on
 //!    `KVM_MEM_LOG_DIRTY_PAGES` for the slot in `start`, harvests `KVM_GET_DIRTY_LOG` (optionally
 //!    with `KVM_CLEAR_DIRTY_LOG`, see [`DirtyLogMode`]) straight into pageferry's bitmap layout
 //!    (which is KVM's) in each `collect`, and turns logging off in `stop`.
@@ -84,12 +89,12 @@ mod vcpu;
 mod vm;
 mod workload;
 
-pub use dirty::{HarvestStats, KvmDirtyTracker};
+pub use dirty::{HarvestStats, KvmDirtyTracker, VmDirtyTracker};
 pub use error::VmError;
 pub use state::{DeviceState, PauseMeta, VcpuState, STATE_VERSION};
 pub use time::{DowntimeClock, Stamp};
 pub use workload::PendingDestination;
 pub use vm::{
-    kvm_available, DirtyLogMode, GuestMode, PatternReport, PauseReport, ResumeReport, Vm, VmConfig,
-    VmDestinationWorkload, VmSourceWorkload, VmStatus,
+    kvm_available, DirtyLogMode, GuestMode, GuestRam, PatternReport, PauseReport, ResumeReport, Vm, VmConfig,
+    VmDestinationWorkload, VmSourceWorkload, VmStatus, RAM_REGION,
 };

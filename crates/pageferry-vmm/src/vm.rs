@@ -1,4 +1,4 @@
-//! The VM: one memory slot of anonymous guest RAM, one vCPU, the guest program, and the
+//! The VM: one memory slot of guest RAM (a vm-memory `GuestMemoryMmap`), one vCPU, the guest program, and the
 //! lifecycle a live migration needs — start, pause with state capture, restore, resume.
 //!
 //! Why it exists: pageferry's engine migrates memory; something has to own a real guest whose
@@ -6,7 +6,7 @@
 //! This is the smallest KVM VMM that does that: no devices, no interrupts, no firmware. Its
 //! whole device state is the vCPU state ([`crate::state`]).
 
-use crate::dirty::KvmDirtyTracker;
+use crate::dirty::{KvmDirtyTracker, VmDirtyTracker};
 use crate::error::{kvm_err, VmError};
 use crate::guest::{self, config, status};
 use crate::state::{self, DeviceState, PauseMeta, StateCaps};
@@ -14,10 +14,17 @@ use crate::time::{self, DowntimeClock, Stamp};
 use crate::vcpu::{Outcome, VcpuRunner};
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
-use pageferry::memory::{GuestMemory, MemoryRegion, MmapRegion, PAGE_SIZE};
+use pageferry::dirty::{AtomicBitmapTracker, UnionTracker};
+use pageferry::memory::{GuestMemory, MemoryRegion, VmMemoryRegion, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest RAM: rust-vmm's mmap-backed guest memory, with vm-memory's dirty bitmap recording the
+/// VMM's own writes through its accessors.
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
 
 /// What the guest does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -149,31 +156,9 @@ pub struct PatternReport {
     pub pages_written: u64,
 }
 
-/// Guest RAM as the engine sees it: the VM's mapping, with an honest "fresh" flag.
-struct RamRegion {
-    map: Arc<MmapRegion>,
-    fresh: bool,
-}
-
-// SAFETY: delegates to an MmapRegion that stays mapped as long as this Arc holds it.
-unsafe impl MemoryRegion for RamRegion {
-    fn name(&self) -> &str {
-        self.map.name()
-    }
-    fn len(&self) -> u64 {
-        self.map.len()
-    }
-    fn host_ptr(&self) -> *mut u8 {
-        self.map.host_ptr()
-    }
-    fn is_fresh_zeroed(&self) -> bool {
-        self.fresh
-    }
-}
-
 pub(crate) struct VmInner {
     pub(crate) vm_fd: VmFd,
-    pub(crate) ram: Arc<MmapRegion>,
+    pub(crate) ram: GuestRam,
     memory: GuestMemory,
     pub(crate) mem_bytes: u64,
     pub(crate) dirty_log: DirtyLogMode,
@@ -205,16 +190,20 @@ pub fn kvm_available() -> Result<(), VmError> {
     Kvm::new().map(|_| ()).map_err(|e| VmError::KvmUnavailable(std::io::Error::from_raw_os_error(e.errno())))
 }
 
+/// The engine's name for guest RAM (vm-memory's region at guest address 0).
+pub const RAM_REGION: &str = "ram@0x0";
+
 /// The KVM memory slot guest RAM lives in.
 pub(crate) const RAM_SLOT: u32 = 0;
 
-pub(crate) fn set_slot(vm_fd: &VmFd, ram: &MmapRegion, flags: u32) -> Result<(), VmError> {
+pub(crate) fn set_slot(vm_fd: &VmFd, ram: &GuestRam, flags: u32) -> Result<(), VmError> {
+    let region = ram.iter().next().expect("guest RAM has one region");
     let region = kvm_userspace_memory_region {
         slot: RAM_SLOT,
         flags,
         guest_phys_addr: 0,
-        memory_size: ram.len(),
-        userspace_addr: ram.host_ptr() as u64,
+        memory_size: region.size() as u64,
+        userspace_addr: region.as_ptr() as u64,
     };
     // SAFETY: the mapping is valid for its length and outlives the VM fd (VmInner holds both,
     // and the kernel drops the slot with the VM).
@@ -254,7 +243,7 @@ impl Vm {
         };
         {
             // SAFETY: the mapping is ours, nobody runs yet.
-            let mem = unsafe { std::slice::from_raw_parts_mut(inner.ram.host_ptr(), inner.mem_bytes as usize) };
+            let mem = unsafe { std::slice::from_raw_parts_mut(inner.ram_ptr(), inner.mem_bytes as usize) };
             guest::build_system(mem);
         }
         let c = |off: usize, v: u64| inner.word(guest::CONFIG_GPA + off as u64).store(v, Ordering::Relaxed);
@@ -288,13 +277,32 @@ impl Vm {
         self.inner.mem_bytes
     }
 
-    /// Guest memory for the engine: one region, "ram0", the whole of guest RAM.
+    /// Guest memory for the engine: the vm-memory guest RAM's one region, `"ram@0x0"`, shared
+    /// with the VM (no copy).
     pub fn guest_memory(&self) -> GuestMemory {
         self.inner.memory.clone()
     }
 
-    /// A dirty tracker over this VM's memory slot (see [`KvmDirtyTracker`]).
-    pub fn dirty_tracker(&self) -> KvmDirtyTracker {
+    /// Guest RAM as vm-memory memory: what device emulation would read and write. Writes through
+    /// its accessors are marked in its `AtomicBitmap`, which [`Vm::dirty_tracker`] harvests.
+    pub fn guest_ram(&self) -> &GuestRam {
+        &self.inner.ram
+    }
+
+    /// The tracker a migration of this VM uses: KVM's dirty log (the guest's writes) united
+    /// with vm-memory's bitmap (the VMM's own writes through [`Vm::guest_ram`]), both harvested
+    /// each round, as Cloud Hypervisor does.
+    pub fn dirty_tracker(&self) -> VmDirtyTracker {
+        let name = match self.inner.dirty_log {
+            DirtyLogMode::GetLog => "kvm-dirty-log+vm-memory-bitmap",
+            DirtyLogMode::ManualProtect => "kvm-dirty-log-manual+vm-memory-bitmap",
+        };
+        UnionTracker::new(name, self.kvm_dirty_tracker(), AtomicBitmapTracker::new(&self.inner.ram))
+    }
+
+    /// KVM's dirty log of this VM's memory slot alone (see [`KvmDirtyTracker`]): it misses
+    /// writes the VMM makes itself; migrations use [`Vm::dirty_tracker`].
+    pub fn kvm_dirty_tracker(&self) -> KvmDirtyTracker {
         KvmDirtyTracker::new(self.inner.clone())
     }
 
@@ -459,9 +467,14 @@ impl VmInner {
             cap.args[0] = want as u64;
             vm_fd.enable_cap(&cap).map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
         }
-        let ram = Arc::new(MmapRegion::anonymous("ram0", mem_bytes)?);
+        let ram: GuestRam = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
+            .map_err(|e| VmError::Config(format!("guest RAM of {mem_bytes} bytes: {e}")))?;
         set_slot(&vm_fd, &ram, 0)?;
-        let memory = GuestMemory::new(vec![Arc::new(RamRegion { map: ram.clone(), fresh })])?;
+        let region = ram.iter().next().expect("one range, one region");
+        // A destination's RAM was just mapped anonymous: honestly fresh, so round 0 may skip
+        // writing its zero pages.
+        let region = if fresh { VmMemoryRegion::new(region).assume_fresh_zeroed() } else { VmMemoryRegion::new(region) };
+        let memory = GuestMemory::new(vec![Arc::new(region) as Arc<dyn MemoryRegion>])?;
         let vcpu = vm_fd.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
@@ -486,12 +499,17 @@ impl VmInner {
         })
     }
 
+    /// Start of guest RAM in this process (the slot's userspace address).
+    pub(crate) fn ram_ptr(&self) -> *mut u8 {
+        self.memory.regions()[0].host_ptr()
+    }
+
     /// The u64 at guest-physical `gpa` (8-byte aligned, in RAM).
     fn word(&self, gpa: u64) -> &AtomicU64 {
         assert!(gpa % 8 == 0 && gpa + 8 <= self.mem_bytes);
         // SAFETY: in bounds and aligned (checked); the mapping lives as long as `self`. The guest
         // writes these words concurrently, hence atomic access.
-        unsafe { AtomicU64::from_ptr(self.ram.host_ptr().add(gpa as usize).cast()) }
+        unsafe { AtomicU64::from_ptr(self.ram_ptr().add(gpa as usize).cast()) }
     }
 
     fn read(&self, gpa: u64) -> u64 {
@@ -609,11 +627,11 @@ impl VmInner {
         let stop = self.watcher_stop.clone();
         let out = self.observed.clone();
         let shared = self.runner.shared.clone();
-        let ram = self.ram.clone();
+        let ram = self.memory.clone();
         let _ = std::thread::Builder::new().name("vm-progress".into()).spawn(move || {
             // SAFETY: status page in bounds of the mapping, which `ram` keeps alive; atomic
             // because the guest writes it.
-            let w = unsafe { AtomicU64::from_ptr(ram.host_ptr().add(guest::STATUS_GPA as usize).cast()) };
+            let w = unsafe { AtomicU64::from_ptr(ram.regions()[0].host_ptr().add(guest::STATUS_GPA as usize).cast()) };
             // Poll every ~10 µs without holding a CPU the vCPU may need: short sleeps with
             // a 1 µs timer slack (this thread only).
             // SAFETY: prctl with integer arguments.

@@ -4,7 +4,7 @@
 //! carry the VMM's own error type; this is the adapter to the engine's boxed errors, plus
 //! [`PendingDestination`] for a destination that learns the guest's size from the source.
 
-use crate::vm::{Vm, VmDestinationWorkload, VmSourceWorkload};
+use crate::vm::{Vm, VmDestinationWorkload, VmSourceWorkload, RAM_REGION};
 use pageferry::engine::{DestinationWorkload, SourceWorkload, WorkloadError};
 use pageferry::memory::GuestMemory;
 use std::sync::{Arc, Mutex};
@@ -53,14 +53,14 @@ impl PendingDestination {
         Self::default()
     }
 
-    /// The engine's `provide` callback: accepts exactly one region, `"ram0"`, and creates a
+    /// The engine's `provide` callback: accepts exactly one region, `"ram@0x0"`, and creates a
     /// destination VM of its size. A refusal (`Err`) is reported to both sides.
     pub fn provide(&self, layout: &[(String, u64)]) -> Result<GuestMemory, String> {
         let [(name, len)] = layout else {
-            return Err(format!("a pageferry-vmm destination takes one region \"ram0\", the source offers {}", layout.len()));
+            return Err(format!("a pageferry-vmm destination takes one region \"{RAM_REGION}\", the source offers {}", layout.len()));
         };
-        if name != "ram0" {
-            return Err(format!("a pageferry-vmm destination takes region \"ram0\", the source offers \"{name}\""));
+        if name != RAM_REGION {
+            return Err(format!("a pageferry-vmm destination takes region \"{RAM_REGION}\", the source offers \"{name}\""));
         }
         let mut slot = self.vm.lock().unwrap();
         if let Some(vm) = slot.as_ref() {

@@ -16,7 +16,7 @@ fn conformance_with(mode: DirtyLogMode) {
     // Let the guest fault in its code and config pages before tracking starts.
     vm.guest_write_page(3, Duration::from_secs(10)).unwrap();
     let memory = vm.guest_memory();
-    let mut tracker = vm.dirty_tracker();
+    let mut tracker = vm.kvm_dirty_tracker();
     assert_eq!(tracker.mode(), mode);
     conformance::run_suite(
         &memory,
@@ -28,7 +28,7 @@ fn conformance_with(mode: DirtyLogMode) {
         true,
     );
     // Stopped trackers can be started again (a second migration attempt).
-    let mut again = vm.dirty_tracker();
+    let mut again = vm.kvm_dirty_tracker();
     again.start(&memory).unwrap();
     let mut all = DirtyPages::for_memory(&memory);
     again.collect(&mut all).unwrap();
@@ -40,6 +40,45 @@ fn conformance_with(mode: DirtyLogMode) {
     // Only one tracker at a time per VM.
     assert!(vm.dirty_tracker().start(&memory).is_err());
     again.stop();
+    assert_eq!(vm.unexpected_exits(), 0);
+}
+
+/// The tracker migrations use: KVM's log united with vm-memory's bitmap. Even pages are written
+/// by the guest (only KVM sees them), odd pages by the VMM through vm-memory (only the bitmap
+/// sees them); the union must report exactly all of them, and KVM's log alone misses the VMM's.
+#[test]
+fn union_of_kvm_log_and_vm_memory_bitmap_conformance() {
+    if common::skip() {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    let vm = Vm::new(VmConfig { mem_bytes: 64 * MIB, mode: GuestMode::OnDemand, ..Default::default() }).unwrap();
+    vm.start().unwrap();
+    vm.guest_write_page(3, Duration::from_secs(10)).unwrap();
+    let memory = vm.guest_memory();
+    assert_eq!(memory.layout(), vec![(pageferry_vmm::RAM_REGION.to_string(), 64 * MIB)]);
+    let mut tracker = vm.dirty_tracker();
+    assert_eq!(tracker.name(), "kvm-dirty-log+vm-memory-bitmap");
+    let mut write = |region: usize, page: u64| {
+        assert_eq!(region, 0);
+        if page % 2 == 0 {
+            vm.guest_write_page(page, Duration::from_secs(10)).unwrap();
+        } else {
+            vm.guest_ram().write_obj(page, GuestAddress(page * PAGE_SIZE as u64)).unwrap();
+        }
+    };
+    conformance::run_suite(&memory, &mut tracker, &mut write, true);
+
+    // KVM's log alone does not see a write the VMM makes through vm-memory.
+    let mut kvm = vm.kvm_dirty_tracker();
+    kvm.start(&memory).unwrap();
+    let mut all = DirtyPages::for_memory(&memory);
+    kvm.collect(&mut all).unwrap();
+    vm.guest_ram().write_obj(7u64, GuestAddress(101 * PAGE_SIZE as u64)).unwrap();
+    let mut none = DirtyPages::for_memory(&memory);
+    kvm.collect(&mut none).unwrap();
+    assert!(!none.region(0).get(101), "the KVM log saw a host write");
+    kvm.stop();
     assert_eq!(vm.unexpected_exits(), 0);
 }
 
@@ -90,7 +129,7 @@ fn writer_exactness_and_harvest_time(mode: DirtyLogMode) {
     // Warm up: one full pass over the working set (first touches are slow on this host).
     vm.wait_for_counter(ws_pages, Duration::from_secs(60)).unwrap();
     let memory = vm.guest_memory();
-    let mut tracker = vm.dirty_tracker();
+    let mut tracker = vm.kvm_dirty_tracker();
     let t = std::time::Instant::now();
     tracker.start(&memory).unwrap();
     let start_took = t.elapsed();
@@ -168,7 +207,7 @@ fn harvest_time_all_dirty() {
         let ws_pages = ws / PAGE_SIZE as u64;
         vm.wait_for_counter(ws_pages, Duration::from_secs(120)).unwrap();
         let memory = vm.guest_memory();
-        let mut tracker = vm.dirty_tracker();
+        let mut tracker = vm.kvm_dirty_tracker();
         tracker.start(&memory).unwrap();
         let mut d = DirtyPages::for_memory(&memory);
         tracker.collect(&mut d).unwrap();

@@ -55,7 +55,7 @@ fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool,
     print!("{}", report.render());
     assert_eq!(report.verified, verify);
     assert_eq!(dreport.verified, verify);
-    assert_eq!(report.dirty_tracker, "kvm-dirty-log");
+    assert_eq!(report.dirty_tracker, "kvm-dirty-log+vm-memory-bitmap");
 
     assert_eq!(src.status(), VmStatus::Paused);
     let paused_at = src.counter();
