@@ -14,15 +14,8 @@ pub struct MethodArgs {
     /// Compression method: none, zlib, zstd, qatzip.
     #[arg(long = "multifd-compression", default_value = "none")]
     pub method: String,
-    /// zlib level, 1–9.
-    #[arg(long = "multifd-zlib-level", default_value_t = 1)]
-    pub zlib_level: u8,
-    /// zstd level, 1–19.
-    #[arg(long = "multifd-zstd-level", default_value_t = 1)]
-    pub zstd_level: u8,
-    /// qatzip level, 1–9.
-    #[arg(long = "multifd-qatzip-level", default_value_t = 1)]
-    pub qatzip_level: u8,
+    #[command(flatten)]
+    pub levels: LevelArgs,
     /// qatzip provider: auto (QATzip library if present, else cpu), qat, cpu.
     #[arg(long = "qatzip-provider", default_value = "auto")]
     pub qatzip_provider: String,
@@ -34,15 +27,67 @@ pub struct MethodArgs {
 impl MethodArgs {
     pub fn spec(&self) -> Result<CodecSpec> {
         let method: Method = self.method.parse()?;
-        let level = match method {
-            Method::None => 0,
-            Method::Zlib => self.zlib_level,
-            Method::Zstd => self.zstd_level,
-            Method::Qatzip => self.qatzip_level,
-        };
-        let mut spec = if method == Method::None { CodecSpec::new(method) } else { CodecSpec::with_level(method, level)? };
+        let mut spec = CodecSpec::with_level(method, self.levels.level(method))?;
         spec.qatzip = QatzipOptions { provider: self.qatzip_provider.parse()?, lib_path: self.qatzip_lib.clone() };
         Ok(spec)
+    }
+}
+
+/// `--multifd-<method>-level L` for every method of the codec registry that has levels
+/// (QEMU's names), each defaulting to the method's default level.
+#[derive(Clone, Debug, Default)]
+pub struct LevelArgs {
+    /// (method, level given or defaulted)
+    levels: Vec<(Method, u8)>,
+}
+
+impl LevelArgs {
+    fn flag(m: Method) -> String {
+        format!("multifd-{}-level", m.name())
+    }
+    fn with_levels() -> impl Iterator<Item = Method> {
+        Method::all().filter(|m| m.levels().min < m.levels().max)
+    }
+    /// The level for `method`: its flag's value, or its default (methods without levels).
+    pub fn level(&self, method: Method) -> u8 {
+        self.levels.iter().find(|(m, _)| *m == method).map_or(method.default_level(), |&(_, l)| l)
+    }
+}
+
+impl clap::FromArgMatches for LevelArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut s = Self::default();
+        s.update_from_arg_matches(matches)?;
+        Ok(s)
+    }
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        for m in Self::with_levels() {
+            if let Some(&l) = matches.get_one::<u8>(&Self::flag(m)) {
+                self.levels.retain(|(x, _)| *x != m);
+                self.levels.push((m, l));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for LevelArgs {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for m in Self::with_levels() {
+            let l = m.levels();
+            cmd = cmd.arg(
+                clap::Arg::new(Self::flag(m))
+                    .long(Self::flag(m))
+                    .value_name("LEVEL")
+                    .value_parser(clap::value_parser!(u8))
+                    .default_value(l.default.to_string())
+                    .help(format!("{m} level, {}–{}", l.min, l.max)),
+            );
+        }
+        cmd
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 

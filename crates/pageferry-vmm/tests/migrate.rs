@@ -91,7 +91,7 @@ fn live_migration_of_a_running_guest_verified() {
         return;
     }
     // 16 pages per 1 ms tick: 64 MB/s of dirtying over a 16 MiB working set.
-    let o = migrate(256 * MIB, 16 * MIB, 16, Method::Zstd, true, true, Duration::from_millis(50), |_| {});
+    let o = migrate(256 * MIB, 16 * MIB, 16, "zstd".parse::<Method>().unwrap(), true, true, Duration::from_millis(50), |_| {});
     assert!(o.report.rounds >= 2 && o.paused_at > 1000);
 }
 
@@ -103,7 +103,7 @@ fn live_migration_downtime() {
     // 4 pages per 1 ms tick (16 MB/s) over a 16 MiB working set, a 5 ms downtime budget, no
     // end-to-end digest (it would count in the downtime): the destination's page stamps are
     // the check.
-    let o = migrate(256 * MIB, 16 * MIB, 4, Method::None, false, false, Duration::from_millis(5), |_| {});
+    let o = migrate(256 * MIB, 16 * MIB, 4, "none".parse::<Method>().unwrap(), false, false, Duration::from_millis(5), |_| {});
     println!("engine downtime {:.1} ms, rounds {}", o.report.downtime_ms, o.report.rounds);
 }
 
@@ -115,7 +115,7 @@ fn auto_converge_throttles_the_vcpu_until_a_guest_faster_than_the_link_migrates(
     // 16 pages per 1 ms tick (64 MB/s) over a 4 MiB working set, a 16 MB/s link: every round
     // leaves the whole working set dirty (~260 ms at the cap), over the 10 ms limit. The guest
     // catches up on naps under 50 ms, so the throttle starts at 90% (90 ms naps).
-    let o = migrate(64 * MIB, 4 * MIB, 16, Method::None, false, false, Duration::from_millis(10), |c| {
+    let o = migrate(64 * MIB, 4 * MIB, 16, "none".parse::<Method>().unwrap(), false, false, Duration::from_millis(10), |c| {
         c.max_bandwidth = Some(16_000_000);
         c.max_rounds = 20;
         c.auto_converge = Some(AutoConverge { initial: 90, ..Default::default() });

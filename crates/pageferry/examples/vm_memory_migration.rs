@@ -100,7 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Destination thread: listen on an ephemeral loopback port, expect zstd.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let zstd = CodecSpec::new(Method::Zstd);
+    let zstd = CodecSpec::new("zstd".parse::<Method>()?);
     let dst_cfg = engine::DestinationConfig { codec: zstd.clone(), ..Default::default() };
     let destination = std::thread::spawn(move || {
         let mut restore = Restore(None);

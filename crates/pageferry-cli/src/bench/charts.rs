@@ -25,12 +25,10 @@ pub(super) struct Series {
 }
 
 fn method_color(m: Method, nth_level: usize) -> RGBColor {
-    let base = match m {
-        Method::None => RGBColor(110, 110, 110),
-        Method::Zlib => RGBColor(31, 119, 180),
-        Method::Zstd => RGBColor(44, 160, 44),
-        Method::Qatzip => RGBColor(214, 39, 40),
-    };
+    // One color per method, in registry order (none grey, zlib blue, zstd green, qatzip red).
+    const PALETTE: [RGBColor; 6] =
+        [RGBColor(110, 110, 110), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(255, 127, 14)];
+    let base = PALETTE[Method::all().position(|x| x == m).unwrap_or(0) % PALETTE.len()];
     if nth_level == 0 {
         base
     } else {
@@ -182,7 +180,7 @@ mod tests {
             RunRecord { metrics: Metrics::from_report(&report), verified: true, file_check: "match".into(), wall_s: t, report }
         };
         let mut results = Vec::new();
-        for (m, l) in [(Method::None, 0), (Method::Zstd, 1), (Method::Zstd, 3)] {
+        for (m, l) in [("none", 0), ("zstd", 1), ("zstd", 3)].map(|(n, l)| (n.parse::<Method>().unwrap(), l)) {
             for ch in [1, 2, 4] {
                 results.push(CaseResult {
                     case: Case { method: m, level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() } },

@@ -229,9 +229,9 @@ pub fn parse_levels(s: &str) -> Result<Vec<u8>> {
 pub fn method_levels(methods: &[Method], levels: &[u8]) -> Vec<(Method, u8)> {
     let mut out = Vec::new();
     for &m in methods {
-        let (lo, hi, def) = m.levels();
-        if m == Method::None || levels.is_empty() {
-            out.push((m, def));
+        let (lo, hi) = (m.levels().min, m.levels().max);
+        if !m.compresses() || levels.is_empty() {
+            out.push((m, m.default_level()));
             continue;
         }
         for &l in levels {
@@ -247,7 +247,7 @@ pub fn method_levels(methods: &[Method], levels: &[u8]) -> Vec<(Method, u8)> {
 
 /// The codec spec of a (method, level) pair with the user's qatzip provider.
 pub fn spec_for(method: Method, level: u8, qatzip_provider: &str) -> Result<CodecSpec> {
-    let mut spec = if method == Method::None { CodecSpec::new(method) } else { CodecSpec::with_level(method, level)? };
+    let mut spec = CodecSpec::with_level(method, level)?;
     spec.qatzip.provider = qatzip_provider.parse()?;
     Ok(spec)
 }
@@ -263,9 +263,13 @@ pub fn digest_file(path: &Path) -> Result<u128> {
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Method {
+        name.parse().unwrap()
+    }
+
     #[test]
     fn lists_parse() {
-        assert_eq!(parse_methods("none,zlib, zstd,qatzip").unwrap(), Method::ALL.to_vec());
+        assert_eq!(parse_methods("none,zlib, zstd,qatzip").unwrap(), Method::all().collect::<Vec<_>>());
         assert_eq!(parse_channels("1,2,4,8,16").unwrap(), vec![1, 2, 4, 8, 16]);
         assert_eq!(parse_levels("1,3,3").unwrap(), vec![1, 3]);
     }
@@ -288,9 +292,9 @@ mod tests {
 
     #[test]
     fn levels_per_method() {
-        let v = method_levels(&[Method::None, Method::Zstd, Method::Zlib], &[1, 12]);
-        assert_eq!(v, vec![(Method::None, 0), (Method::Zstd, 1), (Method::Zstd, 12), (Method::Zlib, 1)]);
-        assert_eq!(method_levels(&[Method::Zlib], &[]), vec![(Method::Zlib, 1)]);
+        let v = method_levels(&[named("none"), named("zstd"), named("zlib")], &[1, 12]);
+        assert_eq!(v, vec![(named("none"), 0), (named("zstd"), 1), (named("zstd"), 12), (named("zlib"), 1)]);
+        assert_eq!(method_levels(&[named("zlib")], &[]), vec![(named("zlib"), 1)]);
     }
 
     #[test]

@@ -393,7 +393,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let mut results = Vec::new();
     for &d in &depths {
         for &c in &channels {
-            let case = Case { method: Method::Qatzip, level: 1, channels: c, link: Link::Unlimited };
+            let case = Case { method: "qatzip".parse::<Method>()?, level: 1, channels: c, link: Link::Unlimited };
             let extras = SourceExtras {
                 qatzip_provider: Some("qat".into()),
                 args: vec!["--qatzip-lib".into(), lib.display().to_string(), "--pipeline-depth".into(), d.to_string()],

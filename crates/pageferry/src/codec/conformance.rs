@@ -3,7 +3,7 @@
 //! packets, every malformed-payload case the destination can meet, and — for codecs that claim
 //! it — decodability when the input changes during compression.
 
-use super::{Codec, Method, MAX_BATCH_BYTES};
+use super::{Codec, MAX_BATCH_BYTES};
 use crate::memory::PAGE_SIZE;
 
 /// Deterministic text-like sample data (compressible, not trivially).
@@ -52,7 +52,8 @@ fn compress(c: &mut dyn Codec, input: &[u8]) -> Option<Vec<u8>> {
 pub fn run_suite(make: &dyn Fn() -> Box<dyn Codec>) {
     let mut c = make();
     let method = c.info().method;
-    if method == Method::None {
+    assert_eq!(c.compresses(), method.compresses(), "{method}: codec and registry disagree on compressing");
+    if !method.compresses() {
         let text = sample_text(MAX_BATCH_BYTES, 1);
         assert!(compress(c.as_mut(), &text).is_none(), "method none must send raw");
         let mut out = vec![0u8; PAGE_SIZE];

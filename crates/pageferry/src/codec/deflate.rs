@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(deflate_backend_name(1), want);
         assert_eq!(deflate_backend_name(2), "libdeflate");
         for framing in [Framing::Zlib, Framing::Raw] {
-            let c = DeflateCompressor::new(Method::Zlib, 1, framing).unwrap();
+            let c = DeflateCompressor::new(crate::codec::zlib::METHOD, 1, framing).unwrap();
             assert_eq!(c.backend(), want);
         }
     }
@@ -264,12 +264,12 @@ mod tests {
         let data = super::super::conformance::sample_text(128 * 4096, 7);
         for level in [1, 6] {
             for framing in [Framing::Zlib, Framing::Raw] {
-                let mut c = DeflateCompressor::new(Method::Zlib, level, framing).unwrap();
+                let mut c = DeflateCompressor::new(crate::codec::zlib::METHOD, level, framing).unwrap();
                 let mut out = vec![0u8; bound(data.len())];
                 let n = c.compress(&data, &mut out).expect("compresses");
                 assert!(n < data.len() / 2, "{}: {n} bytes", c.backend());
                 let mut back = vec![0u8; data.len()];
-                DeflateDecompressor::default().decompress(Method::Zlib, framing, &out[..n], &mut back).unwrap();
+                DeflateDecompressor::default().decompress(crate::codec::zlib::METHOD, framing, &out[..n], &mut back).unwrap();
                 assert!(back == data, "{} level {level} {framing:?}", c.backend());
                 assert_eq!(c.compress(&data, &mut out[..n / 2]), None, "{}: too small an output", c.backend());
             }

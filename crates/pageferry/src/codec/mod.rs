@@ -6,8 +6,11 @@
 //! goes raw), `decompress` one payload into a caller-provided buffer of exactly the batch's
 //! size. Setup is [`open`] (one codec per channel worker), teardown is `Drop`.
 //!
-//! Adding a method = one new file here plus one arm in [`open`]; the engine never branches on
-//! the method.
+//! A method is one file: it declares a [`MethodDescriptor`] (name, wire code, level range
+//! and default, how to open it); [`REGISTRY`] lists the files' descriptors, and everything
+//! else — the engine, the CLI's flags, the handshake's capabilities — asks the registry
+//! through [`Method`]. Adding a method = one new file here plus one line in [`REGISTRY`];
+//! nothing branches on a particular method.
 
 mod deflate;
 mod none;
@@ -18,51 +21,118 @@ mod zstd;
 #[cfg(test)]
 mod tests;
 
+pub use crate::wire::{MethodCode, MAX_BATCH_BYTES, MAX_BATCH_PAGES};
 pub use deflate::deflate_backend_name;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Largest batch: 128 pages of 4 KiB.
-pub const MAX_BATCH_PAGES: usize = 128;
-pub const MAX_BATCH_BYTES: usize = MAX_BATCH_PAGES * crate::memory::PAGE_SIZE;
-
-/// A compression method as named on the command line and on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    None,
-    Zlib,
-    Zstd,
-    Qatzip,
+/// Levels a method accepts (QEMU's ranges) and the one used when none is given. A method
+/// without levels (`none`) has `0..=0`, default 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LevelRange {
+    pub min: u8,
+    pub max: u8,
+    pub default: u8,
 }
 
+/// Everything the rest of pageferry knows about a method; each codec file declares one.
+pub struct MethodDescriptor {
+    /// On the command line and in reports.
+    pub name: &'static str,
+    /// On the wire; pinned forever once released (see `wire`).
+    pub code: MethodCode,
+    pub levels: LevelRange,
+    /// False only for `none`: pages go raw without calling the codec.
+    pub compresses: bool,
+    /// Open one codec (one per channel worker) at a level already checked against `levels`.
+    pub open: fn(&CodecSpec) -> Result<Box<dyn Codec>, CodecError>,
+}
+
+/// The methods, in the order they are listed to users. One line per codec file.
+pub static REGISTRY: [&MethodDescriptor; 4] = [&none::DESCRIPTOR, &zlib::DESCRIPTOR, &zstd::DESCRIPTOR, &qatzip::DESCRIPTOR];
+
+/// A compression method: a handle on its registry entry. Compared, hashed and serialized
+/// by name/code, never matched on.
+#[derive(Clone, Copy)]
+pub struct Method(&'static MethodDescriptor);
+
 impl Method {
-    pub const ALL: [Method; 4] = [Method::None, Method::Zlib, Method::Zstd, Method::Qatzip];
+    /// The method a descriptor declares (for its own codec file).
+    pub const fn of(d: &'static MethodDescriptor) -> Self {
+        Method(d)
+    }
+    /// Every registered method, in registry order.
+    pub fn all() -> impl Iterator<Item = Method> {
+        REGISTRY.iter().map(|d| Method(d))
+    }
+    pub fn by_name(name: &str) -> Option<Method> {
+        Self::all().find(|m| m.name() == name)
+    }
+    pub fn from_code(code: MethodCode) -> Option<Method> {
+        Self::all().find(|m| m.code() == code)
+    }
+    pub fn descriptor(self) -> &'static MethodDescriptor {
+        self.0
+    }
     pub fn name(self) -> &'static str {
-        match self {
-            Method::None => "none",
-            Method::Zlib => "zlib",
-            Method::Zstd => "zstd",
-            Method::Qatzip => "qatzip",
+        self.0.name
+    }
+    /// Wire code (packet header byte 6).
+    pub fn code(self) -> MethodCode {
+        self.0.code
+    }
+    pub fn levels(self) -> LevelRange {
+        self.0.levels
+    }
+    pub fn default_level(self) -> u8 {
+        self.0.levels.default
+    }
+    /// False for `none`.
+    pub fn compresses(self) -> bool {
+        self.0.compresses
+    }
+    /// The one level check: `level` is in the method's range.
+    pub fn check_level(self, level: u8) -> Result<(), CodecError> {
+        let LevelRange { min, max, .. } = self.levels();
+        if !(min..=max).contains(&level) {
+            return Err(CodecError::Config(format!("{self} level {level} out of range {min}..={max}")));
+        }
+        Ok(())
+    }
+    /// Names of all methods for messages: "none, zlib, zstd or qatzip".
+    pub fn names() -> String {
+        let v: Vec<&str> = Self::all().map(|m| m.name()).collect();
+        match v.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => v.join(""),
         }
     }
-    /// Wire code (packet header byte).
-    pub fn code(self) -> u8 {
-        self as u8
+}
+
+/// The registry's first method, `none`: pages travel as they are (QEMU's default too).
+impl Default for Method {
+    fn default() -> Self {
+        Method(REGISTRY[0])
     }
-    pub fn from_code(c: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.code() == c)
+}
+
+impl PartialEq for Method {
+    fn eq(&self, other: &Self) -> bool {
+        self.code() == other.code()
     }
-    /// Valid levels and the default, following QEMU's parameters.
-    pub fn levels(self) -> (u8, u8, u8) {
-        match self {
-            Method::None => (0, 0, 0),
-            Method::Zlib => (1, 9, 1),
-            Method::Zstd => (1, 19, 1),
-            Method::Qatzip => (1, 9, 1),
-        }
+}
+impl Eq for Method {}
+impl std::hash::Hash for Method {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.code().hash(h)
+    }
+}
+
+impl fmt::Debug for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -75,10 +145,20 @@ impl fmt::Display for Method {
 impl FromStr for Method {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Self, CodecError> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| CodecError::Config(format!("unknown compression method '{s}' (expected none, zlib, zstd or qatzip)")))
+        Self::by_name(s).ok_or_else(|| CodecError::Config(format!("unknown compression method '{s}' (expected {})", Self::names())))
+    }
+}
+
+impl Serialize for Method {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Method {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -92,16 +172,20 @@ pub struct CodecSpec {
     pub qatzip: qatzip::QatzipOptions,
 }
 
+impl Default for CodecSpec {
+    /// Method `none`.
+    fn default() -> Self {
+        Self::new(Method::default())
+    }
+}
+
 impl CodecSpec {
     /// Method at its default level.
     pub fn new(method: Method) -> Self {
-        Self { method, level: method.levels().2, qatzip: Default::default() }
+        Self { method, level: method.default_level(), qatzip: Default::default() }
     }
     pub fn with_level(method: Method, level: u8) -> Result<Self, CodecError> {
-        let (lo, hi, _) = method.levels();
-        if method != Method::None && !(lo..=hi).contains(&level) {
-            return Err(CodecError::Config(format!("{method} level {level} out of range {lo}..={hi}")));
-        }
+        method.check_level(level)?;
         Ok(Self { method, level, qatzip: Default::default() })
     }
 }
@@ -163,20 +247,20 @@ pub trait Codec: Send {
     }
 }
 
-/// Open a codec for one channel worker: the one place that maps a method to its file.
+/// Open a codec for one channel worker (through the method's descriptor).
 pub fn open(spec: &CodecSpec) -> Result<Box<dyn Codec>, CodecError> {
-    let (lo, hi, _) = spec.method.levels();
-    if spec.method != Method::None && !(lo..=hi).contains(&spec.level) {
-        return Err(CodecError::Config(format!("{} level {} out of range {lo}..={hi}", spec.method, spec.level)));
-    }
-    Ok(match spec.method {
-        Method::None => Box::new(none::NoneCodec),
-        Method::Zlib => Box::new(zlib::ZlibCodec::new(spec.level)?),
-        Method::Zstd => Box::new(zstd::ZstdCodec::new(spec.level)?),
-        Method::Qatzip => qatzip::open(spec.level, &spec.qatzip)?,
-    })
+    spec.method.check_level(spec.level)?;
+    (spec.method.descriptor().open)(spec)
 }
 
 /// The shared conformance suite every codec must pass (public so that out-of-tree codecs and
 /// providers run it too).
 pub mod conformance;
+
+impl Method {
+    /// How a destination announces this method in its capabilities.
+    pub fn caps(self) -> crate::wire::MethodCaps {
+        let l = self.levels();
+        crate::wire::MethodCaps { code: self.code(), name: self.name().into(), min_level: l.min, max_level: l.max }
+    }
+}

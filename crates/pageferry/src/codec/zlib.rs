@@ -5,7 +5,16 @@
 //! can read the payloads.
 
 use super::deflate::{DeflateCompressor, DeflateDecompressor, Framing};
-use super::{Codec, CodecError, CodecInfo, Method};
+use super::{Codec, CodecError, CodecInfo, LevelRange, Method, MethodCode, MethodDescriptor};
+
+pub static DESCRIPTOR: MethodDescriptor = MethodDescriptor {
+    name: "zlib",
+    code: MethodCode(1),
+    levels: LevelRange { min: 1, max: 9, default: 1 },
+    compresses: true,
+    open: |spec| Ok(Box::new(ZlibCodec::new(spec.level)?)),
+};
+pub(super) const METHOD: Method = Method::of(&DESCRIPTOR);
 
 pub struct ZlibCodec {
     enc: DeflateCompressor,
@@ -14,13 +23,13 @@ pub struct ZlibCodec {
 
 impl ZlibCodec {
     pub fn new(level: u8) -> Result<Self, CodecError> {
-        Ok(Self { enc: DeflateCompressor::new(Method::Zlib, level, Framing::Zlib)?, dec: DeflateDecompressor::default() })
+        Ok(Self { enc: DeflateCompressor::new(METHOD, level, Framing::Zlib)?, dec: DeflateDecompressor::default() })
     }
 }
 
 impl Codec for ZlibCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: Method::Zlib, level: self.enc.level(), provider: self.enc.backend().into() }
+        CodecInfo { method: METHOD, level: self.enc.level(), provider: self.enc.backend().into() }
     }
     fn max_compressed_len(&self, input_len: usize) -> usize {
         super::deflate::bound(input_len)
@@ -29,6 +38,6 @@ impl Codec for ZlibCodec {
         Ok(self.enc.compress(input, out))
     }
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
-        self.dec.decompress(Method::Zlib, Framing::Zlib, input, out)
+        self.dec.decompress(METHOD, Framing::Zlib, input, out)
     }
 }

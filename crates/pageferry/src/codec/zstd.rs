@@ -3,7 +3,16 @@
 //! Like every software LZ compressor, zstd must not see its input change during a call (see
 //! `Codec::tolerates_changing_input`); the engine gives it a stable copy of live memory.
 
-use super::{Codec, CodecError, CodecInfo, Method};
+use super::{Codec, CodecError, CodecInfo, LevelRange, Method, MethodCode, MethodDescriptor};
+
+pub static DESCRIPTOR: MethodDescriptor = MethodDescriptor {
+    name: "zstd",
+    code: MethodCode(2),
+    levels: LevelRange { min: 1, max: 19, default: 1 },
+    compresses: true,
+    open: |spec| Ok(Box::new(ZstdCodec::new(spec.level)?)),
+};
+const METHOD: Method = Method::of(&DESCRIPTOR);
 
 pub struct ZstdCodec {
     level: u8,
@@ -13,7 +22,7 @@ pub struct ZstdCodec {
 
 impl ZstdCodec {
     pub fn new(level: u8) -> Result<Self, CodecError> {
-        let setup = |e: std::io::Error| CodecError::Setup { method: Method::Zstd, detail: e.to_string() };
+        let setup = |e: std::io::Error| CodecError::Setup { method: METHOD, detail: e.to_string() };
         let mut cctx = zstd::bulk::Compressor::new(level as i32).map_err(setup)?;
         // The destination checks the length itself; a checksum would be redundant with CRC32C.
         cctx.include_checksum(false).map_err(setup)?;
@@ -25,7 +34,7 @@ impl ZstdCodec {
 
 impl Codec for ZstdCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: Method::Zstd, level: self.level, provider: format!("libzstd {}", zstd::zstd_safe::version_string()) }
+        CodecInfo { method: METHOD, level: self.level, provider: format!("libzstd {}", zstd::zstd_safe::version_string()) }
     }
     fn max_compressed_len(&self, input_len: usize) -> usize {
         zstd::zstd_safe::compress_bound(input_len)
@@ -34,7 +43,7 @@ impl Codec for ZstdCodec {
         let n = self
             .cctx
             .compress_to_buffer(input, out)
-            .map_err(|e| CodecError::Compress { method: Method::Zstd, detail: e.to_string() })?;
+            .map_err(|e| CodecError::Compress { method: METHOD, detail: e.to_string() })?;
         Ok(Some(n))
     }
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
@@ -42,9 +51,9 @@ impl Codec for ZstdCodec {
         let n = self
             .dctx
             .decompress_to_buffer(input, out)
-            .map_err(|e| CodecError::Decompress { method: Method::Zstd, detail: e.to_string() })?;
+            .map_err(|e| CodecError::Decompress { method: METHOD, detail: e.to_string() })?;
         if n != want {
-            return Err(CodecError::Decompress { method: Method::Zstd, detail: format!("inflated to {n} bytes, expected {want}") });
+            return Err(CodecError::Decompress { method: METHOD, detail: format!("inflated to {n} bytes, expected {want}") });
         }
         Ok(())
     }

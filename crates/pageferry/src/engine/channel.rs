@@ -13,7 +13,7 @@ use super::ratelimit::RateLimiter;
 use super::stats::Counters;
 use crate::codec::{Codec, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{PacketHeader, PacketKind};
+use crate::wire::{encode_offsets, page_runs, MethodCode, PacketCrc, PacketHeader, PacketKind};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{IoSlice, Write};
 use std::net::TcpStream;
@@ -144,7 +144,7 @@ const MAX_SPLIT_RUNS: usize = 4;
 
 /// A compression worker: batches in, packets out to its channel's socket writer.
 pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
-    let method = codec.info().method;
+    let method = codec.info().method.code();
     let buf_len = codec.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES);
     let copy_for_codec = (ctx.live && !codec.tolerates_changing_input()) || !ctx.zero_copy;
     // Buffers come back from the socket writer once written; at most `POOL` per worker.
@@ -183,13 +183,7 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
             }
         }
         // Runs of consecutive pages: (first page, count).
-        let mut all_runs: Vec<(u32, u32)> = Vec::new();
-        for &p in &normal {
-            match all_runs.last_mut() {
-                Some((first, n)) if *first + *n == p => *n += 1,
-                _ => all_runs.push((p, 1)),
-            }
-        }
+        let all_runs: Vec<(u32, u32)> = page_runs(&normal).collect();
         // A few zero pages inside a batch split it into a few runs. Rather than gathering the
         // runs into one buffer (a copy of every page, which costs ~0.3 CPU-s/GiB here), each
         // run goes out as its own packet, compressed in place; only batches broken into many
@@ -260,14 +254,7 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
                 Counters::add(&ctx.counters.raw_pages, n_pages as u64);
             }
             let mut offsets = Vec::with_capacity((n_pages + zero.len()) * 4);
-            for &(first, n) in runs {
-                for p in first..first + n {
-                    offsets.extend_from_slice(&p.to_le_bytes());
-                }
-            }
-            for &p in zero {
-                offsets.extend_from_slice(&p.to_le_bytes());
-            }
+            encode_offsets(runs, zero, &mut offsets);
             let header = PacketHeader {
                 kind: PacketKind::Pages,
                 raw,
@@ -279,7 +266,7 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
                 packet_num: 0, // assigned by the writer
                 payload_len: payload.len() as u32,
             };
-            let body_crc = payload.slices().iter().fold(crc32c::crc32c(&offsets), |c, s| crc32c::crc32c_append(c, s));
+            let body_crc = payload.slices().iter().fold(PacketCrc::new().body(&offsets), |c, s| c.body(s)).value();
             Counters::add(&ctx.counters.normal_pages, n_pages as u64);
             Counters::add(&ctx.counters.zero_pages, zero.len() as u64);
             let msg = ToSocket::Packet { header, offsets, payload, body_crc, recycle: recycle_tx.clone() };
@@ -295,7 +282,7 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
 pub fn run_writer(
     name: String,
     mut sock: TcpStream,
-    method: crate::codec::Method,
+    method: MethodCode,
     rx: Receiver<ToSocket>,
     limiter: Option<Arc<RateLimiter>>,
     counters: Arc<Counters>,
@@ -317,7 +304,7 @@ pub fn run_writer(
         header.packet_num = packet_num;
         packet_num += 1;
         let hdr = header.encode();
-        let crc = crc32c::crc32c_append(body_crc, &hdr).to_le_bytes();
+        let crc = PacketCrc::resume(body_crc).finish(&hdr).to_le_bytes();
         let total = header.wire_len();
         if let Some(l) = &limiter {
             l.acquire(total as u64);

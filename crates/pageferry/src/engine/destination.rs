@@ -13,7 +13,10 @@ use super::stats::{Counters, CpuMeter, DestinationReport};
 use super::{DestinationConfig, DestinationWorkload, MigrationError};
 use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{self, decode_offsets, packet_crc, Control, Hello, PacketHeader, PacketKind, Role, SessionId, WireError, PACKET_HEADER_LEN};
+use crate::wire::{
+    self, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
+    VersionRange, WireError, PACKET_HEADER_LEN, PROTOCOL_VERSION,
+};
 use crossbeam_channel::Sender;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -24,14 +27,33 @@ use std::time::{Duration, Instant};
 /// Provides the destination's memory once the source's region table is known.
 pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + 'a;
 
-/// Check a control Hello and get the memory it will fill; Err is the refusal both sides print.
-fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<GuestMemory, String> {
-    if h.version != wire::PROTOCOL_VERSION {
-        return Err(format!("protocol version mismatch: source speaks version {}, destination speaks version {}", h.version, wire::PROTOCOL_VERSION));
+/// What this destination announces in its Welcome: `recv --multifd-compression M` decodes
+/// only M (at any of its levels); no optional feature yet.
+fn capabilities(config: &DestinationConfig) -> Capabilities {
+    Capabilities { methods: vec![config.codec.method.caps()], features: Features::default() }
+}
+
+/// A method code's name for messages.
+fn method_name(code: MethodCode) -> String {
+    Method::from_code(code).map_or_else(|| format!("unknown {code}"), |m| m.name().to_string())
+}
+
+/// The protocol version to speak with a peer offering `versions`; Err is the refusal.
+fn negotiate(versions: VersionRange) -> Result<u16, String> {
+    VersionRange::SUPPORTED
+        .negotiate(versions)
+        .ok_or_else(|| format!("protocol version mismatch: source speaks {versions}, destination speaks {}", VersionRange::SUPPORTED))
+}
+
+/// Check a control Hello and get the memory it will fill and the version to speak; Err is
+/// the refusal both sides print.
+fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(GuestMemory, u16), String> {
+    let version = negotiate(h.versions)?;
+    if h.method != config.codec.method.code() {
+        return Err(format!("compression method mismatch: source uses {}, destination expects {}", method_name(h.method), config.codec.method));
     }
-    if h.method != config.codec.method {
-        return Err(format!("compression method mismatch: source uses {}, destination expects {}", h.method, config.codec.method));
-    }
+    let caps = capabilities(config);
+    caps.check(h.method, &method_name(h.method), h.level, &h.wants)?;
     if h.channels == 0 || h.channels > 256 {
         return Err(format!("bad channel count {}", h.channels));
     }
@@ -45,7 +67,7 @@ fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfi
         let show = |v: &[(String, u64)]| v.iter().map(|(n, l)| format!("{n}: {l} bytes")).collect::<Vec<_>>().join(", ");
         return Err(format!("memory layout mismatch: source has [{}], destination has [{}]", show(&h.regions), show(&ours)));
     }
-    Ok(memory)
+    Ok((memory, version))
 }
 
 /// Announced sizes against the protocol's and this destination's limits, before anything is
@@ -76,21 +98,29 @@ fn check_layout(regions: &[(String, u64)], max_memory: Option<u64>) -> Result<()
     Ok(())
 }
 
+/// Refusals are written in this build's version: the frame and body of Refuse are the same
+/// in every version, so any peer reads them.
 fn refuse(sock: &mut TcpStream, reason: &str) {
-    let _ = wire::write_frame(sock, &Control::Refuse { reason: reason.to_string() }, &[]);
+    let _ = wire::write_frame(sock, PROTOCOL_VERSION, &Control::Refuse { reason: reason.to_string() }, &[]);
 }
 
-/// Accept the control channel and all data channels of one session.
-fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(TcpStream, Vec<TcpStream>, Hello, GuestMemory), MigrationError> {
+fn welcome(sock: &mut TcpStream, version: u16, fresh: bool, config: &DestinationConfig) -> Result<(), WireError> {
+    wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities: capabilities(config) }, &[])
+}
+
+/// Accept the control channel and all data channels of one session; also returns the
+/// protocol version agreed on.
+fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(TcpStream, Vec<TcpStream>, Hello, GuestMemory, u16), MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
     let mut control: Option<(TcpStream, Hello, GuestMemory)> = None;
+    let mut version = PROTOCOL_VERSION;
     let mut data: Vec<Option<TcpStream>> = Vec::new();
     let mut fresh = false;
     loop {
         if control.is_some() && data.iter().all(|d| d.is_some()) {
             let (c, h, m) = control.take().unwrap();
-            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h, m));
+            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h, m, version));
         }
         if Instant::now() >= deadline {
             return Err(MigrationError::Other(format!(
@@ -113,8 +143,14 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
         // A real source speaks at once; a silent connection must not hold up the others long.
         sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
         let hello = match wire::read_frame_limited(&mut sock, wire::MAX_HANDSHAKE_BODY) {
-            Ok((Control::Hello(h), _)) => h,
-            Ok((other, _)) => {
+            Ok(Frame { msg: Control::Hello(h), .. }) => h,
+            Err(WireError::Version { peer, .. }) if control.is_none() => {
+                // A peer of a version whose Hello we cannot parse (1): tell it why.
+                let reason = format!("protocol version mismatch: source speaks {peer}, destination speaks {}", VersionRange::SUPPORTED);
+                refuse(&mut sock, &reason);
+                return Err(MigrationError::Refused(reason));
+            }
+            Ok(Frame { msg: other, .. }) => {
                 eprintln!("pageferry: dropping connection from {peer}: expected a handshake, got {other:?}");
                 continue;
             }
@@ -127,7 +163,10 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
         match (hello.role, session) {
             (Role::Control, None) => {
                 let memory = match check_hello(&hello, provide, config) {
-                    Ok(m) => m,
+                    Ok((m, v)) => {
+                        version = v;
+                        m
+                    }
                     Err(reason) => {
                         refuse(&mut sock, &reason);
                         return Err(MigrationError::Refused(reason));
@@ -135,8 +174,7 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                 };
                 fresh = memory.regions().iter().all(|r| r.is_fresh_zeroed());
                 sock.set_read_timeout(None).ok();
-                wire::write_frame(&mut sock, &Control::Welcome { fresh_destination: fresh }, &[])
-                    .map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
+                welcome(&mut sock, version, fresh, config).map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
                 data = (0..hello.channels).map(|_| None).collect();
                 control = Some((sock, hello, memory));
             }
@@ -146,7 +184,11 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                     refuse(&mut sock, &format!("unexpected or duplicate {:?} connection for channel {idx}", hello.role));
                     continue;
                 }
-                if let Err(e) = wire::write_frame(&mut sock, &Control::Welcome { fresh_destination: fresh }, &[]) {
+                if !hello.versions.contains(version) {
+                    refuse(&mut sock, &format!("protocol version mismatch: channel {idx} speaks {}, the session runs version {version}", hello.versions));
+                    continue;
+                }
+                if let Err(e) = welcome(&mut sock, version, fresh, config) {
                     eprintln!("pageferry: channel {idx}: {e}");
                     continue;
                 }
@@ -292,8 +334,8 @@ impl Reader<'_> {
         zero: &mut Vec<u32>,
     ) -> Result<(), PacketError> {
         let h = PacketHeader::decode(hdr)?;
-        if h.method != self.method {
-            return Err(WireError::malformed("packet", format!("method {} on a {} migration", h.method, self.method)).into());
+        if h.method != self.method.code() {
+            return Err(WireError::malformed("packet", format!("method {} on a {} migration", method_name(h.method), self.method)).into());
         }
         if h.packet_num != *expected_num {
             return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, expected_num)).into());
@@ -306,7 +348,7 @@ impl Reader<'_> {
         if h.kind == PacketKind::Sync {
             let mut crc = [0u8; 4];
             wire::read_exact(&mut self.sock, &mut crc, "in a sync packet")?;
-            check_crc(hdr, &[], &[], crc)?;
+            PacketCrc::new().check(hdr, crc)?;
             self.gate.arrive(h.round, &self.events)?;
             return Ok(());
         }
@@ -328,16 +370,8 @@ impl Reader<'_> {
         // Runs of consecutive pages as slices of guest memory.
         // SAFETY: offsets were checked against the region and are strictly increasing, so
         // the runs lie inside it and do not overlap.
-        let mut runs: Vec<&mut [u8]> = Vec::new();
-        let mut i = 0;
-        while i < normal.len() {
-            let mut j = i + 1;
-            while j < normal.len() && normal[j] == normal[j - 1] + 1 {
-                j += 1;
-            }
-            runs.push(unsafe { std::slice::from_raw_parts_mut(base.add(normal[i] as usize * PAGE_SIZE), (j - i) * PAGE_SIZE) });
-            i = j;
-        }
+        let mut runs: Vec<&mut [u8]> =
+            page_runs(normal).map(|(first, n)| unsafe { std::slice::from_raw_parts_mut(base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }).collect();
         if round == 0 && self.fresh[h.region as usize] {
             // Fresh memory: allocate the batch's pages in one call instead of one page fault
             // per 4 KiB page in the middle of decompression (faults are this path's largest
@@ -359,12 +393,11 @@ impl Reader<'_> {
                 _ => WireError::Io(e),
             })?;
             wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
-            let body = runs.iter().fold(crc32c::crc32c(offsets), |c, r| crc32c::crc32c_append(c, r));
-            check_crc_parts(body, hdr, crc)?;
+            runs.iter().fold(PacketCrc::new().body(offsets), |c, r| c.body(r)).check(hdr, crc)?;
         } else {
             wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
             wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
-            check_crc(hdr, offsets, &payload[..len], crc)?;
+            PacketCrc::new().body(offsets).body(&payload[..len]).check(hdr, crc)?;
             let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause });
             let codec = self.codec.as_mut();
             let no_codec = || WireError::malformed("packet", "compressed payload on a method-none migration");
@@ -442,23 +475,6 @@ fn read_exact_vectored(r: &mut impl Read, mut bufs: &mut [&mut [u8]]) -> std::io
     Ok(())
 }
 
-fn check_crc_parts(body_crc: u32, hdr: &[u8], crc: [u8; 4]) -> Result<(), WireError> {
-    let computed = crc32c::crc32c_append(body_crc, hdr);
-    let expected = u32::from_le_bytes(crc);
-    if computed != expected {
-        return Err(WireError::Crc { computed, expected });
-    }
-    Ok(())
-}
-
-fn check_crc(hdr: &[u8], offsets: &[u8], payload: &[u8], crc: [u8; 4]) -> Result<(), WireError> {
-    let computed = packet_crc(hdr, offsets, payload);
-    let expected = u32::from_le_bytes(crc);
-    if computed != expected {
-        return Err(WireError::Crc { computed, expected });
-    }
-    Ok(())
-}
 
 /// Receive a migration into `memory` on `listener`, then resume `workload` with the source's
 /// device state. Returns only after memory is complete (and verified, when the source asked).
@@ -481,7 +497,7 @@ pub fn run_destination_with(
 ) -> Result<(DestinationReport, GuestMemory), MigrationError> {
     let cpu = CpuMeter::start();
     let provider = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info().provider;
-    let (mut control, data, hello, memory) = accept_session(listener, provide, config)?;
+    let (mut control, data, hello, memory, version) = accept_session(listener, provide, config)?;
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
@@ -494,7 +510,7 @@ pub fn run_destination_with(
         std::thread::Builder::new()
             .name("pf-dst-control".into())
             .spawn(move || loop {
-                let r = wire::read_frame(&mut ctl_reader);
+                let r = wire::read_frame_at(&mut ctl_reader, version);
                 let stop = r.is_err();
                 if ev_tx.send(Event::Control(r)).is_err() || stop {
                     break;
@@ -508,19 +524,19 @@ pub fn run_destination_with(
         for (idx, sock) in data.into_iter().enumerate() {
             sock.set_read_timeout(Some(config.io_timeout)).ok();
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
-            let codec = match hello.method {
-                Method::None => None,
-                _ => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
+            let codec = match config.codec.method.compresses() {
+                false => None,
+                true => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
-            let reader = Reader { idx, sock, memory, method: hello.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy };
+            let reader = Reader { idx, sock, memory, method: config.codec.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy };
             std::thread::Builder::new()
                 .name(format!("pf-c{idx}-rx"))
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &mut control, memory, workload, &gate, &counters, &cpu, &provider, hello.verify);
+        let outcome = control_loop(&ev_rx, &mut control, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify);
         if let Err(e) = &outcome {
-            let _ = wire::write_frame(&mut control, &Control::Abort { reason: e.to_string() }, &[]);
+            let _ = wire::write_frame(&mut control, version, &Control::Abort { reason: e.to_string() }, &[]);
         }
         // Unblock readers (at the gate or in read) so the scope can end.
         gate.fail();
@@ -537,6 +553,7 @@ pub fn run_destination_with(
 fn control_loop(
     events: &crossbeam_channel::Receiver<Event>,
     control: &mut TcpStream,
+    version: u16,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,
     gate: &Gate,
@@ -563,7 +580,7 @@ fn control_loop(
         match event {
             Event::RoundComplete(k) => {
                 completed = Some(k);
-                wire::write_frame(control, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
+                wire::write_frame(control, version, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
             }
             Event::Failed(e) => {
                 // A source that gives up sends Abort on control and then closes its data
@@ -626,7 +643,7 @@ fn control_loop(
         done_not_delivered: false,
     };
     let mut report = report;
-    if wire::write_frame(control, &Control::Done { stats: serde_json::to_value(&report).expect("report serializes") }, &[]).is_err() {
+    if wire::write_frame(control, version, &Control::Done { report: report.clone() }, &[]).is_err() {
         // The guest runs here now; the source, without Done, stays paused and says so.
         report.done_not_delivered = true;
     }

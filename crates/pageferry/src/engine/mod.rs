@@ -114,7 +114,7 @@ impl Default for SourceConfig {
     fn default() -> Self {
         Self {
             channels: 2,
-            codec: CodecSpec::new(crate::codec::Method::None),
+            codec: CodecSpec::default(),
             pipeline_depth: None,
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
@@ -193,7 +193,7 @@ pub struct DestinationConfig {
 impl Default for DestinationConfig {
     fn default() -> Self {
         Self {
-            codec: CodecSpec::new(crate::codec::Method::None),
+            codec: CodecSpec::default(),
             accept_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(120),
             zero_copy: true,
@@ -242,3 +242,6 @@ impl From<DirtyError> for MigrationError {
         MigrationError::Dirty(e)
     }
 }
+
+// The engine maps wire page indexes to memory pages one to one.
+const _: () = assert!(crate::memory::PAGE_SIZE == crate::wire::PAGE_SIZE);

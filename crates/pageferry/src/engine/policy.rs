@@ -41,13 +41,16 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    pub const NONE: Candidate = Candidate { method: Method::None, level: 0 };
+    /// Method `none` (no compression).
+    pub fn none() -> Candidate {
+        Candidate { method: Method::default(), level: 0 }
+    }
 
     pub fn new(method: Method, level: i32) -> Self {
-        Self { method, level: if method == Method::None { 0 } else { level } }
+        Self { method, level: if method.compresses() { level } else { 0 } }
     }
     pub fn compresses(&self) -> bool {
-        self.method != Method::None
+        self.method.compresses()
     }
 }
 
@@ -72,7 +75,7 @@ impl FromStr for Candidate {
         let method: Method = m.trim().parse().map_err(|e: crate::codec::CodecError| e.to_string())?;
         let level = match l {
             Some(l) => l.trim().parse::<i32>().map_err(|_| format!("bad level in '{s}' (expected e.g. zstd:-1)"))?,
-            None => method.levels().2 as i32,
+            None => method.default_level() as i32,
         };
         Ok(Candidate::new(method, level))
     }
@@ -117,14 +120,7 @@ impl Default for AutoConfig {
 /// none, zstd at fast levels -5 and -1 and at 1 and 3, zlib at 1 (ISA-L when built with it).
 /// qatzip joins when a QAT device is present (the engine adds it).
 pub fn default_candidates() -> Vec<Candidate> {
-    vec![
-        Candidate::NONE,
-        Candidate::new(Method::Zstd, -5),
-        Candidate::new(Method::Zstd, -1),
-        Candidate::new(Method::Zstd, 1),
-        Candidate::new(Method::Zstd, 3),
-        Candidate::new(Method::Zlib, 1),
-    ]
+    ["none", "zstd:-5", "zstd:-1", "zstd:1", "zstd:3", "zlib:1"].iter().map(|c| c.parse().expect("registered methods")).collect()
 }
 
 /// What the data channels' writers did during one window.
@@ -254,7 +250,7 @@ impl Policy {
     /// `candidates` are what both sides support (`none` is added when missing); `workers` the
     /// compression workers, which bound the cores; `now` seconds on the caller's clock.
     pub fn new(candidates: &[Candidate], cfg: AutoConfig, workers: usize, now: f64) -> Self {
-        let mut cands = vec![Candidate::NONE];
+        let mut cands = vec![Candidate::none()];
         for c in candidates {
             if !cands.contains(c) {
                 cands.push(*c);
@@ -444,6 +440,10 @@ impl Policy {
 mod tests {
     use super::*;
 
+    fn named(name: &str) -> Method {
+        name.parse().unwrap()
+    }
+
     const BATCH: u64 = 512 << 10;
 
     /// A synthetic world: per-candidate CPU rate (raw bytes/s per core) and ratio (raw/wire),
@@ -461,11 +461,11 @@ mod tests {
             let c = |m, l, rate: f64, ratio| (Candidate::new(m, l), rate * cpu_scale, ratio);
             Self {
                 cpu: vec![
-                    c(Method::Zstd, -5, 900e6, 2.1),
-                    c(Method::Zstd, -1, 650e6, 2.5),
-                    c(Method::Zstd, 1, 410e6, 3.06),
-                    c(Method::Zstd, 3, 230e6, 3.34),
-                    c(Method::Zlib, 1, 480e6, 2.83),
+                    c(named("zstd"), -5, 900e6, 2.1),
+                    c(named("zstd"), -1, 650e6, 2.5),
+                    c(named("zstd"), 1, 410e6, 3.06),
+                    c(named("zstd"), 3, 230e6, 3.34),
+                    c(named("zlib"), 1, 480e6, 2.83),
                 ],
                 link,
                 now: 0.0,
@@ -507,7 +507,7 @@ mod tests {
         let mut w = World::new(12.5e6, 1.0);
         let mut p = w.policy();
         w.run(&mut p, 400);
-        assert_eq!(p.current(), Candidate::new(Method::Zstd, 3), "{}", p.report().last_reason);
+        assert_eq!(p.current(), Candidate::new(named("zstd"), 3), "{}", p.report().last_reason);
     }
 
     #[test]
@@ -516,9 +516,9 @@ mod tests {
         let mut w = World::new(2e9, 0.2);
         let mut p = w.policy();
         let used = w.run(&mut p, 600);
-        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+        assert_eq!(p.current(), Candidate::none(), "{}", p.report().last_reason);
         // After the first window it stays there, apart from probes.
-        let none = used[&Candidate::NONE];
+        let none = used[&Candidate::none()];
         assert!(none > 500, "none used for {none} of 600 batches: {used:?}");
     }
 
@@ -546,13 +546,13 @@ mod tests {
         let mut w = World::new(2e9, 0.2);
         let mut p = w.policy();
         w.run(&mut p, 300);
-        assert_eq!(p.current(), Candidate::NONE);
+        assert_eq!(p.current(), Candidate::none());
         w.link = 12.5e6;
         w.run(&mut p, 300);
         assert!(p.current().compresses(), "slow link, still {}: {}", p.current(), p.report().last_reason);
         w.link = 2e9;
         w.run(&mut p, 300);
-        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+        assert_eq!(p.current(), Candidate::none(), "{}", p.report().last_reason);
         let r = p.report();
         assert!(r.switches >= 2, "{r:?}");
         assert!(r.share_of("none") > 0.3 && r.share_of("none") < 0.9, "{}", r.summary());
@@ -576,8 +576,8 @@ mod tests {
     fn near_ties_do_not_flap() {
         // Two candidates 3% apart, measurements jittering by ±4% window to window: the
         // hysteresis keeps whichever was chosen first.
-        let a = Candidate::new(Method::Zstd, 1);
-        let b = Candidate::new(Method::Zlib, 1);
+        let a = Candidate::new(named("zstd"), 1);
+        let b = Candidate::new(named("zlib"), 1);
         let mut p = Policy::new(&[a, b], AutoConfig { probe_gap: 4, ..Default::default() }, 2, 0.0);
         let mut now = 0.0;
         for k in 0..200 {
@@ -620,15 +620,15 @@ mod tests {
             }
             p.decide(now, LinkSample { wire_bytes: 64 * BATCH, busy_s: 0.128, writers: 2, wall_s: 0.064, cap: Some(500e6) });
         }
-        assert_eq!(p.current(), Candidate::NONE, "{}", p.report().last_reason);
+        assert_eq!(p.current(), Candidate::none(), "{}", p.report().last_reason);
     }
 
     #[test]
     fn candidates_parse_and_print() {
-        assert_eq!("zstd:-1".parse::<Candidate>(), Ok(Candidate::new(Method::Zstd, -1)));
-        assert_eq!("zlib".parse::<Candidate>(), Ok(Candidate::new(Method::Zlib, 1)));
-        assert_eq!("none".parse::<Candidate>(), Ok(Candidate::NONE));
-        assert_eq!(Candidate::new(Method::Zstd, -5).to_string(), "zstd:-5");
+        assert_eq!("zstd:-1".parse::<Candidate>(), Ok(Candidate::new(named("zstd"), -1)));
+        assert_eq!("zlib".parse::<Candidate>(), Ok(Candidate::new(named("zlib"), 1)));
+        assert_eq!("none".parse::<Candidate>(), Ok(Candidate::none()));
+        assert_eq!(Candidate::new(named("zstd"), -5).to_string(), "zstd:-5");
         assert!("lz4:1".parse::<Candidate>().is_err());
         assert!("zstd:x".parse::<Candidate>().is_err());
     }

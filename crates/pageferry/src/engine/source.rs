@@ -18,7 +18,7 @@ use super::{MigrationError, SourceConfig, SourceWorkload};
 use crate::codec::{self, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{self, Control, Hello, Role, SessionId, WireError};
+use crate::wire::{self, Capabilities, Control, Features, Hello, Role, SessionId, VersionRange, WireError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -53,14 +53,30 @@ fn connect(addr: &str, timeout: Duration) -> Result<TcpStream, MigrationError> {
     }
 }
 
-/// Send `hello` and read the destination's answer.
-fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<bool, MigrationError> {
+/// What the destination's Welcome said.
+struct Welcome {
+    version: u16,
+    capabilities: Capabilities,
+}
+
+/// Send `hello` and read the destination's answer; checks that the agreed version is one
+/// the source offered.
+fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<Welcome, MigrationError> {
     sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
-    wire::write_frame(sock, &Control::Hello(hello), &[]).map_err(wire_err(name))?;
-    let (reply, _) = wire::read_frame(sock).map_err(wire_err(name))?;
+    let offered = hello.versions;
+    wire::write_frame(sock, offered.max, &Control::Hello(hello), &[]).map_err(wire_err(name))?;
+    let reply = wire::read_frame(sock).map_err(|e| match e {
+        WireError::Closed(_) => MigrationError::Refused(format!(
+            "the destination closed the {name} during the handshake (a pageferry speaking only protocol version 1 does that; this source speaks {offered})"
+        )),
+        e => MigrationError::Wire { channel: name.into(), cause: e },
+    })?;
     sock.set_read_timeout(None).ok();
-    match reply {
-        Control::Welcome { fresh_destination } => Ok(fresh_destination),
+    match reply.msg {
+        Control::Welcome { version, capabilities, .. } if offered.contains(version) && reply.version == version => Ok(Welcome { version, capabilities }),
+        Control::Welcome { version, .. } => Err(MigrationError::Refused(format!(
+            "protocol version mismatch: the destination chose version {version}, this source speaks {offered}"
+        ))),
         Control::Refuse { reason } | Control::Abort { reason } => Err(MigrationError::Refused(reason)),
         other => Err(MigrationError::Wire { channel: name.into(), cause: WireError::malformed("handshake reply", format!("{other:?}")) }),
     }
@@ -73,6 +89,17 @@ fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<bool, Mig
 /// pessimistic by the ratio and keep iterating rounds whose remainder already fits).
 pub(crate) fn switchover_estimate(remaining: f64, raw_rate: f64) -> Duration {
     Duration::from_secs_f64(if raw_rate > 0.0 { remaining / raw_rate } else { 0.0 })
+}
+
+/// Check the destination's capabilities against what this source will send; on a mismatch
+/// tell the destination (Abort) and fail with the reason.
+fn check_capabilities(sock: &mut TcpStream, welcome: &Welcome, config: &SourceConfig, wants: &Features) -> Result<(), MigrationError> {
+    let m = config.codec.method;
+    if let Err(reason) = welcome.capabilities.check(m.code(), m.name(), config.codec.level, wants) {
+        let _ = wire::write_frame(sock, welcome.version, &Control::Abort { reason: reason.clone() }, &[]);
+        return Err(MigrationError::Refused(reason));
+    }
+    Ok(())
 }
 
 /// Migrate `memory` to the destination listening at `addr`.
@@ -103,23 +130,32 @@ pub fn run_source(
     drop(probe);
 
     let session = SessionId::random();
+    let wants = Features::default();
     let hello = |role, channel| Hello {
-        version: wire::PROTOCOL_VERSION,
+        versions: VersionRange::SUPPORTED,
         session,
         role,
         channel,
         channels: config.channels as u16,
-        method: config.codec.method,
+        method: config.codec.method.code(),
         level: config.codec.level,
         regions: memory.layout(),
+        wants,
         verify: config.verify,
     };
     let mut control = connect(addr, config.connect_timeout)?;
-    handshake(&mut control, hello(Role::Control, 0), "control channel")?;
+    let welcome = handshake(&mut control, hello(Role::Control, 0), "control channel")?;
+    check_capabilities(&mut control, &welcome, config, &wants)?;
+    let version = welcome.version;
     let mut data = Vec::with_capacity(config.channels);
     for i in 0..config.channels {
+        let name = format!("channel {i}");
         let mut s = connect(addr, config.connect_timeout)?;
-        handshake(&mut s, hello(Role::Data, i as u16), &format!("channel {i}"))?;
+        let w = handshake(&mut s, hello(Role::Data, i as u16), &name)?;
+        if w.version != version {
+            let e = WireError::malformed("handshake reply", format!("version {} on {name}, {version} on the control channel", w.version));
+            return Err(MigrationError::Wire { channel: name, cause: e });
+        }
         data.push(s);
     }
     tracker.start(memory)?;
@@ -130,7 +166,7 @@ pub fn run_source(
     std::thread::Builder::new()
         .name("pf-src-control".into())
         .spawn(move || loop {
-            let r = wire::read_frame(&mut reader_sock);
+            let r = wire::read_frame_at(&mut reader_sock, version);
             let stop = r.is_err();
             if ctl_tx.send(r).is_err() || stop {
                 break;
@@ -166,7 +202,7 @@ pub fn run_source(
                     .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
             }
             let (counters, failure, limiter) = (counters.clone(), failure.clone(), limiter.clone());
-            let method = config.codec.method;
+            let method = config.codec.method.code();
             writers.push(
                 std::thread::Builder::new()
                     .name(format!("pf-c{i}-tx"))
@@ -186,6 +222,7 @@ pub fn run_source(
             to_sockets,
             ctl_rx: &ctl_rx,
             control: &mut control,
+            version,
             counters: &counters,
             failure: &failure,
             outstanding: &outstanding,
@@ -215,7 +252,7 @@ pub fn run_source(
             // Tell the destination why; it prints the same reason. Not after the commit point:
             // the destination may already run the guest, and nothing can take that back.
             if !matches!(e, MigrationError::OutcomeUnknown(_)) {
-                let _ = wire::write_frame(run.control, &Control::Abort { reason: e.to_string() }, &[]);
+                let _ = wire::write_frame(run.control, run.version, &Control::Abort { reason: e.to_string() }, &[]);
             }
         }
         run.work_tx = None;
@@ -269,6 +306,8 @@ struct SourceRun<'a> {
     to_sockets: Vec<Sender<ToSocket>>,
     ctl_rx: &'a Receiver<Result<(Control, Vec<u8>), WireError>>,
     control: &'a mut TcpStream,
+    /// The protocol version agreed in the handshake.
+    version: u16,
     counters: &'a Counters,
     failure: &'a Failure,
     outstanding: &'a Outstanding,
@@ -354,7 +393,7 @@ impl SourceRun<'_> {
             let digest = digest.map(|d| format!("{d:032x}"));
             // A Finish that could not be written whole cannot have been accepted (the frame's
             // CRC covers all of it), so a write error here is still a plain failure.
-            wire::write_frame(self.control, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
+            wire::write_frame(self.control, self.version, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
             committed = true;
             let dest = self.wait_done()?;
             Ok::<_, MigrationError>(dest)
@@ -539,10 +578,7 @@ impl SourceRun<'_> {
     fn wait_done(&mut self) -> Result<DestinationReport, MigrationError> {
         loop {
             match self.next_control()? {
-                (Control::Done { stats }, _) => {
-                    return serde_json::from_value(stats)
-                        .map_err(|e| MigrationError::Wire { channel: "control channel".into(), cause: WireError::malformed("Done", e.to_string()) })
-                }
+                (Control::Done { report }, _) => return Ok(report),
                 m => self.unexpected(Ok(m))?,
             }
         }

@@ -90,29 +90,8 @@ pub fn mbps(bytes: u64, secs: f64) -> f64 {
     }
 }
 
-/// What the destination reports back at the end (inside `Control::Done`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct DestinationReport {
-    pub cpu_s: f64,
-    pub wall_s: f64,
-    pub pages: u64,
-    pub zero_pages: u64,
-    pub wire_bytes: u64,
-    pub verify_ms: f64,
-    pub verified: bool,
-    pub rounds: u32,
-    /// Who decompressed ("libdeflate", "qat (software path)", ...).
-    pub provider: String,
-    /// Peak anonymous memory of the destination process seen during the migration (guest
-    /// memory that is anonymous counts here too).
-    #[serde(default)]
-    pub peak_rss_anon_bytes: u64,
-    /// The destination resumed (the commit point was passed) but could not deliver `Done` to
-    /// the source: the source then reports the outcome as unknown and stays paused, so the
-    /// operator must tell it (the destination is the one running).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub done_not_delivered: bool,
-}
+/// What the destination reports back at the end (inside `Control::Done`): a wire type.
+pub use crate::wire::DestinationReport;
 
 /// The source's final report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

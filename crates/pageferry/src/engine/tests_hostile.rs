@@ -9,12 +9,16 @@ use super::*;
 use crate::codec::{self, Codec, CodecSpec, Method};
 use crate::dirty::StaticTracker;
 use crate::memory::{GuestMemory, MemoryRegion, MmapRegion, PAGE_SIZE};
-use crate::wire::{self, packet_crc, Control, Hello, PacketHeader, PacketKind, Role, SessionId, PROTOCOL_VERSION};
+use crate::wire::{self, encode_packet, Control, Hello, PacketHeader, PacketKind, Role, SessionId, VersionRange, PROTOCOL_VERSION};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+fn named(name: &str) -> Method {
+    name.parse().unwrap()
+}
 
 /// Longest a destination may take to notice anything; beyond it the test fails as a hang.
 const WATCHDOG: Duration = Duration::from_secs(20);
@@ -148,7 +152,18 @@ fn await_destination(rx: &Receiver<DestResult>) -> DestResult {
 }
 
 fn hello(session: SessionId, role: Role, channel: u16, channels: u16, method: Method, regions: Vec<(String, u64)>) -> Control {
-    Control::Hello(Hello { version: PROTOCOL_VERSION, session, role, channel, channels, method, level: method.levels().2, regions, verify: true })
+    Control::Hello(Hello {
+        versions: VersionRange::SUPPORTED,
+        session,
+        role,
+        channel,
+        channels,
+        method: method.code(),
+        level: method.default_level(),
+        regions,
+        wants: Default::default(),
+        verify: true,
+    })
 }
 
 fn connect(addr: &str) -> TcpStream {
@@ -160,7 +175,7 @@ fn connect(addr: &str) -> TcpStream {
 }
 
 fn expect_welcome(s: &mut TcpStream) {
-    match wire::read_frame(s).unwrap() {
+    match wire::read_frame_at(s, PROTOCOL_VERSION).unwrap() {
         (Control::Welcome { .. }, _) => {}
         (other, _) => panic!("expected Welcome, got {other:?}"),
     }
@@ -187,12 +202,12 @@ impl Evil {
         let dest = spawn_destination(listener, memory.clone(), method, recorder.clone());
         let session = SessionId::random();
         let mut ctl = connect(&addr);
-        wire::write_frame(&mut ctl, &hello(session, Role::Control, 0, channels, method, memory.layout()), &[]).unwrap();
+        wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(session, Role::Control, 0, channels, method, memory.layout()), &[]).unwrap();
         expect_welcome(&mut ctl);
         let data = (0..channels)
             .map(|i| {
                 let mut s = connect(&addr);
-                wire::write_frame(&mut s, &hello(session, Role::Data, i, channels, method, memory.layout()), &[]).unwrap();
+                wire::write_frame(&mut s, PROTOCOL_VERSION, &hello(session, Role::Data, i, channels, method, memory.layout()), &[]).unwrap();
                 expect_welcome(&mut s);
                 s
             })
@@ -230,7 +245,7 @@ impl Evil {
     }
 
     fn sync(&mut self, ch: usize, round: u32) -> Vec<u8> {
-        let h = PacketHeader::sync(self.method, round, 0);
+        let h = PacketHeader::sync(self.method.code(), round, 0);
         self.packet(ch, h, &[], &[])
     }
 
@@ -242,7 +257,7 @@ impl Evil {
 
     /// Next control message (the destination's RoundDone, Done or Abort).
     fn control(&mut self) -> Control {
-        wire::read_frame(&mut self.ctl).unwrap_or_else(|e| panic!("reading the control channel: {e}")).0
+        wire::read_frame_at(&mut self.ctl, PROTOCOL_VERSION).unwrap_or_else(|e| panic!("reading the control channel: {e}")).0
     }
 
     fn expect_round_done(&mut self, round: u32) {
@@ -253,7 +268,7 @@ impl Evil {
     }
 
     fn finish(&mut self, round: u32, digest: Option<String>, state: &[u8]) {
-        wire::write_frame(&mut self.ctl, &Control::Finish { round, digest }, state).unwrap();
+        wire::write_frame(&mut self.ctl, PROTOCOL_VERSION, &Control::Finish { round, digest }, state).unwrap();
     }
 
     /// The destination must fail, naming every needle; it must tell the source the same
@@ -270,7 +285,7 @@ impl Evil {
         assert!(self.recorder.resumed.lock().unwrap().is_none(), "a failed migration resumed the workload");
         // The Abort on the control channel carries the same reason (after any RoundDone).
         loop {
-            match wire::read_frame(&mut self.ctl) {
+            match wire::read_frame_at(&mut self.ctl, PROTOCOL_VERSION) {
                 Ok((Control::RoundDone { .. }, _)) => continue,
                 Ok((Control::Abort { reason }, _)) => {
                     assert_eq!(reason, e, "the Abort sent to the source differs from the destination's error");
@@ -285,14 +300,12 @@ impl Evil {
 }
 
 fn header(method: Method, raw: bool, round: u32, region: u16, normal: usize, zero: usize) -> PacketHeader {
-    PacketHeader { kind: PacketKind::Pages, raw, method, region, normal: normal as u16, zero: zero as u16, round, packet_num: 0, payload_len: 0 }
+    PacketHeader { kind: PacketKind::Pages, raw, method: method.code(), region, normal: normal as u16, zero: zero as u16, round, packet_num: 0, payload_len: 0 }
 }
 
 fn encode(h: &PacketHeader, offsets: &[u32], payload: &[u8]) -> Vec<u8> {
-    let hdr = h.encode();
     let offs: Vec<u8> = offsets.iter().flat_map(|p| p.to_le_bytes()).collect();
-    let crc = packet_crc(&hdr, &offs, payload);
-    [&hdr[..], &offs, payload, &crc.to_le_bytes()].concat()
+    encode_packet(h, &offs, payload)
 }
 
 fn zstd_frame(content: &[u8], with_size: bool) -> Vec<u8> {
@@ -311,7 +324,7 @@ fn truncated_packet_fails_as_closed() {
         let targets: &[u32] = if scattered { &[10, 12, 13, 20] } else { &[10, 11, 12, 13] };
         let full_len = 32 + 16 + 4 * PAGE_SIZE + 4;
         for cut in [10, 32 + 6, 32 + 16 + 2 * PAGE_SIZE + 5, full_len - 1] {
-            let mut ev = Evil::start(Method::None, 1);
+            let mut ev = Evil::start(named("none"), 1);
             let mut model = Model::canary();
             let first = ev.pages(0, 0, 0, &[0, 1], &[], &pages(&[1, 2]));
             ev.send(0, &first);
@@ -333,7 +346,7 @@ fn truncated_packet_fails_as_closed() {
 
 #[test]
 fn peer_dying_mid_round_fails_without_touching_other_memory() {
-    let mut ev = Evil::start(Method::None, 2);
+    let mut ev = Evil::start(named("none"), 2);
     let a = ev.pages(0, 0, 0, &[0, 1, 2, 3], &[], &pages(&[1, 2, 3, 4]));
     ev.send(0, &a);
     let s = ev.sync(0, 0);
@@ -361,7 +374,7 @@ fn crc_mismatch_in_payload_fails() {
     // Raw, contiguous or scattered: the payload lands in place before the CRC is checked, so
     // only its target pages may differ.
     for targets in [[5u32, 6, 7], [5, 7, 9]] {
-        let mut ev = Evil::start(Method::None, 1);
+        let mut ev = Evil::start(named("none"), 1);
         let mut bad = ev.pages(0, 0, 0, &targets, &[], &pages(&[1, 2, 3]));
         bad[32 + 12 + PAGE_SIZE + 100] ^= 0x20;
         ev.send(0, &bad);
@@ -371,7 +384,7 @@ fn crc_mismatch_in_payload_fails() {
     }
 
     // Compressed (contiguous or not): checked before anything is written.
-    for (method, targets) in [(Method::Zstd, &[5u32, 6, 7][..]), (Method::Zstd, &[5, 7, 9]), (Method::Zlib, &[5, 6, 7]), (Method::Zlib, &[5, 7, 9])] {
+    for (method, targets) in [(named("zstd"), &[5u32, 6, 7][..]), (named("zstd"), &[5, 7, 9]), (named("zlib"), &[5, 6, 7]), (named("zlib"), &[5, 7, 9])] {
         let mut ev = Evil::start(method, 1);
         let mut bad = ev.pages(0, 0, 0, targets, &[11], &pages(&[1, 2, 3]));
         let n = bad.len();
@@ -383,7 +396,7 @@ fn crc_mismatch_in_payload_fails() {
 
     // A flipped bit in the offsets (still a valid page list: 5 becomes 4) or in the CRC.
     for (at, bit) in [(32usize, 0x01u8), (usize::MAX, 0x80)] {
-        let mut ev = Evil::start(Method::Zstd, 1);
+        let mut ev = Evil::start(named("zstd"), 1);
         let mut bad = ev.pages(0, 0, 0, &[5, 6], &[], &pages(&[1, 2]));
         let i = if at == usize::MAX { bad.len() - 1 } else { at };
         bad[i] ^= bit;
@@ -395,7 +408,7 @@ fn crc_mismatch_in_payload_fails() {
 
 #[test]
 fn garbage_payload_with_valid_crc_fails_to_decompress() {
-    for (method, targets) in [(Method::Zstd, &[3u32, 4][..]), (Method::Zstd, &[3, 9]), (Method::Zlib, &[3, 4]), (Method::Zlib, &[3, 9])] {
+    for (method, targets) in [(named("zstd"), &[3u32, 4][..]), (named("zstd"), &[3, 9]), (named("zlib"), &[3, 4]), (named("zlib"), &[3, 9])] {
         let mut ev = Evil::start(method, 1);
         let garbage: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let h = header(method, false, 0, 0, 2, 0);
@@ -411,7 +424,7 @@ fn garbage_payload_with_valid_crc_fails_to_decompress() {
 #[test]
 fn pages_outside_the_region_are_rejected() {
     for (region, normal, zero) in [(1u16, &[15u32, 16][..], &[][..]), (1, &[0], &[16]), (0, &[], &[u32::MAX]), (0, &[1, 64], &[])] {
-        let mut ev = Evil::start(Method::None, 1);
+        let mut ev = Evil::start(named("none"), 1);
         let tags: Vec<u8> = (0..normal.len() as u8).collect();
         let bad = ev.pages(0, 0, region, normal, zero, &pages(&tags));
         ev.send(0, &bad);
@@ -426,25 +439,25 @@ fn payload_inflating_beyond_its_batch_is_rejected() {
     // A zstd frame of 2 pages declared as 1 normal page, with and without the content size
     // in the frame: the decompressor must stop at the page, never write past it.
     for with_size in [true, false] {
-        let mut ev = Evil::start(Method::Zstd, 1);
+        let mut ev = Evil::start(named("zstd"), 1);
         let frame = zstd_frame(&pages(&[1, 2]), with_size);
         assert!(frame.len() < PAGE_SIZE);
-        let pkt = ev.packet(0, header(Method::Zstd, false, 0, 0, 1, 0), &[7], &frame);
+        let pkt = ev.packet(0, header(named("zstd"), false, 0, 0, 1, 0), &[7], &frame);
         ev.send(0, &pkt);
         let (_, mem) = ev.expect_failure(&["zstd decompression failed"]);
         Model::canary().check(&mem, &[(0, 7)]);
     }
     // Scattered target pages (decompressed into a bounce buffer): same.
-    let mut ev = Evil::start(Method::Zstd, 1);
+    let mut ev = Evil::start(named("zstd"), 1);
     let frame = zstd_frame(&pages(&[1, 2, 3]), false);
-    let pkt = ev.packet(0, header(Method::Zstd, false, 0, 0, 2, 0), &[7, 9], &frame);
+    let pkt = ev.packet(0, header(named("zstd"), false, 0, 0, 2, 0), &[7, 9], &frame);
     ev.send(0, &pkt);
     let (_, mem) = ev.expect_failure(&["zstd decompression failed"]);
     Model::canary().check(&mem, &[]);
     // And the other way round: a frame of 1 page declared as 2 pages.
-    let mut ev = Evil::start(Method::Zstd, 1);
+    let mut ev = Evil::start(named("zstd"), 1);
     let frame = zstd_frame(&page(1), true);
-    let pkt = ev.packet(0, header(Method::Zstd, false, 0, 0, 2, 0), &[7, 8], &frame);
+    let pkt = ev.packet(0, header(named("zstd"), false, 0, 0, 2, 0), &[7, 8], &frame);
     ev.send(0, &pkt);
     let (e, mem) = ev.expect_failure(&["zstd decompression failed"]);
     assert!(e.contains("inflated to 4096 bytes, expected 8192") || e.contains("Src size"), "{e}");
@@ -454,14 +467,14 @@ fn payload_inflating_beyond_its_batch_is_rejected() {
 #[test]
 fn wrong_or_unknown_method_in_a_packet_is_rejected() {
     // A raw packet of method none on a zstd migration.
-    let mut ev = Evil::start(Method::Zstd, 1);
-    let pkt = ev.packet(0, header(Method::None, true, 0, 0, 1, 0), &[2], &page(1));
+    let mut ev = Evil::start(named("zstd"), 1);
+    let pkt = ev.packet(0, header(named("none"), true, 0, 0, 1, 0), &[2], &page(1));
     ev.send(0, &pkt);
     let (_, mem) = ev.expect_failure(&["method none on a zstd migration"]);
     Model::canary().check(&mem, &[]);
     // A method code nobody knows.
-    let mut ev = Evil::start(Method::Zstd, 1);
-    let mut pkt = ev.packet(0, header(Method::Zstd, false, 0, 0, 1, 0), &[2], &zstd_frame(&page(1), true));
+    let mut ev = Evil::start(named("zstd"), 1);
+    let mut pkt = ev.packet(0, header(named("zstd"), false, 0, 0, 1, 0), &[2], &zstd_frame(&page(1), true));
     pkt[6] = 9;
     ev.send(0, &pkt);
     let (_, mem) = ev.expect_failure(&["unknown method code 9"]);
@@ -470,7 +483,7 @@ fn wrong_or_unknown_method_in_a_packet_is_rejected() {
 
 #[test]
 fn packet_of_a_completed_round_is_rejected_and_never_applied() {
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     let mut model = Model::canary();
     let a = ev.pages(0, 0, 0, &[2], &[], &page(1));
     ev.send(0, &a);
@@ -489,7 +502,7 @@ fn packet_of_a_completed_round_is_rejected_and_never_applied() {
 #[test]
 fn packet_number_gap_or_replay_is_rejected() {
     for next in [2u64, 0, u64::MAX] {
-        let mut ev = Evil::start(Method::None, 1);
+        let mut ev = Evil::start(named("none"), 1);
         let mut model = Model::canary();
         let a = ev.pages(0, 0, 0, &[1], &[], &page(1));
         ev.send(0, &a);
@@ -505,14 +518,14 @@ fn packet_number_gap_or_replay_is_rejected() {
 #[test]
 fn sync_for_the_wrong_round_is_rejected() {
     // Sync(1) while round 0 is open; and Sync(0) again once round 0 is over.
-    let mut ev = Evil::start(Method::None, 2);
+    let mut ev = Evil::start(named("none"), 2);
     let s = ev.sync(0, 0);
     ev.send(0, &s);
     let s = ev.sync(1, 1);
     ev.send(1, &s);
     ev.expect_failure(&["round 1 during round 0"]);
 
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     let s = ev.sync(0, 0);
     ev.send(0, &s);
     ev.expect_round_done(0);
@@ -525,7 +538,7 @@ fn sync_for_the_wrong_round_is_rejected() {
 #[test]
 fn unknown_region_id_is_rejected() {
     for region in [2u16, u16::MAX] {
-        let mut ev = Evil::start(Method::None, 1);
+        let mut ev = Evil::start(named("none"), 1);
         let pkt = ev.pages(0, 0, region, &[0], &[], &page(1));
         ev.send(0, &pkt);
         let (_, mem) = ev.expect_failure(&[&format!("region {region} does not exist (2 regions)")]);
@@ -535,7 +548,7 @@ fn unknown_region_id_is_rejected() {
 
 #[test]
 fn finish_with_a_wrong_digest_is_a_verification_failure() {
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     let mut model = Model::canary();
     let a = ev.pages(0, 0, 0, &[0], &[1], &page(1));
     ev.send(0, &a);
@@ -551,7 +564,7 @@ fn finish_with_a_wrong_digest_is_a_verification_failure() {
     model.check(&mem, &[]);
 
     // A digest that is not even hex.
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     let s = ev.sync(0, 0);
     ev.send(0, &s);
     ev.expect_round_done(0);
@@ -561,7 +574,7 @@ fn finish_with_a_wrong_digest_is_a_verification_failure() {
 
 #[test]
 fn finish_for_a_round_already_passed_is_rejected() {
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     for round in 0..2 {
         let s = ev.sync(0, round);
         ev.send(0, &s);
@@ -573,8 +586,8 @@ fn finish_for_a_round_already_passed_is_rejected() {
 
 #[test]
 fn abort_from_the_source_ends_the_destination_with_its_reason() {
-    let mut ev = Evil::start(Method::None, 1);
-    wire::write_frame(&mut ev.ctl, &Control::Abort { reason: "operator pressed ^C".into() }, &[]).unwrap();
+    let mut ev = Evil::start(named("none"), 1);
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Abort { reason: "operator pressed ^C".into() }, &[]).unwrap();
     let e = await_destination(&ev.dest).unwrap_err().to_string();
     assert!(e.contains("peer aborted") && e.contains("operator pressed ^C"), "{e}");
 }
@@ -583,7 +596,7 @@ fn abort_from_the_source_ends_the_destination_with_its_reason() {
 
 #[test]
 fn late_stale_copy_never_wins() {
-    for method in [Method::None, Method::Zstd] {
+    for method in [named("none"), named("zstd")] {
         let mut ev = Evil::start(method, 2);
         let mut model = Model::canary();
         const P: u32 = 5;
@@ -611,7 +624,7 @@ fn late_stale_copy_never_wins() {
         model.set(0, P, &b);
         ev.finish(1, Some(format!("{:032x}", model.digest())), b"device state");
         match ev.control() {
-            Control::Done { stats } => assert_eq!(stats["rounds"], 2, "{stats}"),
+            Control::Done { report } => assert_eq!(report.rounds, 2, "{report:?}"),
             other => panic!("{method}: expected Done, got {other:?}"),
         }
         let report = await_destination(&ev.dest).unwrap_or_else(|e| panic!("{method}: {e}"));
@@ -627,7 +640,7 @@ fn late_stale_copy_never_wins() {
 fn valid_zero_only_packets_are_applied() {
     // A batch of zero pages only (no payload) is what a source sends for untouched memory;
     // on a destination that is not fresh, the zeros must be written.
-    for method in [Method::Zlib, Method::Zstd, Method::None] {
+    for method in [named("zlib"), named("zstd"), named("none")] {
         let mut ev = Evil::start(method, 1);
         let mut model = Model::canary();
         let z = ev.pages(0, 0, 1, &[], &[0, 1, 2, 15], &[]);
@@ -661,7 +674,7 @@ fn real_source_zero_batches_overwrite_a_non_fresh_destination() {
         let at = p * PAGE_SIZE;
         unsafe { std::ptr::copy_nonoverlapping(page(p as u8).as_ptr(), src.region(0).unwrap().host_ptr().add(at), PAGE_SIZE) };
     }
-    for method in [Method::Zstd, Method::Zlib, Method::None] {
+    for method in [named("zstd"), named("zlib"), named("none")] {
         let dst = memory_filled(&[300, 200], CANARY);
         let (r, d) = migrate_with(&src, &dst, source_config(method, 2), method);
         let r = r.unwrap_or_else(|e| panic!("{method}: source: {e}"));
@@ -698,7 +711,7 @@ fn refused_reason(e: &MigrationError) -> &str {
 fn method_mismatch_is_refused_with_the_same_reason_on_both_sides() {
     let src = super::tests::test_memory([64, 16]);
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, source_config(Method::Zstd, 2), Method::Zlib);
+    let (r, d) = migrate_with(&src, &dst, source_config(named("zstd"), 2), named("zlib"));
     let (se, de) = (r.unwrap_err(), d.unwrap_err());
     let (sr, dr) = (refused_reason(&se), refused_reason(&de));
     assert_eq!(sr, dr);
@@ -712,7 +725,7 @@ fn method_mismatch_is_refused_with_the_same_reason_on_both_sides() {
 fn layout_mismatch_is_refused_with_the_same_reason_on_both_sides() {
     let src = super::tests::test_memory([64, 17]);
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, source_config(Method::None, 1), Method::None);
+    let (r, d) = migrate_with(&src, &dst, source_config(named("none"), 1), named("none"));
     let (se, de) = (r.unwrap_err(), d.unwrap_err());
     assert_eq!(refused_reason(&se), refused_reason(&de));
     for e in [se.to_string(), de.to_string()] {
@@ -722,24 +735,94 @@ fn layout_mismatch_is_refused_with_the_same_reason_on_both_sides() {
     Model::canary().check(&dst, &[]);
 }
 
-#[test]
-fn protocol_version_mismatch_is_refused() {
+/// Send a control Hello offering `versions`; the destination's answer and its result.
+fn hello_with_versions(versions: VersionRange) -> (Control, u16, Receiver<DestResult>) {
     let dst = memory_filled(&LAYOUT, CANARY);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let dest = spawn_destination(listener, dst.clone(), Method::None, Recorder::default());
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
     let mut ctl = connect(&addr);
-    let mut h = match hello(SessionId::random(), Role::Control, 0, 1, Method::None, dst.layout()) {
+    let mut h = match hello(SessionId::random(), Role::Control, 0, 1, named("none"), dst.layout()) {
         Control::Hello(h) => h,
         _ => unreachable!(),
     };
-    h.version = 99;
-    wire::write_frame(&mut ctl, &Control::Hello(h), &[]).unwrap();
-    let reason = match wire::read_frame(&mut ctl).unwrap().0 {
+    h.versions = versions;
+    wire::write_frame(&mut ctl, versions.max, &Control::Hello(h), &[]).unwrap();
+    let reply = wire::read_frame(&mut ctl).unwrap();
+    (reply.msg, reply.version, dest)
+}
+
+fn expect_refused(reply: Control, dest: &Receiver<DestResult>, needles: &[&str]) {
+    let reason = match reply {
         Control::Refuse { reason } => reason,
         other => panic!("expected Refuse, got {other:?}"),
     };
-    assert!(reason.contains("protocol version mismatch") && reason.contains("99") && reason.contains(&PROTOCOL_VERSION.to_string()), "{reason}");
+    for n in needles {
+        assert!(reason.contains(n), "'{reason}' does not mention '{n}'");
+    }
+    let de = await_destination(dest).unwrap_err();
+    assert_eq!(refused_reason(&de), reason);
+}
+
+#[test]
+fn protocol_version_mismatch_is_refused() {
+    // A Hello of a later version range with nothing in common, parsed and refused naming both.
+    let (reply, _, dest) = hello_with_versions(VersionRange { min: 98, max: 99 });
+    expect_refused(reply, &dest, &["protocol version mismatch", "source speaks versions 98..=99", &format!("destination speaks version {PROTOCOL_VERSION}")]);
+}
+
+#[test]
+fn a_source_two_versions_behind_is_refused_naming_both() {
+    // N-2 against this build's N = 2 (its Hello frame is of version 0: refused unparsed).
+    let (reply, _, dest) = hello_with_versions(VersionRange { min: 0, max: 0 });
+    expect_refused(reply, &dest, &["protocol version mismatch: source speaks version 0, destination speaks version 2"]);
+}
+
+#[test]
+fn a_newer_source_is_answered_in_the_highest_common_version() {
+    // A build of version N+1 speaks N..=N+1; this destination (N) agrees on N, says so in the
+    // frame header and the Welcome, and announces what it decodes.
+    let (reply, frame_version, _dest) = hello_with_versions(VersionRange { min: PROTOCOL_VERSION, max: PROTOCOL_VERSION + 1 });
+    assert_eq!(frame_version, PROTOCOL_VERSION);
+    match reply {
+        Control::Welcome { version, capabilities, .. } => {
+            assert_eq!(version, PROTOCOL_VERSION);
+            assert_eq!(capabilities.methods, vec![named("none").caps()]);
+            assert_eq!(capabilities.features, wire::Features::default());
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_version_1_source_gets_a_refusal_it_can_read() {
+    // Version 1's Hello: the same frame layout, a version-1 header, a body v2 cannot parse.
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
+    let body = br#"{"type":"hello","version":1,"session":"0123456789abcdef0123456789abcdef","role":"control","channel":0,"channels":1,"method":"none","level":0,"regions":[["ram0",262144],["ram1",65536]]}"#;
+    let mut frame = Vec::new();
+    frame.extend_from_slice(b"PFCT");
+    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(body);
+    let crc = crc32c::crc32c(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    let mut ctl = connect(&addr);
+    ctl.write_all(&frame).unwrap();
+    // What a v1 peer reads: magic, any version, JSON {"type":"refuse","reason":...}, CRC.
+    let mut hdr = [0u8; 14];
+    std::io::Read::read_exact(&mut ctl, &mut hdr).unwrap();
+    assert_eq!(&hdr[0..4], b"PFCT");
+    let body_len = u32::from_le_bytes(hdr[6..10].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; body_len + 4];
+    std::io::Read::read_exact(&mut ctl, &mut body).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body[..body_len]).unwrap();
+    assert_eq!(v["type"], "refuse");
+    let reason = v["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("source speaks version 1, destination speaks version 2"), "{reason}");
     let de = await_destination(&dest).unwrap_err();
     assert_eq!(refused_reason(&de), reason);
 }
@@ -760,14 +843,14 @@ fn proxy_with_strays(upstream: String, connections: usize, layout: Vec<(String, 
             if i == 1 {
                 let stray = SessionId::random();
                 let hellos = [
-                    wire_bytes(&hello(stray, Role::Data, 0, 1, Method::Zstd, layout.clone())),
-                    wire_bytes(&hello(stray, Role::Control, 0, 1, Method::Zstd, layout.clone())),
+                    wire_bytes(&hello(stray, Role::Data, 0, 1, named("zstd"), layout.clone())),
+                    wire_bytes(&hello(stray, Role::Control, 0, 1, named("zstd"), layout.clone())),
                     b"GET / HTTP/1.1\r\nHost: pageferry\r\n\r\n".to_vec(),
                 ];
                 for bytes in hellos {
                     let mut s = connect(&upstream);
                     s.write_all(&bytes).unwrap();
-                    let fate = match wire::read_frame(&mut s) {
+                    let fate = match wire::read_frame_at(&mut s, PROTOCOL_VERSION) {
                         Ok((m, _)) => format!("answered {m:?}"),
                         Err(e) => format!("dropped: {e}"),
                     };
@@ -784,7 +867,7 @@ fn proxy_with_strays(upstream: String, connections: usize, layout: Vec<(String, 
 
 fn wire_bytes(msg: &Control) -> Vec<u8> {
     let mut v = Vec::new();
-    wire::write_frame(&mut v, msg, &[]).unwrap();
+    wire::write_frame(&mut v, PROTOCOL_VERSION, msg, &[]).unwrap();
     v
 }
 
@@ -804,10 +887,10 @@ fn stray_connections_during_setup_are_dropped() {
     let dst = memory_filled(&[300, 50], CANARY);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dest_addr = listener.local_addr().unwrap().to_string();
-    let dest = spawn_destination(listener, dst.clone(), Method::Zstd, Recorder::default());
+    let dest = spawn_destination(listener, dst.clone(), named("zstd"), Recorder::default());
     let channels = 2;
     let (addr, fates) = proxy_with_strays(dest_addr, 1 + channels, src.layout());
-    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(Method::Zstd, channels), &NoProgress);
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), channels), &NoProgress);
     let r = r.unwrap_or_else(|e| panic!("source: {e}"));
     await_destination(&dest).unwrap_or_else(|e| panic!("destination: {e}"));
     assert!(r.verified);
@@ -827,7 +910,7 @@ fn unreachable_destination_is_a_connect_error() {
         l.local_addr().unwrap().port()
     };
     let src = super::tests::test_memory([64, 16]);
-    let cfg = SourceConfig { connect_timeout: Duration::from_millis(200), ..source_config(Method::None, 1) };
+    let cfg = SourceConfig { connect_timeout: Duration::from_millis(200), ..source_config(named("none"), 1) };
     let before = src.digest();
     let e = run_source(&format!("127.0.0.1:{port}"), &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress).unwrap_err();
     assert!(matches!(e, MigrationError::Connect { .. }), "{e:?}");
@@ -843,13 +926,13 @@ fn missing_data_channels_time_out() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(Method::None), accept_timeout: Duration::from_millis(500), io_timeout: IO, ..Default::default() };
+    let config = DestinationConfig { codec: CodecSpec::new(named("none")), accept_timeout: Duration::from_millis(500), io_timeout: IO, ..Default::default() };
     let m = memory.clone();
     std::thread::spawn(move || {
         let _ = tx.send(run_destination(&listener, &m, &mut NoWorkload, &config));
     });
     let mut ctl = connect(&addr);
-    wire::write_frame(&mut ctl, &hello(SessionId::random(), Role::Control, 0, 2, Method::None, memory.layout()), &[]).unwrap();
+    wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(SessionId::random(), Role::Control, 0, 2, named("none"), memory.layout()), &[]).unwrap();
     expect_welcome(&mut ctl);
     let e = await_destination(&rx).unwrap_err().to_string();
     assert!(e.contains("timed out") && e.contains("0 of 2 data channels"), "{e}");
@@ -860,10 +943,10 @@ fn missing_data_channels_time_out() {
 #[test]
 fn unverified_source_is_refused_unless_the_destination_agrees() {
     let src = super::tests::test_memory([64, 16]);
-    let scfg = SourceConfig { verify: false, ..source_config(Method::Zstd, 2) };
+    let scfg = SourceConfig { verify: false, ..source_config(named("zstd"), 2) };
     // The default destination requires the digest: refused, same reason on both sides.
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, scfg.clone(), Method::Zstd);
+    let (r, d) = migrate_with(&src, &dst, scfg.clone(), named("zstd"));
     let (se, de) = (r.unwrap_err(), d.unwrap_err());
     assert_eq!(refused_reason(&se), refused_reason(&de));
     assert!(se.to_string().contains("--no-verify"), "{se}");
@@ -871,7 +954,7 @@ fn unverified_source_is_refused_unless_the_destination_agrees() {
     // A destination that agreed to skip it: completes, and says it was not verified.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let dcfg = DestinationConfig { codec: CodecSpec::new(Method::Zstd), require_verify: false, accept_timeout: IO, ..Default::default() };
+    let dcfg = DestinationConfig { codec: CodecSpec::new(named("zstd")), require_verify: false, accept_timeout: IO, ..Default::default() };
     let (r, d) = std::thread::scope(|s| {
         let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
         (run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress), d.join().unwrap())
@@ -883,7 +966,7 @@ fn unverified_source_is_refused_unless_the_destination_agrees() {
 
 #[test]
 fn finish_without_digest_after_announcing_verification_fails() {
-    let mut ev = Evil::start(Method::None, 1);
+    let mut ev = Evil::start(named("none"), 1);
     let s = ev.sync(0, 0);
     ev.send(0, &s);
     ev.expect_round_done(0);
@@ -916,8 +999,8 @@ fn oversized_announcements_are_refused_before_anything_is_allocated() {
                 run_destination_with(&listener, &mut provide, &mut NoWorkload, &dcfg)
             });
             let mut ctl = connect(&addr);
-            wire::write_frame(&mut ctl, &hello(SessionId::random(), Role::Control, 0, 1, Method::None, regions), &[]).unwrap();
-            match wire::read_frame(&mut ctl).unwrap().0 {
+            wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(SessionId::random(), Role::Control, 0, 1, named("none"), regions), &[]).unwrap();
+            match wire::read_frame(&mut ctl).unwrap().msg {
                 Control::Refuse { reason } => assert!(reason.contains(needle), "'{reason}' does not mention '{needle}'"),
                 other => panic!("expected Refuse, got {other:?}"),
             }
@@ -936,7 +1019,7 @@ fn a_handshake_frame_over_the_limit_is_dropped_unread() {
     let dst = memory_filled(&LAYOUT, CANARY);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let dest = spawn_destination(listener, dst.clone(), Method::None, Recorder::default());
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
     let mut evil = connect(&addr);
     let mut hdr = Vec::new();
     hdr.extend_from_slice(b"PFCT");
@@ -947,7 +1030,7 @@ fn a_handshake_frame_over_the_limit_is_dropped_unread() {
     let mut buf = [0u8; 16];
     let n = std::io::Read::read(&mut evil, &mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the destination answered an oversized handshake");
-    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(Method::None, 2), &NoProgress);
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 2), &NoProgress);
     r.unwrap();
     await_destination(&dest).unwrap();
     assert_eq!(src.digest(), dst.digest());

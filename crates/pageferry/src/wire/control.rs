@@ -1,13 +1,13 @@
-//! Handshake and control messages: typed structs, JSON bodies in CRC-checked frames.
+//! Handshake and control messages: typed structs, JSON bodies in CRC-checked frames (layout
+//! and rules in the module doc of [`crate::wire`]).
 
-use super::{read_exact, WireError, MAX_FRAME_BODY, PROTOCOL_VERSION};
+use super::{read_exact, MethodCode, VersionRange, WireError, MAX_FRAME_BODY, MIN_PROTOCOL_VERSION};
 
-use crate::codec::Method;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
-const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"PFCT");
-const FRAME_HEADER_LEN: usize = 14;
+pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"PFCT");
+pub const FRAME_HEADER_LEN: usize = 14;
 
 /// Random 128-bit id naming one migration; every connection of it carries the same one.
 /// On the wire: 32 hex digits.
@@ -42,6 +42,7 @@ impl std::fmt::Display for SessionId {
     }
 }
 
+/// Which connection of a session a Hello opens. On the wire (JSON): `"control"`, `"data"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -49,20 +50,89 @@ pub enum Role {
     Data,
 }
 
+/// Optional features. In a Hello: what the source will use; in a Welcome: what the
+/// destination supports. Reserved now, switched on by the features that need them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    /// Channels run over TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// Post-copy: the destination may run before all pages arrived and request pages.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Per-packet method choice among the destination's methods.
+    #[serde(default)]
+    pub auto: bool,
+}
+
+impl Features {
+    /// Names of the features in `wants` that `self` lacks.
+    pub fn missing(&self, wants: &Features) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (name, want, have) in [("tls", wants.tls, self.tls), ("postcopy", wants.postcopy, self.postcopy), ("auto", wants.auto, self.auto)] {
+            if want && !have {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// A method the destination decodes, with the levels it accepts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MethodCaps {
+    pub code: MethodCode,
+    /// For messages only; the code is what counts.
+    pub name: String,
+    pub min_level: u8,
+    pub max_level: u8,
+}
+
+/// What a destination can do, announced in its Welcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub methods: Vec<MethodCaps>,
+    #[serde(default)]
+    pub features: Features,
+}
+
+impl Capabilities {
+    /// Can a source send `method` (called `name`) at `level` using `wants`? Err is the message.
+    pub fn check(&self, method: MethodCode, name: &str, level: u8, wants: &Features) -> Result<(), String> {
+        let list = || self.methods.iter().map(|m| format!("{} {}..={}", m.name, m.min_level, m.max_level)).collect::<Vec<_>>().join(", ");
+        match self.methods.iter().find(|m| m.code == method) {
+            None => return Err(format!("the destination does not decode {name} (it decodes: {})", list())),
+            Some(m) if !(m.min_level..=m.max_level).contains(&level) => {
+                return Err(format!("the destination does not accept {name} level {level} (it decodes: {})", list()))
+            }
+            Some(_) => {}
+        }
+        let missing = self.features.missing(wants);
+        if !missing.is_empty() {
+            return Err(format!("the destination does not support {}", missing.join(", ")));
+        }
+        Ok(())
+    }
+}
+
 /// First message on every connection, source → destination.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    pub version: u16,
+    /// The protocol versions the source speaks.
+    pub versions: VersionRange,
     pub session: SessionId,
     pub role: Role,
     /// Data channel index (0 for control).
     pub channel: u16,
     /// Number of data channels that will follow.
     pub channels: u16,
-    pub method: Method,
+    pub method: MethodCode,
     pub level: u8,
     /// Region table (name, bytes), in region-id order.
     pub regions: Vec<(String, u64)>,
+    /// Features the source will use.
+    #[serde(default)]
+    pub wants: Features,
     /// Whether the source will send a digest of all memory in `Finish`. A source that skips
     /// it (`--no-verify`) says so here, and a destination that requires verification refuses
     /// the handshake; a `Finish` without a digest after `verify: true` is a failure.
@@ -75,35 +145,70 @@ fn yes() -> bool {
     true
 }
 
-/// Messages after the handshake (and the handshake replies).
+/// The destination's side of the final report (inside `Control::Done`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DestinationReport {
+    pub cpu_s: f64,
+    pub wall_s: f64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub wire_bytes: u64,
+    pub verify_ms: f64,
+    pub verified: bool,
+    pub rounds: u32,
+    /// Who decompressed ("libdeflate", "qat (software path)", ...).
+    pub provider: String,
+    /// Peak anonymous memory of the destination process seen during the migration (guest
+    /// memory that is anonymous counts here too).
+    #[serde(default)]
+    pub peak_rss_anon_bytes: u64,
+    /// The destination resumed (the commit point was passed) but could not deliver `Done` to
+    /// the source: the source then reports the outcome as unknown and stays paused, so the
+    /// operator must tell it (the destination is the one running).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done_not_delivered: bool,
+}
+
+/// Every control message (handshake included). On the wire: a JSON object whose `"type"` is
+/// the snake_case variant name (`hello`, `welcome`, `refuse`, `round_done`, `finish`,
+/// `done`, `abort`), the fields beside it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
     Hello(Hello),
-    /// Handshake accepted.
-    Welcome { fresh_destination: bool },
-    /// Handshake refused; both sides print `reason`.
+    /// Handshake accepted, at protocol `version` (the highest both speak).
+    Welcome { version: u16, fresh_destination: bool, capabilities: Capabilities },
+    /// Handshake refused; both sides print `reason`. Same shape in every version.
     Refuse { reason: String },
     /// Destination: every channel has delivered round `round`.
     RoundDone { round: u32, pages: u64 },
     /// Source: the last round is `round`; the workload's device state is the frame's blob.
     Finish { round: u32, digest: Option<String> },
     /// Destination: memory verified, workload resumed.
-    Done { stats: serde_json::Value },
+    Done { report: DestinationReport },
     /// Either side: the migration is over, with this reason.
     Abort { reason: String },
+}
+
+/// One control frame as read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    /// The protocol version its body is encoded in (header bytes 4..6).
+    pub version: u16,
+    pub msg: Control,
+    pub blob: Vec<u8>,
 }
 
 fn crc(parts: &[&[u8]]) -> u32 {
     parts.iter().fold(0, |c, p| crc32c::crc32c_append(c, p))
 }
 
-/// Write one frame: magic, version, body length, blob length, JSON body, blob, CRC32C.
-pub fn write_frame(w: &mut impl Write, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
+/// One frame as bytes: magic, version, body length, blob length, JSON body, blob, CRC32C.
+pub fn encode_frame(version: u16, msg: &Control, blob: &[u8]) -> Vec<u8> {
     let body = serde_json::to_vec(msg).expect("control messages serialize");
     let mut hdr = [0u8; FRAME_HEADER_LEN];
     hdr[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-    hdr[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hdr[4..6].copy_from_slice(&version.to_le_bytes());
     hdr[6..10].copy_from_slice(&(body.len() as u32).to_le_bytes());
     hdr[10..14].copy_from_slice(&(blob.len() as u32).to_le_bytes());
     let sum = crc(&[&hdr, &body, blob]);
@@ -112,19 +217,26 @@ pub fn write_frame(w: &mut impl Write, msg: &Control, blob: &[u8]) -> Result<(),
     out.extend_from_slice(&body);
     out.extend_from_slice(blob);
     out.extend_from_slice(&sum.to_le_bytes());
-    w.write_all(&out)?;
+    out
+}
+
+/// Write one frame encoded in protocol `version` (see [`encode_frame`]).
+pub fn write_frame(w: &mut impl Write, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
+    w.write_all(&encode_frame(version, msg, blob))?;
     w.flush()?;
     Ok(())
 }
 
-/// Read one frame; checks magic, version, sizes and CRC before parsing the body.
-pub fn read_frame(r: &mut impl Read) -> Result<(Control, Vec<u8>), WireError> {
+/// Read one frame; checks magic, sizes and CRC, then the version (a frame older than
+/// [`MIN_PROTOCOL_VERSION`] is `WireError::Version`, its body unread: older versions may
+/// encode it differently), then parses the body.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
     read_frame_limited(r, MAX_FRAME_BODY)
 }
 
 /// [`read_frame`] with a smaller cap on the body and the blob: what a handshake reads from a
 /// peer not yet known, so an unauthenticated connection costs at most `max` bytes of memory.
-pub fn read_frame_limited(r: &mut impl Read, max: usize) -> Result<(Control, Vec<u8>), WireError> {
+pub fn read_frame_limited(r: &mut impl Read, max: usize) -> Result<Frame, WireError> {
     let max = max.min(MAX_FRAME_BODY);
     let mut hdr = [0u8; FRAME_HEADER_LEN];
     read_exact(r, &mut hdr, "while waiting for a control message")?;
@@ -146,11 +258,19 @@ pub fn read_frame_limited(r: &mut impl Read, max: usize) -> Result<(Control, Vec
     if computed != expected {
         return Err(WireError::Crc { computed, expected });
     }
-    // The frame layout and the Hello/Refuse messages are kept stable across protocol versions,
-    // so a peer of another version still gets a readable refusal; the version itself is
-    // checked in the handshake (Hello.version).
-    let _ = version;
-    let msg: Control = serde_json::from_slice(&payload[..body_len])
-        .map_err(|e| WireError::malformed("control message", e.to_string()))?;
-    Ok((msg, payload[body_len..].to_vec()))
+    if version < MIN_PROTOCOL_VERSION {
+        return Err(WireError::Version { peer: VersionRange { min: version, max: version }, ours: VersionRange::SUPPORTED });
+    }
+    let msg: Control = serde_json::from_slice(&payload[..body_len]).map_err(|e| WireError::malformed("control message", e.to_string()))?;
+    Ok(Frame { version, msg, blob: payload[body_len..].to_vec() })
+}
+
+/// Read one frame of a session running at protocol `version`; a frame of another version is
+/// malformed.
+pub fn read_frame_at(r: &mut impl Read, version: u16) -> Result<(Control, Vec<u8>), WireError> {
+    let f = read_frame(r)?;
+    if f.version != version {
+        return Err(WireError::malformed("control frame", format!("of protocol version {} in a version {version} session", f.version)));
+    }
+    Ok((f.msg, f.blob))
 }

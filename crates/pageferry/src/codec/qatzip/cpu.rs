@@ -8,7 +8,8 @@
 
 use super::format::{self, HEADER_LEN, TRAILER_LEN};
 use crate::codec::deflate::{self, DeflateCompressor, Framing};
-use crate::codec::{Codec, CodecError, CodecInfo, Method};
+use super::METHOD;
+use crate::codec::{Codec, CodecError, CodecInfo};
 
 pub(crate) struct CpuCodec {
     level: u8,
@@ -18,7 +19,7 @@ pub(crate) struct CpuCodec {
 
 impl CpuCodec {
     pub(crate) fn new(level: u8) -> Result<Self, CodecError> {
-        Ok(Self { level, enc: DeflateCompressor::new(Method::Qatzip, level, Framing::Raw)?, dec: RawInflater::new()? })
+        Ok(Self { level, enc: DeflateCompressor::new(METHOD, level, Framing::Raw)?, dec: RawInflater::new()? })
     }
 }
 
@@ -28,16 +29,16 @@ pub(crate) fn max_member_len(input_len: usize) -> usize {
 }
 
 fn compress_err(detail: String) -> CodecError {
-    CodecError::Compress { method: Method::Qatzip, detail }
+    CodecError::Compress { method: METHOD, detail }
 }
 
 fn decompress_err(detail: String) -> CodecError {
-    CodecError::Decompress { method: Method::Qatzip, detail }
+    CodecError::Decompress { method: METHOD, detail }
 }
 
 impl Codec for CpuCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: Method::Qatzip, level: self.level, provider: format!("cpu ({})", self.enc.backend()) }
+        CodecInfo { method: METHOD, level: self.level, provider: format!("cpu ({})", self.enc.backend()) }
     }
 
     fn max_compressed_len(&self, input_len: usize) -> usize {
@@ -134,7 +135,7 @@ impl RawInflater {
         let d = unsafe { libdeflate_sys::libdeflate_alloc_decompressor() };
         std::ptr::NonNull::new(d)
             .map(|d| Self { d })
-            .ok_or_else(|| CodecError::Setup { method: Method::Qatzip, detail: "libdeflate decompressor allocation failed".into() })
+            .ok_or_else(|| CodecError::Setup { method: METHOD, detail: "libdeflate decompressor allocation failed".into() })
     }
 
     /// Inflate one raw deflate stream from the start of `input` into `out`: (input bytes used,

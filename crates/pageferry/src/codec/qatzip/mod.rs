@@ -65,7 +65,16 @@ mod qat;
 #[cfg(test)]
 mod tests;
 
-use super::{Codec, CodecError, Method};
+use super::{Codec, CodecError, CodecSpec, LevelRange, Method, MethodCode, MethodDescriptor};
+
+pub static DESCRIPTOR: MethodDescriptor = MethodDescriptor {
+    name: "qatzip",
+    code: MethodCode(3),
+    levels: LevelRange { min: 1, max: 9, default: 1 },
+    compresses: true,
+    open: |spec: &CodecSpec| open(spec.level, &spec.qatzip),
+};
+pub(crate) const METHOD: Method = Method::of(&DESCRIPTOR);
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::PathBuf;
@@ -130,17 +139,14 @@ impl QatzipOptions {
 
 /// Open a qatzip codec for one channel worker.
 pub fn open(level: u8, opts: &QatzipOptions) -> Result<Box<dyn Codec>, CodecError> {
-    let (lo, hi, _) = Method::Qatzip.levels();
-    if !(lo..=hi).contains(&level) {
-        return Err(CodecError::Config(format!("qatzip level {level} out of range {lo}..={hi}")));
-    }
+    METHOD.check_level(level)?;
     let cpu = || -> Result<Box<dyn Codec>, CodecError> { Ok(Box::new(cpu::CpuCodec::new(level)?)) };
     let path = opts.library();
     match opts.provider {
         Provider::Cpu => cpu(),
         Provider::Qat => {
             let lib = qat::load(&path).map_err(|e| CodecError::Setup {
-                method: Method::Qatzip,
+                method: METHOD,
                 detail: format!("cannot load the QATzip library {} ({e}); point --qatzip-lib or ${} at libqatzip.so.3, or use the cpu provider", path.display(), qat::LIB_ENV),
             })?;
             Ok(Box::new(qat::QatCodec::open(lib, level)?))

@@ -11,7 +11,8 @@
 //! `ERR_INJECTION`, as distributions ship it) for x86-64 Linux.
 
 use super::cpu;
-use crate::codec::{Codec, CodecError, CodecInfo, Method};
+use super::METHOD;
+use crate::codec::{Codec, CodecError, CodecInfo};
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_LOCAL, RTLD_NOW};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_long, c_uchar, c_uint, c_ulong, c_void};
@@ -247,7 +248,7 @@ pub(crate) struct QatCodec {
 unsafe impl Send for QatCodec {}
 
 fn setup_err(detail: String) -> CodecError {
-    CodecError::Setup { method: Method::Qatzip, detail }
+    CodecError::Setup { method: METHOD, detail }
 }
 
 impl QatCodec {
@@ -361,7 +362,7 @@ impl QatCodec {
     }
 
     fn compress_into(&mut self, input: &[u8], out_ptr: *mut u8, out_len: usize) -> Result<usize, CodecError> {
-        let err = |detail: String| CodecError::Compress { method: Method::Qatzip, detail };
+        let err = |detail: String| CodecError::Compress { method: METHOD, detail };
         self.ready().map_err(err)?;
         let mut src_len = c_uint::try_from(input.len()).map_err(|_| err(format!("batch of {} bytes", input.len())))?;
         let mut dest_len = c_uint::try_from(out_len).unwrap_or(c_uint::MAX);
@@ -386,7 +387,7 @@ impl QatCodec {
 impl Codec for QatCodec {
     fn info(&self) -> CodecInfo {
         let provider = if self.hardware { "qat (hardware)" } else { "qat (software path)" };
-        CodecInfo { method: Method::Qatzip, level: self.level, provider: provider.into() }
+        CodecInfo { method: METHOD, level: self.level, provider: provider.into() }
     }
 
     fn max_compressed_len(&self, input_len: usize) -> usize {
@@ -413,7 +414,7 @@ impl Codec for QatCodec {
     }
 
     fn decompress(&mut self, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
-        let err = |detail: String| CodecError::Decompress { method: Method::Qatzip, detail };
+        let err = |detail: String| CodecError::Decompress { method: METHOD, detail };
         if input.is_empty() {
             return Err(err("empty payload".into()));
         }

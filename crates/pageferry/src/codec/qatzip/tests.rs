@@ -192,7 +192,7 @@ fn cpu_conformance() {
         conformance::run_suite(&|| open_with(level, Provider::Cpu, None));
         let c = open_with(level, Provider::Cpu, None);
         assert_eq!(c.info().provider, format!("cpu ({})", deflate_backend_name(level)));
-        assert_eq!(c.info().method, Method::Qatzip);
+        assert_eq!(c.info().method, METHOD);
         assert!(!c.tolerates_changing_input());
     }
 }
@@ -365,7 +365,7 @@ fn fake_init_refused() {
     }
     let lib = fake_lib();
     let e = open(1, &opts(Provider::Qat, Some(&lib))).err().expect("init refused");
-    assert!(matches!(e, CodecError::Setup { method: Method::Qatzip, .. }));
+    assert!(matches!(e, CodecError::Setup { method, .. } if method == METHOD));
     assert!(e.to_string().contains("qzInit returned QZ_NOSW_NO_HW (-101)"), "{e}");
     assert_eq!(open_with(1, Provider::Auto, Some(&lib)).info().provider, format!("cpu ({})", deflate_backend_name(1)));
     assert_eq!(fake_live_sessions(), 0);
@@ -393,7 +393,7 @@ fn fake_compress_failure_on_one_call() {
     let mut out = vec![0u8; c.max_compressed_len(data.len())];
     assert!(c.compress(&data, &mut out).unwrap().is_some());
     let e = c.compress(&data, &mut out).unwrap_err();
-    assert!(matches!(e, CodecError::Compress { method: Method::Qatzip, .. }));
+    assert!(matches!(e, CodecError::Compress { method, .. } if method == METHOD));
     assert!(e.to_string().contains("qzCompress returned QZ_FAIL (-2)"), "{e}");
     let n = c.compress(&data, &mut out).unwrap().expect("later calls work again");
     assert!(decompress(c.as_mut(), &out[..n], data.len()).unwrap() == data);
@@ -408,7 +408,7 @@ fn fake_decompress_failure() {
     let data = sample_text(8 * 4096, 1);
     let p = compress(c.as_mut(), &data);
     let e = decompress(c.as_mut(), &p, data.len()).unwrap_err();
-    assert!(matches!(e, CodecError::Decompress { method: Method::Qatzip, .. }));
+    assert!(matches!(e, CodecError::Decompress { method, .. } if method == METHOD));
     assert!(e.to_string().contains("qzDecompress returned QZ_DATA_ERROR (-4)"), "{e}");
     // The payload itself is fine.
     assert!(decompress(open_with(1, Provider::Cpu, None).as_mut(), &p, data.len()).unwrap() == data);
