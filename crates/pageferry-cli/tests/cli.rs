@@ -152,7 +152,9 @@ fn demo_runs_end_to_end_on_a_small_guest() {
     let out = bin().args(["demo", "--size", "48M", "--dirty-rate", "20MB", "--dirty-set", "8M", "--json"]).arg("--dir").arg(dir.path()).output().unwrap();
     assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(r["status"], "completed, verified");
+    assert_eq!(r["status"], "completed");
+    assert_eq!(r["verified"], false, "the in-band digest was off");
+    assert!(r["verified_by"].as_str().unwrap().starts_with("yes, by the demo: the destination file equals"), "{}", r["verified_by"]);
     assert_eq!(r["method"], "zstd");
     assert_eq!(r["channels"], 2);
     // Files are cleaned up.

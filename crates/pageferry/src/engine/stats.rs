@@ -139,6 +139,10 @@ pub struct MigrationReport {
     pub recv_cpu_s: f64,
     pub recv_cpu_pct: f64,
     pub verified: bool,
+    /// How the result was checked when it was not by the in-band digests (`verified` false):
+    /// e.g. a caller that compared the memory itself afterwards. Shown on the `verified:` line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_by: Option<String>,
     pub recv_provider: String,
     /// Peak anonymous memory (heap, buffers) of the source and destination processes.
     pub send_peak_rss_anon_bytes: u64,
@@ -183,7 +187,11 @@ impl MigrationReport {
         line("recv cpu:", format!("{:.2} s ({:.0}%, {:.2} CPU-s/GiB)", self.recv_cpu_s, self.recv_cpu_pct, per_gib(self.recv_cpu_s)));
         line("process memory:", format!("send {:.1} MiB, recv {:.1} MiB (peak anonymous RSS)",
             self.send_peak_rss_anon_bytes as f64 / (1 << 20) as f64, self.recv_peak_rss_anon_bytes as f64 / (1 << 20) as f64));
-        line("verified:", if self.verified { "yes (memory digests match)".into() } else { "not checked in-band (--no-verify)".into() });
+        line("verified:", match (&self.verified_by, self.verified) {
+            (_, true) => "yes (memory digests match)".into(),
+            (Some(how), false) => how.clone(),
+            (None, false) => "not checked in-band (--no-verify)".into(),
+        });
         s
     }
 }
@@ -211,4 +219,25 @@ pub struct NoProgress;
 
 impl ProgressSink for NoProgress {
     fn update(&self, _p: &Progress) {}
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::MigrationReport;
+
+    /// The report says each thing once: a result checked outside the engine is reported on the
+    /// `verified:` line, not as a status; without either check it says so.
+    #[test]
+    fn verification_is_reported_once() {
+        let mut r = MigrationReport { status: "completed".into(), ..Default::default() };
+        let text = r.render();
+        assert!(text.contains("verified:              not checked in-band (--no-verify)"), "{text}");
+        r.verified_by = Some("yes, by the caller".into());
+        let text = r.render();
+        assert_eq!(text.matches("verified").count(), 1, "{text}");
+        assert!(text.contains("verified:              yes, by the caller"), "{text}");
+        assert!(text.contains("status:                completed\n"), "{text}");
+        r.verified = true;
+        assert!(r.render().contains("verified:              yes (memory digests match)"));
+    }
 }
