@@ -30,7 +30,7 @@
 //! let src = GuestMemory::single(src)?;
 //! let dst = GuestMemory::single(MmapRegion::anonymous("ram0", 8 << 20)?)?;
 //!
-//! let codec = CodecSpec::new(Method::Zstd);
+//! let codec = CodecSpec::new("zstd".parse::<Method>()?);
 //! let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
 //! let addr = listener.local_addr()?.to_string();
 //! let dst_cfg = engine::DestinationConfig { codec: codec.clone(), ..Default::default() };

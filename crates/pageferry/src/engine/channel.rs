@@ -250,7 +250,9 @@ pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: R
                     Payload::Guest(runs.iter().map(|&(f, n)| (guest(f, n).as_ptr(), n as usize * PAGE_SIZE)).collect())
                 };
             }
-            if raw {
+            if raw && codec.compresses() {
+                // A fallback: the compressor gave up on this batch. (Method none sends every
+                // page raw by design; those are just normal pages, as QEMU counts them.)
                 Counters::add(&ctx.counters.raw_pages, n_pages as u64);
             }
             let mut offsets = Vec::with_capacity((n_pages + zero.len()) * 4);

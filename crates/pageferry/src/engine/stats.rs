@@ -130,6 +130,8 @@ pub struct MigrationReport {
     pub ratio: f64,
     pub normal_pages: u64,
     pub zero_pages: u64,
+    /// Pages of batches a compressor could not shrink, sent raw instead (0 with method none,
+    /// whose pages are all normal pages).
     pub raw_fallback_pages: u64,
     pub raw_mbps: f64,
     pub wire_mbps: f64,
