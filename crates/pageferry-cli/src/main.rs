@@ -206,6 +206,7 @@ fn recv(a: RecvArgs) -> Result<()> {
         accept_timeout: Duration::from_secs(a.accept_timeout_s),
         zero_copy: !a.no_zero_copy,
         require_verify: !a.no_verify,
+        events: progress::stderr_events(),
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;

@@ -1,7 +1,7 @@
 //! The progress bar shown while migrating (stderr; hidden when stderr is not a terminal).
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pageferry::engine::{Progress, ProgressSink};
+use pageferry::engine::{Event, EventSink, Progress, ProgressSink};
 
 pub struct Bar(ProgressBar);
 
@@ -27,4 +27,22 @@ impl ProgressSink for Bar {
     fn finish(&self) {
         self.0.finish_and_clear();
     }
+    fn event(&self, e: &Event) {
+        self.0.suspend(|| eprintln!("pageferry: {e}"));
+    }
+}
+
+/// The engine's events on stderr (the destination's, which has no progress bar).
+pub struct StderrEvents;
+
+impl ProgressSink for StderrEvents {
+    fn update(&self, _p: &Progress) {}
+    fn event(&self, e: &Event) {
+        eprintln!("pageferry: {e}");
+    }
+}
+
+/// An events sink that prints on stderr.
+pub fn stderr_events() -> EventSink {
+    EventSink::new(StderrEvents)
 }

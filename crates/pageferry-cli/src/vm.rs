@@ -161,7 +161,13 @@ fn send(a: VmSendArgs) -> Result<()> {
 fn recv(a: VmRecvArgs) -> Result<()> {
     // SAFETY: sysconf has no preconditions.
     let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
-    let config = DestinationConfig { codec: a.method.spec()?, require_verify: !a.no_verify, max_memory: Some(ram), ..Default::default() };
+    let config = DestinationConfig {
+        codec: a.method.spec()?,
+        require_verify: !a.no_verify,
+        max_memory: Some(ram),
+        events: crate::progress::stderr_events(),
+        ..Default::default()
+    };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
     let pending = PendingDestination::new();
     if let Some(mem) = a.mem {

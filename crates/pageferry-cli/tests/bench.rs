@@ -190,7 +190,7 @@ fn fake_qatzip_lib() -> std::path::PathBuf {
     LIB.get_or_init(|| {
         // <target>/<profile>/pageferry
         let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?;
-        pageferry::codec::qatzip::fake_lib::locate_or_build(profile_dir)
+        pageferry_testsupport::locate_or_build(profile_dir)
     })
     .clone()
     .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))

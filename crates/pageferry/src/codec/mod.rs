@@ -208,6 +208,10 @@ pub struct CodecInfo {
     pub method: Method,
     pub level: u8,
     pub provider: String,
+    /// Why this provider, when the operator should know (a fallback); the engine passes it
+    /// on as an `engine::Event::CodecNote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// One channel worker's compressor/decompressor for one method.

@@ -19,7 +19,7 @@ pub struct NoneCodec;
 
 impl Codec for NoneCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: 0, provider: "none".into() }
+        CodecInfo { method: METHOD, level: 0, provider: "none".into(), note: None }
     }
     fn max_compressed_len(&self, _input_len: usize) -> usize {
         0

@@ -29,7 +29,7 @@ impl ZlibCodec {
 
 impl Codec for ZlibCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: self.enc.level(), provider: self.enc.backend().into() }
+        CodecInfo { method: METHOD, level: self.enc.level(), provider: self.enc.backend().into(), note: None }
     }
     fn max_compressed_len(&self, input_len: usize) -> usize {
         super::deflate::bound(input_len)

@@ -34,7 +34,7 @@ impl ZstdCodec {
 
 impl Codec for ZstdCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: self.level, provider: format!("libzstd {}", zstd::zstd_safe::version_string()) }
+        CodecInfo { method: METHOD, level: self.level, provider: format!("libzstd {}", zstd::zstd_safe::version_string()), note: None }
     }
     fn max_compressed_len(&self, input_len: usize) -> usize {
         zstd::zstd_safe::compress_bound(input_len)

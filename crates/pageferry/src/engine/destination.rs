@@ -9,7 +9,7 @@
 //! until every channel has; only then may anyone apply round k+1, so a late stale copy can
 //! never overwrite a newer page.
 
-use super::stats::{Counters, CpuMeter, DestinationReport};
+use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
 use super::{DestinationConfig, DestinationWorkload, MigrationError};
 use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
@@ -104,6 +104,11 @@ fn refuse(sock: &mut TcpStream, reason: &str) {
     let _ = wire::write_frame(sock, PROTOCOL_VERSION, &Control::Refuse { reason: reason.to_string() }, &[]);
 }
 
+/// A connection that is not (or no longer) part of the session: told to the events sink.
+fn dropped(config: &DestinationConfig, peer: std::net::SocketAddr, reason: String) {
+    config.events.emit(Note::ConnectionDropped { peer: peer.to_string(), reason });
+}
+
 fn welcome(sock: &mut TcpStream, version: u16, fresh: bool, config: &DestinationConfig) -> Result<(), WireError> {
     wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities: capabilities(config) }, &[])
 }
@@ -151,11 +156,11 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                 return Err(MigrationError::Refused(reason));
             }
             Ok(Frame { msg: other, .. }) => {
-                eprintln!("pageferry: dropping connection from {peer}: expected a handshake, got {other:?}");
+                dropped(config, peer, format!("expected a handshake, got {other:?}"));
                 continue;
             }
             Err(e) => {
-                eprintln!("pageferry: dropping connection from {peer}: {e}");
+                dropped(config, peer, e.to_string());
                 continue;
             }
         };
@@ -189,18 +194,15 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                     continue;
                 }
                 if let Err(e) = welcome(&mut sock, version, fresh, config) {
-                    eprintln!("pageferry: channel {idx}: {e}");
+                    dropped(config, peer, format!("channel {idx}: {e}"));
                     continue;
                 }
                 data[idx] = Some(sock);
             }
             (_, current) => {
                 // Not our session (or data before control): drop without an answer.
-                eprintln!(
-                    "pageferry: dropping stray connection from {peer}: session {} is not {}",
-                    hello.session,
-                    current.map(|s: SessionId| s.to_string()).unwrap_or_else(|| "(no control channel yet)".into())
-                );
+                let ours = current.map(|s: SessionId| s.to_string()).unwrap_or_else(|| "(no control channel yet)".into());
+                dropped(config, peer, format!("stray connection: session {} is not {ours}", hello.session));
             }
         }
     }
@@ -496,7 +498,11 @@ pub fn run_destination_with(
     config: &DestinationConfig,
 ) -> Result<(DestinationReport, GuestMemory), MigrationError> {
     let cpu = CpuMeter::start();
-    let provider = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info().provider;
+    let info = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info();
+    if let Some(note) = info.note {
+        config.events.emit(Note::CodecNote { method: info.method.to_string(), note });
+    }
+    let provider = info.provider;
     let (mut control, data, hello, memory, version) = accept_session(listener, provide, config)?;
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();

@@ -25,7 +25,7 @@ mod tests_hostile;
 
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;
-pub use stats::{DestinationReport, MigrationReport, NoProgress, Progress, ProgressSink};
+pub use stats::{DestinationReport, Event, EventSink, MigrationReport, NoProgress, Progress, ProgressSink};
 
 use crate::codec::{CodecError, CodecSpec};
 use crate::dirty::DirtyError;
@@ -188,6 +188,8 @@ pub struct DestinationConfig {
     /// Refuse a source announcing more memory than this (bytes, all regions), before anything
     /// is allocated. `None`: only the protocol's limits (and whatever the provider checks).
     pub max_memory: Option<u64>,
+    /// Where notes (dropped stray connections, codec fallbacks) go; discarded by default.
+    pub events: EventSink,
 }
 
 impl Default for DestinationConfig {
@@ -199,6 +201,7 @@ impl Default for DestinationConfig {
             zero_copy: true,
             require_verify: true,
             max_memory: None,
+            events: EventSink::default(),
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext};
 use super::ratelimit::RateLimiter;
-use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink};
+use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink, Event};
 use super::converge::Throttler;
 use super::{MigrationError, SourceConfig, SourceWorkload};
 use crate::codec::{self, MAX_BATCH_PAGES};
@@ -126,6 +126,9 @@ pub fn run_source(
     // anything is sent.
     let probe = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?;
     let info = probe.info();
+    if let Some(note) = &info.note {
+        progress.event(&Event::CodecNote { method: info.method.to_string(), note: note.clone() });
+    }
     let depth = config.pipeline_depth.unwrap_or_else(|| probe.preferred_pipeline_depth()).clamp(1, 64);
     drop(probe);
 

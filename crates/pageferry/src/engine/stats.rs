@@ -210,10 +210,61 @@ pub struct Progress {
     pub elapsed: Duration,
 }
 
-/// Receives progress from the source's control thread (about ten times a second).
+/// Something the operator should hear about that is not an error (the library never prints;
+/// the binary shows these, a VMM logs them).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The destination dropped a connection that is not part of the migration (another
+    /// session, not a pageferry peer, garbage); the migration goes on.
+    ConnectionDropped { peer: String, reason: String },
+    /// A codec's note on its setup, e.g. qatzip's `auto` provider fell back to `cpu`, and why.
+    /// Once per side and migration.
+    CodecNote { method: String, note: String },
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::ConnectionDropped { peer, reason } => write!(f, "dropping connection from {peer}: {reason}"),
+            Event::CodecNote { note, .. } => f.write_str(note),
+        }
+    }
+}
+
+/// Receives progress from the source's control thread (about ten times a second), and events
+/// from either side.
 pub trait ProgressSink: Send + Sync {
     fn update(&self, p: &Progress);
     fn finish(&self) {}
+    /// An [`Event`]; ignored unless implemented.
+    fn event(&self, _e: &Event) {}
+}
+
+/// Where a destination sends its [`Event`]s (`DestinationConfig::events`); discards them by
+/// default.
+#[derive(Clone)]
+pub struct EventSink(pub std::sync::Arc<dyn ProgressSink>);
+
+impl EventSink {
+    pub fn new(sink: impl ProgressSink + 'static) -> Self {
+        EventSink(std::sync::Arc::new(sink))
+    }
+    pub fn emit(&self, e: Event) {
+        self.0.event(&e)
+    }
+}
+
+impl Default for EventSink {
+    fn default() -> Self {
+        Self::new(NoProgress)
+    }
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
 }
 
 /// Discards progress.

@@ -1035,3 +1035,46 @@ fn a_handshake_frame_over_the_limit_is_dropped_unread() {
     await_destination(&dest).unwrap();
     assert_eq!(src.digest(), dst.digest());
 }
+
+/// Collects events.
+#[derive(Default)]
+struct Events(Mutex<Vec<Event>>);
+
+impl ProgressSink for Events {
+    fn update(&self, _p: &Progress) {}
+    fn event(&self, e: &Event) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+#[test]
+fn dropped_connections_and_codec_notes_are_events_not_prints() {
+    // A non-pageferry peer connects first; the destination drops it, says so through its
+    // events sink, and goes on to complete the migration. The qatzip `auto` fallback note
+    // reaches both sides' sinks.
+    let (src, dst) = (crate::engine::tests::test_memory([64, 16]), memory_filled(&LAYOUT, CANARY));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut spec = CodecSpec::new(named("qatzip"));
+    spec.qatzip.lib_path = Some("/nonexistent/libqatzip.so.3".into());
+    let events = Arc::new(Events::default());
+    let sink = EventSink(events.clone());
+    let config = DestinationConfig { codec: spec.clone(), accept_timeout: IO, io_timeout: IO, events: sink, ..Default::default() };
+    let dest = std::thread::spawn(move || run_destination(&listener, &dst, &mut NoWorkload, &config));
+    let mut junk = connect(&addr);
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let source_events = Events::default();
+    let scfg = SourceConfig { codec: spec, ..source_config(named("qatzip"), 1) };
+    run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &source_events).unwrap();
+    dest.join().unwrap().unwrap();
+    let got = events.0.lock().unwrap().clone();
+    assert!(
+        got.iter().any(|e| matches!(e, Event::ConnectionDropped { reason, .. } if reason.contains("bad magic"))),
+        "{got:?}"
+    );
+    let note = |list: &[Event]| list.iter().any(|e| matches!(e, Event::CodecNote { method, note } if method == "qatzip" && note.contains("using the cpu provider")));
+    assert!(note(&got), "{got:?}");
+    let src_events = source_events.0.lock().unwrap().clone();
+    assert!(note(&src_events), "{src_events:?}");
+    assert!(got.iter().chain(src_events.iter()).all(|e| !e.to_string().is_empty()));
+}

@@ -13,13 +13,19 @@ use crate::codec::{Codec, CodecError, CodecInfo};
 
 pub(crate) struct CpuCodec {
     level: u8,
+    /// Why `auto` chose this provider, when it fell back to it.
+    note: Option<String>,
     enc: DeflateCompressor,
     dec: RawInflater,
 }
 
 impl CpuCodec {
     pub(crate) fn new(level: u8) -> Result<Self, CodecError> {
-        Ok(Self { level, enc: DeflateCompressor::new(METHOD, level, Framing::Raw)?, dec: RawInflater::new()? })
+        Ok(Self { level, note: None, enc: DeflateCompressor::new(METHOD, level, Framing::Raw)?, dec: RawInflater::new()? })
+    }
+    pub(crate) fn with_note(mut self, note: String) -> Self {
+        self.note = Some(note);
+        self
     }
 }
 
@@ -38,7 +44,7 @@ fn decompress_err(detail: String) -> CodecError {
 
 impl Codec for CpuCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: self.level, provider: format!("cpu ({})", self.enc.backend()) }
+        CodecInfo { method: METHOD, level: self.level, provider: format!("cpu ({})", self.enc.backend()), note: self.note.clone() }
     }
 
     fn max_compressed_len(&self, input_len: usize) -> usize {

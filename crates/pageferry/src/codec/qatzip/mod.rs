@@ -20,7 +20,7 @@
 //! - `cpu`: the format in Rust: ISA-L igzip (level 1, feature `isal`) or libdeflate
 //!   compresses, libdeflate decompresses; reports `cpu (isa-l)` / `cpu (libdeflate)`.
 //! - `auto` (default): `qat` when QATzip loads *and* its session has a device, else `cpu`,
-//!   with one note on stderr saying why. QATzip's software path is not chosen
+//!   with a note saying why (in the codec's info; the engine reports it as an event). QATzip's software path is not chosen
 //!   automatically: it is several times slower than the `cpu` provider for the same format
 //!   (level 1, 512 KiB batches of the silesia-like image, MB/s per CPU-second on this
 //!   project's machine: QATzip 1.3.1 compresses ~87 and decompresses ~315, ratio 2.78; `cpu`
@@ -57,8 +57,6 @@
 //!   stop the device for the whole process there.
 
 mod cpu;
-#[doc(hidden)]
-pub mod fake_lib;
 mod format;
 mod qat;
 
@@ -140,10 +138,9 @@ impl QatzipOptions {
 /// Open a qatzip codec for one channel worker.
 pub fn open(level: u8, opts: &QatzipOptions) -> Result<Box<dyn Codec>, CodecError> {
     METHOD.check_level(level)?;
-    let cpu = || -> Result<Box<dyn Codec>, CodecError> { Ok(Box::new(cpu::CpuCodec::new(level)?)) };
     let path = opts.library();
     match opts.provider {
-        Provider::Cpu => cpu(),
+        Provider::Cpu => Ok(Box::new(cpu::CpuCodec::new(level)?)),
         Provider::Qat => {
             let lib = qat::load(&path).map_err(|e| CodecError::Setup {
                 method: METHOD,
@@ -151,40 +148,23 @@ pub fn open(level: u8, opts: &QatzipOptions) -> Result<Box<dyn Codec>, CodecErro
             })?;
             Ok(Box::new(qat::QatCodec::open(lib, level)?))
         }
-        Provider::Auto => match qat::load(&path) {
-            Err(e) => {
-                note_once("load", format!("qatzip: {} not found ({e}); using the cpu provider", path.display()));
-                cpu()
-            }
-            Ok(lib) => match qat::QatCodec::open(lib, level) {
-                Ok(c) if c.is_hardware() => Ok(Box::new(c)),
-                Ok(c) => {
-                    drop(c);
-                    note_once(
-                        "software",
-                        format!(
-                            "qatzip: {} found no QAT device (software path only); using the cpu provider (same format, faster)",
-                            path.display()
-                        ),
-                    );
-                    cpu()
-                }
-                Err(e) => {
-                    note_once("setup", format!("qatzip: no QATzip session ({e}); using the cpu provider"));
-                    cpu()
-                }
-            },
-        },
+        Provider::Auto => open_auto(level, &path),
     }
 }
 
-/// Print `msg` on stderr the first time something of `kind` happens in this process (every
-/// channel worker opens its own codec; one line is enough).
-fn note_once(kind: &'static str, msg: String) {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    if SEEN.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
-        eprintln!("{msg}");
+/// Provider `auto`: QATzip with a device, else `cpu` with a note saying why (in the codec's
+/// info; the engine passes it on to its events sink).
+fn open_auto(level: u8, path: &std::path::Path) -> Result<Box<dyn Codec>, CodecError> {
+    let cpu = |note: String| -> Result<Box<dyn Codec>, CodecError> { Ok(Box::new(cpu::CpuCodec::new(level)?.with_note(note))) };
+    match qat::load(path) {
+        Err(e) => cpu(format!("qatzip: {} not found ({e}); using the cpu provider", path.display())),
+        Ok(lib) => match qat::QatCodec::open(lib, level) {
+            Ok(c) if c.is_hardware() => Ok(Box::new(c)),
+            Ok(c) => {
+                drop(c);
+                cpu(format!("qatzip: {} found no QAT device (software path only); using the cpu provider (same format, faster)", path.display()))
+            }
+            Err(e) => cpu(format!("qatzip: no QATzip session ({e}); using the cpu provider")),
+        },
     }
 }

@@ -51,7 +51,7 @@ fn fake_lib() -> PathBuf {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // <target>/<profile>/deps/<test binary>
         let profile_dir = exe.parent().and_then(Path::parent).ok_or("unexpected test binary location")?;
-        super::fake_lib::locate_or_build(profile_dir)
+        pageferry_testsupport::locate_or_build(profile_dir)
     })
     .clone()
     .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))
@@ -326,6 +326,10 @@ fn auto_without_library_uses_cpu_and_qat_fails_clearly() {
     let missing = Path::new("/nonexistent/dir/libqatzip.so.3");
     let c = open_with(1, Provider::Auto, Some(missing));
     assert_eq!(c.info().provider, format!("cpu ({})", deflate_backend_name(1)));
+    // Why, for the engine to pass on as an event (the library prints nothing).
+    let note = c.info().note.expect("a fallback carries a note");
+    assert!(note.contains("/nonexistent/dir/libqatzip.so.3 not found") && note.contains("using the cpu provider"), "{note}");
+    assert_eq!(open_with(1, Provider::Cpu, Some(missing)).info().note, None, "a chosen provider needs no note");
     let e = open(1, &opts(Provider::Qat, Some(missing))).err().expect("qat without a library must fail");
     assert!(matches!(e, CodecError::Setup { .. }));
     let e = e.to_string();
@@ -356,6 +360,8 @@ fn environment_names_the_library() {
 fn auto_prefers_cpu_over_the_software_path() {
     let c = open_with(1, Provider::Auto, Some(&fake_lib()));
     assert_eq!(c.info().provider, format!("cpu ({})", deflate_backend_name(1)));
+    let note = c.info().note.unwrap_or_default();
+    assert!(note.contains("found no QAT device"), "{note}");
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! Where the test suites find `crates/fake-qatzip` (the stand-in libqatzip): one function for
-//! the library's own tests and the CLI's, so both locate and build it the same way.
+//! Test support for the workspace's test suites, kept out of pageferry's public API (it runs
+//! cargo). Where the test suites find `crates/fake-qatzip` (the stand-in libqatzip): one
+//! function for the library's own tests and the CLI's, so both locate and build it the same
+//! way.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +9,6 @@ use std::process::Command;
 /// `$PAGEFERRY_FAKE_QATZIP` when set, else `libfake_qatzip.so` in `profile_dir`
 /// (`<target>/<profile>`, where `cargo test --workspace` builds it as a workspace member),
 /// built there with cargo when missing (`cargo test -p <one crate>` does not build it).
-#[doc(hidden)]
 pub fn locate_or_build(profile_dir: &Path) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("PAGEFERRY_FAKE_QATZIP").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
