@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use pageferry::codec::{qatzip::QatzipOptions, CodecSpec, Method};
 use pageferry::engine::ratelimit::parse_bandwidth;
-use pageferry::engine::{AutoConverge, SourceConfig};
+use pageferry::engine::{AutoConverge, PostcopyConfig, SourceConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -133,6 +133,14 @@ pub struct SourceArgs {
     /// this percentage of the bytes transferred.
     #[arg(long = "throttle-trigger-threshold", default_value_t = 50)]
     pub throttle_trigger_threshold: u8,
+    /// May switch to postcopy when pre-copy does not converge: the guest then runs on the
+    /// destination, which asks for the pages it touches (needs the destination's memory on
+    /// tmpfs or anonymous, and userfaultfd).
+    #[arg(long = "postcopy")]
+    pub postcopy: bool,
+    /// Switch to postcopy after this many pre-copy rounds (implies --postcopy).
+    #[arg(long = "postcopy-after-rounds")]
+    pub postcopy_after_rounds: Option<u32>,
     /// Copy every batch before compressing/sending (measures what zero copy saves).
     #[arg(long = "no-zero-copy")]
     pub no_zero_copy: bool,
@@ -156,8 +164,13 @@ impl SourceArgs {
         if let Some(ac) = &auto_converge {
             ac.validate().map_err(anyhow::Error::msg)?;
         }
+        if self.postcopy_after_rounds == Some(0) {
+            bail!("--postcopy-after-rounds must be at least 1 (round 0 sends all memory)");
+        }
+        let postcopy = (self.postcopy || self.postcopy_after_rounds.is_some()).then_some(PostcopyConfig { after_rounds: self.postcopy_after_rounds });
         Ok(SourceConfig {
             auto_converge,
+            postcopy,
             channels: self.channels,
             codec: self.method.spec()?,
             pipeline_depth: self.pipeline_depth,

@@ -99,6 +99,30 @@ struct RecvArgs {
     /// Decompress through a bounce buffer (measures what zero copy saves).
     #[arg(long = "no-zero-copy")]
     no_zero_copy: bool,
+    /// Continue the source's --dirty-rate writer here after the switchover (in postcopy: at
+    /// once, before all memory has arrived), like a guest that moved; without it the image
+    /// only receives.
+    #[arg(long = "resume-writer")]
+    resume_writer: bool,
+    /// With --resume-writer: keep the writer running this long after the migration
+    /// completed, then stop it and report where it started and stopped.
+    #[arg(long = "run-after-ms", default_value_t = 0)]
+    run_after_ms: u64,
+}
+
+/// What `recv --json` prints: the destination's report, and where a resumed writer started
+/// and stopped (to replay its writes).
+#[derive(serde::Serialize)]
+struct RecvOutput {
+    #[serde(flatten)]
+    report: engine::DestinationReport,
+    workload: Option<WriterRun>,
+}
+
+#[derive(serde::Serialize)]
+struct WriterRun {
+    from: workload::WriterState,
+    to: workload::WriterState,
 }
 
 #[derive(clap::Args)]
@@ -214,6 +238,8 @@ fn recv(a: RecvArgs) -> Result<()> {
     std::io::stdout().flush()?;
     let partial = incomplete_path(&a.image);
     let mut created = false;
+    let mut writer = workload::ResumeWriter::default();
+    let slot = writer.memory.clone();
     let mut provide = |regions: &[(String, u64)]| -> Result<GuestMemory, String> {
         let [(name, len)] = regions else {
             return Err(format!("an image destination takes one region, the source announced {}", regions.len()));
@@ -223,11 +249,33 @@ fn recv(a: RecvArgs) -> Result<()> {
         let _ = std::fs::remove_file(&partial);
         let r = MmapRegion::create_file_reserved(name, &partial, *len).map_err(|e| format!("destination image: {e}"))?;
         created = true;
-        GuestMemory::new(vec![Arc::new(r)]).map_err(|e| e.to_string())
+        let m = GuestMemory::new(vec![Arc::new(r)]).map_err(|e| e.to_string())?;
+        *slot.lock().unwrap() = Some(m.clone());
+        Ok(m)
     };
-    let result = engine::run_destination_with(&listener, &mut provide, &mut NoWorkload, &config);
+    let workload: &mut dyn engine::DestinationWorkload = if a.resume_writer { &mut writer } else { &mut NoWorkload };
+    let result = engine::run_destination_with(&listener, &mut provide, workload, &config);
+    let run = writer.running.lock().unwrap().take();
+    let run = match (run, &result) {
+        (Some((from, mut w)), Ok(_)) => {
+            std::thread::sleep(Duration::from_millis(a.run_after_ms));
+            w.halt();
+            Some(WriterRun { from, to: w.state() })
+        }
+        // A failed postcopy keeps the writer blocked on a missing page: leave it there.
+        (Some((_, w)), Err(_)) => {
+            w.detach();
+            None
+        }
+        (None, _) => None,
+    };
     let (report, memory) = match result {
         Ok(x) => x,
+        // A failed postcopy keeps its state: the partial image holds every page that arrived
+        // (and the writes made here), the source keeps the rest.
+        Err(e @ engine::MigrationError::Postcopy(_)) => {
+            return Err(e).with_context(|| format!("receiving migration (the partial image stays in {})", partial.display()));
+        }
         Err(e) => {
             if created {
                 let _ = std::fs::remove_file(&partial);
@@ -239,7 +287,7 @@ fn recv(a: RecvArgs) -> Result<()> {
     // The commit point for an image: complete and checked, so it takes its real name.
     std::fs::rename(&partial, &a.image).with_context(|| format!("renaming {} to {}", partial.display(), a.image.display()))?;
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{}", serde_json::to_string(&RecvOutput { report, workload: run })?);
     } else {
         println!(
             "received {} pages ({} zero) in {} rounds; cpu {:.2} s over {:.2} s; verified: {}",

@@ -1,15 +1,67 @@
 //! A workload that keeps writing source memory during a migration (`--dirty-rate`), so rounds,
 //! convergence and downtime can be seen on image migrations. It is paused at switchover.
 
-use pageferry::engine::{SourceWorkload, WorkloadError};
+use pageferry::engine::{DestinationWorkload, SourceWorkload, WorkloadError};
 use pageferry::memory::{GuestMemory, PAGE_SIZE};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Where a writer is in its sequence: the n-th write stamps `n` into page `x_n % pages`,
+/// with `x` a xorshift64 sequence. Its bytes are the device state a source hands over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriterState {
+    /// xorshift state after the last write.
+    pub x: u64,
+    /// Writes done.
+    pub n: u64,
+    pub per_sec: u64,
+    /// Pages written to, from the start of region 0.
+    pub pages: u64,
+}
+
+impl WriterState {
+    pub fn to_bytes(self) -> Vec<u8> {
+        [self.x, self.n, self.per_sec, self.pages].iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        if b.len() != 32 {
+            return Err(format!("dirty writer state is {} bytes, expected 32", b.len()));
+        }
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        let s = Self { x: w(0), n: w(1), per_sec: w(2), pages: w(3) };
+        if s.per_sec == 0 || s.pages == 0 || s.x == 0 {
+            return Err("dirty writer state with zero rate, pages or seed".into());
+        }
+        Ok(s)
+    }
+}
+
+/// The writer's sequence step (xorshift64).
+pub fn next_x(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+/// The n-th write: stamp `n` into a few words of `page` (content changes, stays compressible).
+///
+/// # Safety
+/// `base` must point to a mapping that holds `page`.
+pub unsafe fn stamp(base: *mut u8, page: u64, n: u64) {
+    let p = base.add(page as usize * PAGE_SIZE) as *mut u64;
+    for i in (0..PAGE_SIZE / 8).step_by(64) {
+        p.add(i).write_volatile(n ^ (i as u64) << 40);
+    }
+}
+
 pub struct DirtyWriter {
     stop: Arc<AtomicBool>,
     pub pages_written: Arc<AtomicU64>,
+    last_x: Arc<AtomicU64>,
+    per_sec: u64,
+    pages: u64,
     /// Auto-converge throttle, percent of each slice spent sleeping.
     throttle: Arc<AtomicU8>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -31,18 +83,32 @@ impl DirtyWriter {
     /// region 0, in a pseudo-random order, starting now. The rate is paced on running time,
     /// so a throttle of p% lowers it by p%.
     pub fn start(memory: &GuestMemory, bytes_per_sec: u64, working_set: u64) -> Self {
+        let region_len = memory.regions()[0].len();
+        let state = WriterState {
+            x: 0x2545F4914F6CDD1D,
+            n: 0,
+            per_sec: (bytes_per_sec / PAGE_SIZE as u64).max(1),
+            pages: (working_set.min(region_len) / PAGE_SIZE as u64).max(1),
+        };
+        Self::resume_at(memory, state)
+    }
+
+    /// Continue a writer from `state` (a source's writer, paused for a postcopy switchover).
+    pub fn resume_at(memory: &GuestMemory, state: WriterState) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let pages_written = Arc::new(AtomicU64::new(0));
+        let pages_written = Arc::new(AtomicU64::new(state.n));
+        let last_x = Arc::new(AtomicU64::new(state.x));
         let throttle = Arc::new(AtomicU8::new(0));
         let region = memory.regions()[0].clone();
-        let pages = (working_set.min(region.len()) / PAGE_SIZE as u64).max(1);
-        let per_sec = (bytes_per_sec / PAGE_SIZE as u64).max(1);
-        let (s, w, th) = (stop.clone(), pages_written.clone(), throttle.clone());
+        let pages = state.pages.min(region.pages()).max(1);
+        let per_sec = state.per_sec;
+        let (s, w, th, lx) = (stop.clone(), pages_written.clone(), throttle.clone(), last_x.clone());
+        let start_n = state.n;
         let thread = std::thread::Builder::new()
             .name("dirty-writer".into())
             .spawn(move || {
-                let mut x: u64 = 0x2545F4914F6CDD1D;
-                let mut n = 0u64;
+                let mut x = state.x;
+                let mut n = start_n;
                 // Running time so far (wall time minus throttle sleeps): the pace's clock.
                 let mut ran = Duration::ZERO;
                 let mut slice_start = Instant::now();
@@ -58,32 +124,36 @@ impl DirtyWriter {
                         continue;
                     }
                     // Pace: n pages by now.
-                    let due = ((ran + in_slice).as_secs_f64() * per_sec as f64) as u64;
+                    let due = start_n + ((ran + in_slice).as_secs_f64() * per_sec as f64) as u64;
                     if n >= due {
                         std::thread::sleep(Duration::from_micros(500));
                         continue;
                     }
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let page = x % pages;
-                    // SAFETY: page < region pages; plain stores into guest memory.
-                    unsafe {
-                        let p = region.host_ptr().add(page as usize * PAGE_SIZE) as *mut u64;
-                        // Stamp a counter into a few words: content changes, stays compressible.
-                        for i in (0..PAGE_SIZE / 8).step_by(64) {
-                            p.add(i).write_volatile(n ^ (i as u64) << 40);
-                        }
-                    }
+                    x = next_x(x);
+                    // SAFETY: the page is inside the region; plain stores into guest memory.
+                    unsafe { stamp(region.host_ptr(), x % pages, n) };
                     n += 1;
                     w.store(n, Ordering::Relaxed);
+                    lx.store(x, Ordering::Relaxed);
                 }
             })
             .expect("spawn dirty writer");
-        Self { stop, pages_written, throttle, thread: Some(thread) }
+        Self { stop, pages_written, last_x, per_sec, pages, throttle, thread: Some(thread) }
     }
 
-    fn halt(&mut self) {
+    /// Where the writer is (after `pause` or `halt`, where it stopped).
+    pub fn state(&self) -> WriterState {
+        WriterState { x: self.last_x.load(Ordering::SeqCst), n: self.pages_written.load(Ordering::SeqCst), per_sec: self.per_sec, pages: self.pages }
+    }
+
+    /// Ask the writer to stop without waiting for it (it may be blocked on a page that will
+    /// never arrive: a failed postcopy).
+    pub fn detach(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take();
+    }
+
+    pub fn halt(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -94,7 +164,7 @@ impl DirtyWriter {
 impl SourceWorkload for DirtyWriter {
     fn pause(&mut self) -> Result<Vec<u8>, WorkloadError> {
         self.halt();
-        Ok(self.pages_written.load(Ordering::SeqCst).to_le_bytes().to_vec())
+        Ok(self.state().to_bytes())
     }
     fn resume_after_failure(&mut self) -> Result<(), WorkloadError> {
         // The writer is a test load: leaving it stopped is the safe state.
@@ -109,5 +179,28 @@ impl SourceWorkload for DirtyWriter {
 impl Drop for DirtyWriter {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// The destination side of the writer: `resume` continues the source's writer on the
+/// destination's memory (for postcopy, as soon as the device state arrives; after pre-copy,
+/// once all memory is there). An empty device state (no writer on the source) starts nothing.
+#[derive(Clone, Default)]
+pub struct ResumeWriter {
+    /// The destination's memory, set when the region table has arrived.
+    pub memory: Arc<std::sync::Mutex<Option<GuestMemory>>>,
+    /// The writer once resumed, and where it started.
+    pub running: Arc<std::sync::Mutex<Option<(WriterState, DirtyWriter)>>>,
+}
+
+impl DestinationWorkload for ResumeWriter {
+    fn resume(&mut self, device_state: &[u8]) -> Result<(), WorkloadError> {
+        if device_state.is_empty() {
+            return Ok(());
+        }
+        let state = WriterState::from_bytes(device_state)?;
+        let memory = self.memory.lock().unwrap().clone().ok_or("no destination memory")?;
+        *self.running.lock().unwrap() = Some((state, DirtyWriter::resume_at(&memory, state)));
+        Ok(())
     }
 }

@@ -128,6 +128,7 @@ pub unsafe fn page_is_zero(p: *const u8) -> bool {
     words.chunks_exact(16).all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
 }
 
+#[derive(Clone)]
 pub struct WorkerContext {
     pub memory: GuestMemory,
     pub live: bool,

@@ -9,28 +9,30 @@
 //! until every channel has; only then may anyone apply round k+1, so a late stale copy can
 //! never overwrite a newer page.
 
+use super::postcopy::Placer;
 use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
 use super::{DestinationConfig, DestinationWorkload, MigrationError};
 use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{
-    self, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
+    self, PostcopyStats, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
     VersionRange, WireError, PACKET_HEADER_LEN, PROTOCOL_VERSION,
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Provides the destination's memory once the source's region table is known.
 pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + 'a;
 
 /// What this destination announces in its Welcome: `recv --multifd-compression M` decodes
-/// only M (at any of its levels); no optional feature yet.
+/// only M (at any of its levels); postcopy (whether the memory a source offers can take it is
+/// checked when it asks: a refusal says why).
 fn capabilities(config: &DestinationConfig) -> Capabilities {
-    Capabilities { methods: vec![config.codec.method.caps()], features: Features::default() }
+    Capabilities { methods: vec![config.codec.method.caps()], features: Features { postcopy: true, ..Features::default() } }
 }
 
 /// A method code's name for messages.
@@ -60,8 +62,14 @@ fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfi
     if !h.verify && config.require_verify {
         return Err("the source skips the end-to-end memory digest (--no-verify) but this destination requires it; pass --no-verify to the destination too to accept an unverified migration".into());
     }
+    if h.wants.postcopy && config.require_verify {
+        return Err("the source may switch to postcopy, which cannot compare memory digests (the guest runs here before all memory has arrived); pass --no-verify to the destination to accept that".into());
+    }
     check_layout(&h.regions, config.max_memory)?;
     let memory = provide(&h.regions)?;
+    if h.wants.postcopy {
+        super::postcopy::probe(&memory).map_err(|why| format!("postcopy is not possible on this destination: {why}"))?;
+    }
     let ours = memory.layout();
     if h.regions != ours {
         let show = |v: &[(String, u64)]| v.iter().map(|(n, l)| format!("{n}: {l} bytes")).collect::<Vec<_>>().join(", ");
@@ -113,19 +121,32 @@ fn welcome(sock: &mut TcpStream, version: u16, fresh: bool, config: &Destination
     wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities: capabilities(config) }, &[])
 }
 
-/// Accept the control channel and all data channels of one session; also returns the
-/// protocol version agreed on.
-fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(TcpStream, Vec<TcpStream>, Hello, GuestMemory, u16), MigrationError> {
+/// The connections of one session.
+struct Session {
+    control: TcpStream,
+    data: Vec<TcpStream>,
+    /// Postcopy's urgent channel (when the source wants postcopy).
+    urgent: Option<TcpStream>,
+    hello: Hello,
+    memory: GuestMemory,
+    /// The protocol version agreed on.
+    version: u16,
+}
+
+/// Accept the control channel and all data channels of one session.
+fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<Session, MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
     let mut control: Option<(TcpStream, Hello, GuestMemory)> = None;
     let mut version = PROTOCOL_VERSION;
     let mut data: Vec<Option<TcpStream>> = Vec::new();
+    let mut urgent: Option<TcpStream> = None;
     let mut fresh = false;
     loop {
-        if control.is_some() && data.iter().all(|d| d.is_some()) {
-            let (c, h, m) = control.take().unwrap();
-            return Ok((c, data.into_iter().map(|d| d.unwrap()).collect(), h, m, version));
+        let want_urgent = control.as_ref().is_some_and(|(_, h, _)| h.wants.postcopy);
+        if control.is_some() && data.iter().all(|d| d.is_some()) && (!want_urgent || urgent.is_some()) {
+            let (control, hello, memory) = control.take().unwrap();
+            return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
         }
         if Instant::now() >= deadline {
             return Err(MigrationError::Other(format!(
@@ -183,6 +204,17 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                 data = (0..hello.channels).map(|_| None).collect();
                 control = Some((sock, hello, memory));
             }
+            (Role::Urgent, Some(s)) if s == hello.session => {
+                if !want_urgent || urgent.is_some() || !hello.versions.contains(version) {
+                    refuse(&mut sock, "unexpected or duplicate urgent connection");
+                    continue;
+                }
+                if let Err(e) = welcome(&mut sock, version, fresh, config) {
+                    eprintln!("pageferry: urgent channel: {e}");
+                    continue;
+                }
+                urgent = Some(sock);
+            }
             (_, Some(s)) if s == hello.session => {
                 let idx = hello.channel as usize;
                 if hello.role != Role::Data || idx >= data.len() || data[idx].is_some() {
@@ -217,6 +249,9 @@ struct Gate {
     /// once the final round is complete, so nothing changes memory during verification or
     /// after the workload resumes.
     closed: std::sync::RwLock<bool>,
+    /// Postcopy's round and placer, once the switchover is done: pages of that round are
+    /// placed through userfaultfd, never written directly.
+    postcopy: Mutex<Option<(u32, Arc<Placer>)>>,
 }
 
 #[derive(Default)]
@@ -256,6 +291,10 @@ impl Gate {
     fn current(&self) -> u32 {
         self.state.lock().unwrap().round
     }
+    /// The placer when `round` is the postcopy round.
+    fn postcopy_placer(&self, round: u32) -> Option<Arc<Placer>> {
+        self.postcopy.lock().unwrap().as_ref().filter(|(r, _)| *r == round).map(|(_, p)| p.clone())
+    }
     fn fail(&self) {
         self.state.lock().unwrap().failed = true;
         self.cv.notify_all();
@@ -275,6 +314,8 @@ struct Reader<'a> {
     /// For compressed batches of scattered pages only.
     bounce: Vec<u8>,
     zero_copy: bool,
+    /// Postcopy's urgent channel: no rounds or syncs, postcopy pages only.
+    urgent: bool,
 }
 
 impl Reader<'_> {
@@ -343,9 +384,16 @@ impl Reader<'_> {
             return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, expected_num)).into());
         }
         *expected_num += 1;
+        let placer = self.gate.postcopy_placer(h.round);
+        if self.urgent && (h.kind == PacketKind::Sync || placer.is_none()) {
+            return Err(WireError::malformed("urgent packet", format!("{:?} of round {} outside postcopy", h.kind, h.round)).into());
+        }
         let round = self.gate.current();
-        if h.round != round {
+        if h.round != round && !self.urgent {
             return Err(WireError::malformed("packet", format!("of round {} during round {round} (stale or early)", h.round)).into());
+        }
+        if let (Some(placer), PacketKind::Pages) = (placer, h.kind) {
+            return self.postcopy_packet(&h, hdr, &placer, payload, offsets, normal, zero);
         }
         if h.kind == PacketKind::Sync {
             let mut crc = [0u8; 4];
@@ -437,6 +485,61 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    /// A page packet of the postcopy round: checked like any other, decoded into a buffer,
+    /// then placed atomically (pages already present are left alone).
+    #[allow(clippy::too_many_arguments)]
+    fn postcopy_packet(
+        &mut self,
+        h: &PacketHeader,
+        hdr: &[u8; PACKET_HEADER_LEN],
+        placer: &Placer,
+        payload: &mut [u8],
+        offsets: &mut [u8],
+        normal: &mut Vec<u32>,
+        zero: &mut Vec<u32>,
+    ) -> Result<(), PacketError> {
+        let region = self
+            .memory
+            .region(h.region as usize)
+            .ok_or_else(|| WireError::malformed("packet", format!("region {} does not exist ({} regions)", h.region, self.memory.regions().len())))?
+            .clone();
+        let offsets = &mut offsets[..h.offsets_len()];
+        wire::read_exact(&mut self.sock, offsets, "in page offsets")?;
+        decode_offsets(h, offsets, region.pages(), normal, zero)?;
+        let len = h.payload_len as usize;
+        let mut crc = [0u8; 4];
+        wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
+        wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+        PacketCrc::new().body(offsets).body(&payload[..len]).check(hdr, crc)?;
+        let n_bytes = normal.len() * PAGE_SIZE;
+        let data: &[u8] = if h.raw || normal.is_empty() {
+            &payload[..len]
+        } else {
+            let idx = self.idx;
+            let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
+            codec
+                .decompress(&payload[..len], &mut self.bounce[..n_bytes])
+                .map_err(|cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {idx} in postcopy"), cause }))?;
+            &self.bounce[..n_bytes]
+        };
+        let closed = self.gate.closed.read().unwrap();
+        if *closed {
+            // Postcopy is complete: a late answer to a request whose page came by the other
+            // path meanwhile. Nothing to place.
+            return Ok(());
+        }
+        placer
+            .place(h.region, normal, data, zero)
+            .map_err(|e| PacketError::Other(MigrationError::Postcopy(format!("placing pages: {e}"))))?;
+        drop(closed);
+        Counters::add(&self.counters.normal_pages, normal.len() as u64);
+        Counters::add(&self.counters.zero_pages, zero.len() as u64);
+        Counters::add(&self.counters.wire_bytes, h.wire_len() as u64);
+        Ok(())
+    }
+}
+
 enum PacketError {
     Wire(WireError),
     Other(MigrationError),
@@ -503,11 +606,19 @@ pub fn run_destination_with(
         config.events.emit(Note::CodecNote { method: info.method.to_string(), note });
     }
     let provider = info.provider;
-    let (mut control, data, hello, memory, version) = accept_session(listener, provide, config)?;
+    let Session { mut control, data, urgent, hello, memory, version } = accept_session(listener, provide, config)?;
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
-    let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: data.len(), closed: std::sync::RwLock::new(false) };
+    let gate = Gate {
+        state: Mutex::new(GateState::default()),
+        cv: Condvar::new(),
+        channels: data.len(),
+        closed: std::sync::RwLock::new(false),
+        postcopy: Mutex::new(None),
+    };
+    // Control frames are written by the control loop and, in postcopy, the fault thread.
+    let ctl_w = Arc::new(Mutex::new(control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?));
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
 
     let mut ctl_reader = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
@@ -527,20 +638,30 @@ pub fn run_destination_with(
 
     let result = std::thread::scope(|scope| {
         let mut socks = Vec::new();
-        for (idx, sock) in data.into_iter().enumerate() {
-            sock.set_read_timeout(Some(config.io_timeout)).ok();
+        let n_data = data.len();
+        for (idx, sock) in data.into_iter().chain(urgent).enumerate() {
+            let urgent = idx == n_data;
+            // The urgent channel may stay silent for the whole pre-copy phase.
+            sock.set_read_timeout(if urgent { None } else { Some(config.io_timeout) }).ok();
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
             let codec = match config.codec.method.compresses() {
                 false => None,
                 true => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
-            let reader = Reader { idx, sock, memory, method: config.codec.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy };
+            let reader = Reader { idx, sock, memory, method: config.codec.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy, urgent };
             std::thread::Builder::new()
-                .name(format!("pf-c{idx}-rx"))
+                .name(if urgent { "pf-urgent-rx".into() } else { format!("pf-c{idx}-rx") })
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &mut control, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify);
+        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, config);
+        if outcome.is_err() {
+            // A postcopy that fails keeps its registration: whatever waits on a missing page
+            // stays blocked rather than reading zeros (state kept, as QEMU's postcopy-paused).
+            if let Some((_, p)) = gate.postcopy.lock().unwrap().as_ref() {
+                p.abandon();
+            }
+        }
         if let Err(e) = &outcome {
             let _ = wire::write_frame(&mut control, version, &Control::Abort { reason: e.to_string() }, &[]);
         }
@@ -555,10 +676,75 @@ pub fn run_destination_with(
     result.map(|r| (r, memory.clone()))
 }
 
+/// Postcopy on the destination while it runs: the placer and the fault thread.
+struct PostcopyRun {
+    round: u32,
+    placer: Arc<Placer>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    fault_thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    started: Instant,
+}
+
+impl PostcopyRun {
+    fn stop_faults(&mut self) -> Result<(), String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        match self.fault_thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the fault thread panicked".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PostcopyRun {
+    fn drop(&mut self) {
+        let _ = self.stop_faults();
+    }
+}
+
+fn send_ctl(ctl: &Mutex<TcpStream>, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
+    wire::write_frame(&mut *ctl.lock().unwrap(), version, msg, blob)
+}
+
+/// Switch to postcopy: register memory, discard the pages still dirty on the source, start
+/// asking for pages, start the workload.
+#[allow(clippy::too_many_arguments)]
+fn start_postcopy(
+    version: u16,
+    round: u32,
+    discard: &[(u16, u32, u32)],
+    state: &[u8],
+    ctl: &Arc<Mutex<TcpStream>>,
+    memory: &GuestMemory,
+    workload: &mut dyn DestinationWorkload,
+    gate: &Gate,
+) -> Result<PostcopyRun, MigrationError> {
+    let started = Instant::now();
+    let placer = Arc::new(Placer::start(memory, discard).map_err(MigrationError::Postcopy)?);
+    *gate.postcopy.lock().unwrap() = Some((round, placer.clone()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, st, c) = (placer.clone(), stop.clone(), ctl.clone());
+    let fault_thread = std::thread::Builder::new()
+        .name("pf-dst-faults".into())
+        .spawn(move || {
+            p.serve_faults(&st, &mut |region, pages| {
+                send_ctl(&c, version, &Control::PageRequest { region, pages }, &[]).map_err(|e| format!("asking the source for pages: {e}"))
+            })
+        })
+        .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+    let mut run = PostcopyRun { round, placer, stop, fault_thread: Some(fault_thread), started };
+    if let Err(cause) = workload.resume(state) {
+        let _ = run.stop_faults();
+        return Err(MigrationError::Postcopy(format!("the workload did not start: {cause}")));
+    }
+    send_ctl(ctl, version, &Control::PostcopyRunning, &[]).map_err(|e| MigrationError::Postcopy(format!("control channel: {e}")))?;
+    Ok(run)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn control_loop(
     events: &crossbeam_channel::Receiver<Event>,
-    control: &mut TcpStream,
+    ctl: &Arc<Mutex<TcpStream>>,
     version: u16,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,
@@ -567,10 +753,13 @@ fn control_loop(
     cpu: &CpuMeter,
     provider: &str,
     announced_verify: bool,
+    config: &DestinationConfig,
 ) -> Result<DestinationReport, MigrationError> {
     let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
     let mut completed: Option<u32> = None;
     let mut finish: Option<(u32, Option<String>, Vec<u8>)> = None;
+    let mut postcopy: Option<PostcopyRun> = None;
+    let mut incomplete_since: Option<Instant> = None;
     let mut peak_rss = 0u64;
     loop {
         peak_rss = peak_rss.max(super::stats::rss_anon_bytes());
@@ -579,14 +768,34 @@ fn control_loop(
                 break;
             }
         }
-        let event = match events.recv_timeout(Duration::from_millis(100)) {
+        if let (Some(pc), Some(c)) = (&postcopy, completed) {
+            if c >= pc.round {
+                // Every channel delivered the background push; requested pages may still be
+                // on their way on the urgent channel.
+                if pc.placer.remaining() == 0 {
+                    break;
+                }
+                let since = *incomplete_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > config.io_timeout {
+                    return Err(MigrationError::Postcopy(format!(
+                        "the source finished sending but {} discarded pages never arrived",
+                        pc.placer.remaining()
+                    )));
+                }
+            }
+        }
+        let wait = if postcopy.is_some() { Duration::from_millis(2) } else { Duration::from_millis(100) };
+        let event = match events.recv_timeout(wait) {
             Ok(e) => e,
             Err(_) => continue, // sample memory ~10×/s while waiting
         };
+        let in_postcopy = |e: MigrationError| if postcopy.is_some() { MigrationError::Postcopy(e.to_string()) } else { e };
         match event {
             Event::RoundComplete(k) => {
                 completed = Some(k);
-                wire::write_frame(control, version, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
+                if postcopy.is_none() {
+                    send_ctl(ctl, version, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
+                }
             }
             Event::Failed(e) => {
                 // A source that gives up sends Abort on control and then closes its data
@@ -594,24 +803,58 @@ fn control_loop(
                 let until = Instant::now() + Duration::from_millis(500);
                 while let Ok(ev) = events.recv_deadline(until) {
                     if let Event::Control(Ok((Control::Abort { reason }, _))) = ev {
-                        return Err(MigrationError::PeerAborted(reason));
+                        return Err(in_postcopy(MigrationError::PeerAborted(reason)));
                     }
                 }
-                return Err(e);
+                return Err(in_postcopy(e));
             }
             Event::Control(Ok((Control::Finish { round, digest }, state))) => {
-                if finish.is_some() || completed.is_some_and(|c| c > round) {
+                if finish.is_some() || postcopy.is_some() || completed.is_some_and(|c| c > round) {
                     return Err(ctl_err(WireError::malformed("Finish", format!("for round {round} after round {completed:?}"))));
                 }
                 finish = Some((round, digest, state));
             }
-            Event::Control(Ok((Control::Abort { reason }, _))) => return Err(MigrationError::PeerAborted(reason)),
-            Event::Control(Ok((other, _))) => return Err(ctl_err(WireError::malformed("control message", format!("unexpected {other:?}")))),
-            Event::Control(Err(WireError::Closed(_))) => {
-                return Err(MigrationError::Other(format!("the source closed the control channel during round {} (did it die?)", gate.current())))
+            Event::Control(Ok((Control::Postcopy { round, discard }, state))) => {
+                if finish.is_some() || postcopy.is_some() || completed.map_or(0, |c| c + 1) != round {
+                    return Err(ctl_err(WireError::malformed("Postcopy", format!("for round {round} after round {completed:?}"))));
+                }
+                postcopy = Some(start_postcopy(version, round, &discard, &state, ctl, memory, workload, gate)?);
             }
-            Event::Control(Err(e)) => return Err(ctl_err(e)),
+            Event::Control(Ok((Control::Abort { reason }, _))) => return Err(in_postcopy(MigrationError::PeerAborted(reason))),
+            Event::Control(Ok((other, _))) => return Err(in_postcopy(ctl_err(WireError::malformed("control message", format!("unexpected {other:?}"))))),
+            Event::Control(Err(WireError::Closed(_))) => {
+                return Err(in_postcopy(MigrationError::Other(format!("the source closed the control channel during round {} (did it die?)", gate.current()))))
+            }
+            Event::Control(Err(e)) => return Err(in_postcopy(ctl_err(e))),
         }
+    }
+    if let Some(mut pc) = postcopy {
+        // Complete: stop asking, unregister, report.
+        gate.state.lock().unwrap().finished = true;
+        *gate.closed.write().unwrap() = true;
+        pc.stop_faults().map_err(MigrationError::Postcopy)?;
+        pc.placer.finish();
+        let (cpu_s, wall_s) = cpu.read();
+        let report = DestinationReport {
+            cpu_s,
+            wall_s,
+            pages: counters.pages(),
+            zero_pages: counters.zero_pages.load(Relaxed),
+            wire_bytes: counters.wire(),
+            verify_ms: 0.0,
+            verified: false,
+            rounds: pc.round + 1,
+            provider: provider.to_string(),
+            peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
+            postcopy: Some(PostcopyStats { duration_ms: pc.started.elapsed().as_secs_f64() * 1000.0, ..pc.placer.stats() }),
+            done_not_delivered: false,
+        };
+        let mut report = report;
+        if send_ctl(ctl, version, &Control::Done { report: report.clone() }, &[]).is_err() {
+            // All memory is here and the guest runs here; the source only misses the news.
+            report.done_not_delivered = true;
+        }
+        return Ok(report);
     }
     let (round, digest, state) = finish.expect("loop exits with a finish");
     gate.state.lock().unwrap().finished = true;
@@ -646,10 +889,10 @@ fn control_loop(
         rounds: round + 1,
         provider: provider.to_string(),
         peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
-        done_not_delivered: false,
+        ..Default::default()
     };
     let mut report = report;
-    if wire::write_frame(control, version, &Control::Done { report: report.clone() }, &[]).is_err() {
+    if send_ctl(ctl, version, &Control::Done { report: report.clone() }, &[]).is_err() {
         // The guest runs here now; the source, without Done, stays paused and says so.
         report.done_not_delivered = true;
     }

@@ -13,6 +13,7 @@
 
 mod channel;
 mod converge;
+mod postcopy;
 mod destination;
 pub mod policy;
 pub mod ratelimit;
@@ -25,6 +26,7 @@ mod tests_hostile;
 
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;
+pub use postcopy::PostcopyStats;
 pub use stats::{DestinationReport, Event, EventSink, MigrationReport, NoProgress, Progress, ProgressSink};
 
 use crate::codec::{CodecError, CodecSpec};
@@ -105,6 +107,8 @@ pub struct SourceConfig {
     /// Throttle the workload when pre-copy does not converge [`--auto-converge`]; `None`
     /// leaves it at full speed.
     pub auto_converge: Option<AutoConverge>,
+    /// May switch to postcopy [`--postcopy`]; `None`: pre-copy only.
+    pub postcopy: Option<PostcopyConfig>,
     /// Compress (static) guest memory in place and write raw pages from it; `false` copies
     /// every batch first — only useful to measure what zero copy saves.
     pub zero_copy: bool,
@@ -124,6 +128,7 @@ impl Default for SourceConfig {
             verify: true,
             connect_timeout: Duration::from_secs(10),
             auto_converge: None,
+            postcopy: None,
             zero_copy: true,
         }
     }
@@ -167,6 +172,14 @@ impl AutoConverge {
         }
         Ok(())
     }
+}
+
+/// Postcopy settings (QEMU: capability postcopy-ram, then migrate-start-postcopy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PostcopyConfig {
+    /// Switch after this many pre-copy rounds [`--postcopy-after-rounds`]; without it the
+    /// engine switches only when pre-copy is not converging (see `source.rs`).
+    pub after_rounds: Option<u32>,
 }
 
 /// Destination settings.
@@ -225,6 +238,10 @@ pub enum MigrationError {
     Dirty(DirtyError),
     #[error("migration did not converge: {0}")]
     NotConverged(String),
+    /// Failure after the switchover to postcopy: the source is stopped for good and the
+    /// destination holds part of the memory; both keep their state.
+    #[error("postcopy failed after the switchover (source stopped, destination incomplete; both keep their state): {0}")]
+    Postcopy(String),
     #[error("workload {what} failed: {cause}")]
     Workload { what: &'static str, cause: WorkloadError },
     #[error("verification failed: source memory digest {source_digest:032x}, destination {dest_digest:032x}")]

@@ -14,6 +14,7 @@ use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext}
 use super::ratelimit::RateLimiter;
 use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink, Event};
 use super::converge::Throttler;
+use super::postcopy::UrgentServer;
 use super::{MigrationError, SourceConfig, SourceWorkload};
 use crate::codec::{self, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
@@ -133,7 +134,7 @@ pub fn run_source(
     drop(probe);
 
     let session = SessionId::random();
-    let wants = Features::default();
+    let wants = Features { postcopy: config.postcopy.is_some(), ..Features::default() };
     let hello = |role, channel| Hello {
         versions: VersionRange::SUPPORTED,
         session,
@@ -161,15 +162,44 @@ pub fn run_source(
         }
         data.push(s);
     }
+    // Postcopy's urgent channel: requested pages skip the queue of background batches.
+    let urgent_sock = match config.postcopy {
+        Some(_) => {
+            let mut s = connect(addr, config.connect_timeout)?;
+            let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel")?;
+            if w.version != version {
+                let e = WireError::malformed("handshake reply", format!("version {} on the urgent channel, {version} on the control channel", w.version));
+                return Err(MigrationError::Wire { channel: "urgent channel".into(), cause: e });
+            }
+            Some(s)
+        }
+        None => None,
+    };
     tracker.start(memory)?;
     let setup_time = t0.elapsed();
 
+    let counters = Arc::new(Counters::default());
+    let failure = Arc::new(Failure::default());
+    let outstanding = Arc::new(Outstanding::default());
+    let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
+    let urgent_outstanding = Arc::new(Outstanding::default());
+    let urgent = urgent_sock.is_some().then(|| Arc::new(UrgentServer::new(memory, urgent_tx, urgent_outstanding.clone())));
+
+    // The control reader: page requests (postcopy's return path) go straight to the urgent
+    // channel's worker; everything else to the control thread.
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let mut reader_sock = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
+    let serve = urgent.clone();
     std::thread::Builder::new()
         .name("pf-src-control".into())
         .spawn(move || loop {
-            let r = wire::read_frame_at(&mut reader_sock, version);
+            let r = match (wire::read_frame_at(&mut reader_sock, version), &serve) {
+                (Ok((Control::PageRequest { region, pages }, _)), Some(u)) => match u.request(region, pages) {
+                    Ok(()) => continue,
+                    Err(e) => Err(WireError::malformed("page request", e)),
+                },
+                (r, _) => r,
+            };
             let stop = r.is_err();
             if ctl_tx.send(r).is_err() || stop {
                 break;
@@ -177,9 +207,6 @@ pub fn run_source(
         })
         .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
 
-    let counters = Arc::new(Counters::default());
-    let failure = Arc::new(Failure::default());
-    let outstanding = Arc::new(Outstanding::default());
     let limiter = config.limiter.clone().or_else(|| config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b))));
     let ctx = Arc::new(WorkerContext {
         memory: memory.clone(),
@@ -217,6 +244,27 @@ pub fn run_source(
             to_sockets.push(tx);
         }
         drop(work_rx);
+        if let Some(sock) = urgent_sock {
+            // One worker and a writer outside the bandwidth cap: requested pages are few and
+            // must not queue behind the background push in the limiter.
+            let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
+            let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "urgent channel".into(), cause: source })?;
+            let uctx = Arc::new(WorkerContext { outstanding: urgent_outstanding.clone(), ..WorkerContext::clone(&ctx) });
+            std::thread::Builder::new()
+                .name("pf-urgent-w".into())
+                .spawn_scoped(scope, move || channel::run_worker(uctx, codec, urgent_rx, tx))
+                .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+            let (counters, failure) = (counters.clone(), failure.clone());
+            let method = config.codec.method.code();
+            writers.push(
+                std::thread::Builder::new()
+                    .name("pf-urgent-tx".into())
+                    .spawn_scoped(scope, move || channel::run_writer("urgent channel".into(), sock, method, rx, None, counters, failure))
+                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?,
+            );
+        } else {
+            drop(urgent_rx);
+        }
 
         let mut run = SourceRun {
             memory,
@@ -239,6 +287,8 @@ pub fn run_source(
             throttle_per_round: Vec::new(),
             throttled: false,
             throttle_unsupported: None,
+            urgent: urgent.clone(),
+            postcopy: None,
         };
         let mut outcome = run.migrate(tracker, workload);
         // Success or failure: the workload (stopped, or running here) is not left throttled.
@@ -260,6 +310,10 @@ pub fn run_source(
         }
         run.work_tx = None;
         run.to_sockets.clear();
+        // Let the urgent worker finish (its socket is shut down with the others below).
+        if let Some(u) = run.urgent.take() {
+            u.close();
+        }
         for w in writers {
             if let Ok(sock) = w.join() {
                 let _ = sock.shutdown(std::net::Shutdown::Both);
@@ -328,6 +382,10 @@ struct SourceRun<'a> {
     throttled: bool,
     /// Why auto-converge could not throttle, if it could not.
     throttle_unsupported: Option<String>,
+    /// Postcopy's urgent channel (with --postcopy).
+    urgent: Option<Arc<UrgentServer>>,
+    /// Set at the postcopy switchover: (guest paused, destination running).
+    postcopy: Option<(Instant, Option<Instant>)>,
 }
 
 impl SourceRun<'_> {
@@ -357,7 +415,11 @@ impl SourceRun<'_> {
             }
             self.auto_converge(workload, dirty.count() * PAGE_SIZE as u64, self.counters.wire() - wire_before)?;
             let rounds_done = self.round + 1;
-            if rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout {
+            let out_of_time = rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout;
+            if let Some(why) = self.postcopy_reason(rounds_done, out_of_time, pages, dirty.count(), rate) {
+                return self.postcopy(tracker, workload, dirty, pages_per_round, why);
+            }
+            if out_of_time {
                 let hint = match (&self.throttler, &self.throttle_unsupported) {
                     (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
                     (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
@@ -439,6 +501,115 @@ impl SourceRun<'_> {
         Ok((report, dest))
     }
 
+    /// Whether to switch to postcopy after a round that did not converge, and why.
+    ///
+    /// With `--postcopy`: after `--postcopy-after-rounds` rounds; when rounds or time run out;
+    /// or when pre-copy is projected not to converge in the rounds and time left — unless
+    /// auto-converge can still raise the throttle (it gets its chance first).
+    fn postcopy_reason(&self, rounds_done: u32, out_of_time: bool, sent: u64, remaining: u64, rate: f64) -> Option<String> {
+        let pc = self.config.postcopy?;
+        if pc.after_rounds.is_some_and(|n| rounds_done >= n) {
+            return Some(format!("--postcopy-after-rounds {}", rounds_done));
+        }
+        if out_of_time {
+            return Some("pre-copy ran out of rounds or time".into());
+        }
+        if let (Some(t), None) = (&self.throttler, &self.throttle_unsupported) {
+            if t.pct() < self.config.auto_converge.map_or(0, |a| a.max) {
+                return None;
+            }
+        }
+        // Each round leaves `f` times the dirty pages of the one before.
+        let f = remaining as f64 / sent.max(1) as f64;
+        let limit_bytes = self.config.downtime_limit.as_secs_f64() * rate;
+        let remaining_bytes = remaining as f64 * PAGE_SIZE as f64;
+        if f >= 0.9 {
+            return Some(format!("pre-copy does not converge (each round leaves {:.0}% of the pages of the one before)", f * 100.0));
+        }
+        let rounds_needed = ((limit_bytes / remaining_bytes).ln() / f.ln()).ceil().max(0.0);
+        let time_needed = remaining_bytes / rate.max(1.0) / (1.0 - f);
+        let time_left = self.config.timeout.saturating_sub(self.t0.elapsed()).as_secs_f64();
+        let rounds_left = self.config.max_rounds.saturating_sub(rounds_done) as f64;
+        if rounds_needed > rounds_left || time_needed > time_left {
+            return Some(format!("projected pre-copy: {rounds_needed:.0} more rounds, {time_needed:.1} s, over what is left ({rounds_left:.0} rounds, {time_left:.1} s)"));
+        }
+        None
+    }
+
+    /// Switch to postcopy: stop the guest for good, tell the destination which pages are
+    /// still dirty (it discards them and starts the guest), serve the pages it faults on over
+    /// the urgent channel and push the rest in the background over all channels. Any failure
+    /// from here on is a postcopy failure: the source never resumes.
+    fn postcopy(
+        &mut self,
+        tracker: &mut dyn DirtyTracker,
+        workload: &mut dyn SourceWorkload,
+        mut dirty: DirtyPages,
+        mut pages_per_round: Vec<u64>,
+        why: String,
+    ) -> Result<(MigrationReport, DestinationReport), MigrationError> {
+        let paused_at = Instant::now();
+        let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
+        if let Err(e) = tracker.collect(&mut dirty) {
+            // Nothing was sent yet: the source continues.
+            if let Err(re) = workload.resume_after_failure() {
+                return Err(MigrationError::Other(format!("{e}; resuming the source also failed: {re}")));
+            }
+            return Err(e.into());
+        }
+        self.round += 1;
+        let mut discard: Vec<(u16, u32, u32)> = Vec::new();
+        for (rid, bitmap) in dirty.regions().iter().enumerate() {
+            for p in bitmap.iter_set() {
+                match discard.last_mut() {
+                    Some((r, first, n)) if *r == rid as u16 && *first + *n == p as u32 => *n += 1,
+                    _ => discard.push((rid as u16, p as u32, 1)),
+                }
+            }
+        }
+        let urgent = self.urgent.clone().expect("postcopy connects an urgent channel");
+        urgent.activate(self.round);
+        self.postcopy = Some((paused_at, None));
+        let pc_err = |e: MigrationError| match e {
+            MigrationError::Postcopy(_) => e,
+            e => MigrationError::Postcopy(format!("{e} (switched to postcopy because {why})")),
+        };
+        wire::write_frame(self.control, self.version, &Control::Postcopy { round: self.round, discard }, &state).map_err(|e| pc_err(wire_err("control channel")(e)))?;
+        // The destination registers, discards and starts the guest before any background page
+        // is sent, so no page of this round can land before its discard.
+        while self.postcopy.is_some_and(|(_, running)| running.is_none()) {
+            let m = self.next_control().map_err(pc_err)?;
+            self.unexpected(Ok(m)).map_err(pc_err)?;
+        }
+        let pushed = self.send_round(&dirty).map_err(pc_err)?;
+        pages_per_round.push(pushed);
+        self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
+        let dest = self.wait_done().map_err(pc_err)?;
+        let (paused_at, running) = self.postcopy.expect("set above");
+        self.tick(true);
+        self.progress.finish();
+        let pcs = dest.postcopy.clone().unwrap_or_default();
+        let mut mechanisms = self.mechanisms();
+        mechanisms.push("postcopy".into());
+        let report = MigrationReport {
+            total_time_s: self.t0.elapsed().as_secs_f64(),
+            downtime_ms: running.map_or(0.0, |r| (r - paused_at).as_secs_f64() * 1000.0),
+            rounds: self.round + 1,
+            pages_per_round,
+            throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
+            mechanisms,
+            throttle_note: self.throttle_unsupported.clone(),
+            postcopy_reason: Some(why),
+            postcopy_ms: paused_at.elapsed().as_secs_f64() * 1000.0,
+            postcopy_pages_requested: urgent.pages.load(std::sync::atomic::Ordering::Relaxed),
+            postcopy_pages_pushed: pushed,
+            postcopy: Some(pcs),
+            send_peak_rss_anon_bytes: self.peak_rss,
+            ..Default::default()
+        };
+        Ok((report, dest))
+    }
+
     /// Auto-converge after a round that did not converge: raise the throttle per QEMU's rule.
     fn auto_converge(&mut self, workload: &mut dyn SourceWorkload, dirtied: u64, transferred: u64) -> Result<(), MigrationError> {
         if self.throttle_unsupported.is_some() {
@@ -489,7 +660,12 @@ impl SourceRun<'_> {
                 }
                 this.poll()
             };
+            let urgent = self.urgent.clone().filter(|_| self.postcopy.is_some());
+            let served = urgent.as_ref().map(|u| &u.served[rid]);
             for p in bitmap.iter_set() {
+                if served.is_some_and(|s| s.get(p)) {
+                    continue; // already sent on the urgent channel
+                }
                 pages.push(p as u32);
                 if pages.len() == MAX_BATCH_PAGES {
                     emit(std::mem::replace(&mut pages, Vec::with_capacity(MAX_BATCH_PAGES)), self)?;
@@ -539,9 +715,15 @@ impl SourceRun<'_> {
     }
 
     /// A control message outside the expected sequence.
-    fn unexpected(&self, msg: Result<(Control, Vec<u8>), WireError>) -> Result<(), MigrationError> {
+    fn unexpected(&mut self, msg: Result<(Control, Vec<u8>), WireError>) -> Result<(), MigrationError> {
         match msg {
             Ok((Control::Abort { reason }, _)) => Err(MigrationError::PeerAborted(reason)),
+            Ok((Control::PostcopyRunning, _)) if self.postcopy.is_some_and(|(_, r)| r.is_none()) => {
+                if let Some((_, running)) = &mut self.postcopy {
+                    *running = Some(Instant::now());
+                }
+                Ok(())
+            }
             Ok((Control::RoundDone { .. }, _)) => Ok(()),
             Ok((other, _)) => Err(MigrationError::Wire { channel: "control channel".into(), cause: WireError::malformed("control message", format!("unexpected {other:?}")) }),
             Err(e) => Err(MigrationError::Wire { channel: "control channel".into(), cause: e }),
@@ -552,6 +734,9 @@ impl SourceRun<'_> {
         loop {
             self.check_failure()?;
             if self.t0.elapsed() >= self.config.timeout {
+                if self.postcopy.is_some() {
+                    return Err(MigrationError::Postcopy(format!("timed out after {:?}", self.config.timeout)));
+                }
                 return Err(MigrationError::NotConverged(format!("timed out after {:?}; the source keeps running", self.config.timeout)));
             }
             match self.ctl_rx.recv_timeout(TICK) {

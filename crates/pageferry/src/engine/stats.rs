@@ -125,6 +125,21 @@ pub struct MigrationReport {
     /// Why auto-converge could not throttle, when it was asked to and could not.
     #[serde(default)]
     pub throttle_note: Option<String>,
+    /// Why the engine switched to postcopy (None: it did not).
+    #[serde(default)]
+    pub postcopy_reason: Option<String>,
+    /// Postcopy: guest paused on the source to every page placed on the destination.
+    #[serde(default)]
+    pub postcopy_ms: f64,
+    /// Postcopy: pages the destination faulted on and asked for (urgent channel).
+    #[serde(default)]
+    pub postcopy_pages_requested: u64,
+    /// Postcopy: pages pushed in the background over the data channels.
+    #[serde(default)]
+    pub postcopy_pages_pushed: u64,
+    /// Postcopy: the destination's counters and fault latencies.
+    #[serde(default)]
+    pub postcopy: Option<crate::wire::PostcopyStats>,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
     pub ratio: f64,
@@ -179,6 +194,13 @@ impl MigrationReport {
         if let Some(n) = &self.throttle_note {
             line("auto-converge:", n.clone());
         }
+        if let Some(why) = &self.postcopy_reason {
+            line("postcopy:", format!("{:.1} ms after switchover (because {why})", self.postcopy_ms));
+            line("postcopy pages:", format!("requested {} (urgent channel), pushed {} (background)", self.postcopy_pages_requested, self.postcopy_pages_pushed));
+            if let Some(p) = &self.postcopy {
+                line("fault latency:", format!("p50 {:.0} us, p99 {:.0} us, max {:.0} us ({} faults; fault read to page placed)", p.fault_latency_p50_us, p.fault_latency_p99_us, p.fault_latency_max_us, p.faults));
+            }
+        }
         line("raw bytes:", format!("{}", self.raw_bytes));
         line("wire bytes:", format!("{}", self.wire_bytes));
         line("ratio:", format!("{:.2}", self.ratio));
@@ -191,6 +213,7 @@ impl MigrationReport {
             self.send_peak_rss_anon_bytes as f64 / (1 << 20) as f64, self.recv_peak_rss_anon_bytes as f64 / (1 << 20) as f64));
         line("verified:", match (&self.verified_by, self.verified) {
             (_, true) => "yes (memory digests match)".into(),
+            (_, false) if self.postcopy_reason.is_some() => "not possible in postcopy (the destination runs before all memory has arrived)".into(),
             (Some(how), false) => how.clone(),
             (None, false) => "not checked in-band (--no-verify)".into(),
         });

@@ -545,3 +545,117 @@ fn switchover_counts_compression_the_first_round_that_fits_is_the_last() {
     assert!(r.downtime_ms <= limit.as_millis() as f64, "downtime {:.1} ms over the {} ms limit\n{}", r.downtime_ms, limit.as_millis(), r.render());
     assert_eq!(src.digest(), dst.digest());
 }
+
+/// A destination workload that reads every page of its memory in a scrambled order as soon
+/// as it is resumed: in postcopy it faults on the pages still on the source.
+#[derive(Default)]
+struct Toucher {
+    memory: Option<GuestMemory>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl DestinationWorkload for Toucher {
+    fn resume(&mut self, _device_state: &[u8]) -> Result<(), WorkloadError> {
+        let m = self.memory.clone().unwrap();
+        self.thread = Some(std::thread::spawn(move || {
+            let mut sum = 0u64;
+            for r in m.regions() {
+                let n = r.pages();
+                for k in 0..n {
+                    let p = (k * 7919) % n; // 7919 is prime: every page once
+                    sum = sum.wrapping_add(unsafe { r.host_ptr().add(p as usize * PAGE_SIZE + 17).read_volatile() } as u64);
+                }
+            }
+            sum
+        }));
+        Ok(())
+    }
+}
+
+fn postcopy_pair(
+    src: &GuestMemory,
+    dst: &GuestMemory,
+    tracker: &mut dyn crate::dirty::DirtyTracker,
+    workload: &mut dyn SourceWorkload,
+    dworkload: &mut dyn DestinationWorkload,
+    config: SourceConfig,
+) -> (Result<MigrationReport, MigrationError>, Result<DestinationReport, MigrationError>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { codec: config.codec.clone(), require_verify: false, ..Default::default() };
+    std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, dst, dworkload, &dcfg));
+        let r = run_source(&addr, src, tracker, workload, &config, &NoProgress);
+        (r, d.join().unwrap())
+    })
+}
+
+#[test]
+fn postcopy_places_every_page_once_and_the_destination_ends_equal() {
+    if let Err(e) = UffdTracker::probe() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    for method in [named("none"), named("zstd")] {
+        let src = test_memory([8192, 1024]);
+        let dst = empty_like(&src);
+        let mut tracker = UffdTracker::new();
+        let mut writer = Writer::start(src.clone(), 20);
+        let mut toucher = Toucher { memory: Some(dst.clone()), thread: None };
+        let cfg = SourceConfig {
+            codec: crate::codec::CodecSpec::new(method),
+            downtime_limit: std::time::Duration::from_millis(1),
+            // Slow enough that the toucher faults before the background push is through.
+            max_bandwidth: Some(20_000_000),
+            postcopy: Some(PostcopyConfig { after_rounds: Some(2) }),
+            ..Default::default()
+        };
+        let (r, d) = postcopy_pair(&src, &dst, &mut tracker, &mut writer, &mut toucher, cfg);
+        let r = r.unwrap_or_else(|e| panic!("{method}: {e}"));
+        let d = d.unwrap();
+        toucher.thread.take().unwrap().join().unwrap();
+        assert_eq!(r.mechanisms, ["pre-copy", "postcopy"]);
+        // At most two pre-copy rounds (the projection may switch earlier), then postcopy's.
+        assert!((2..=3).contains(&r.rounds), "{}", r.rounds);
+        assert_eq!(r.pages_per_round.len() as u32, r.rounds);
+        assert!(r.postcopy_reason.is_some());
+        let pc = d.postcopy.unwrap();
+        assert!(pc.discarded_pages > 0, "{pc:?}");
+        assert!(r.postcopy_pages_requested + r.postcopy_pages_pushed >= pc.discarded_pages, "{r:?}");
+        assert_eq!(r.postcopy_pages_requested, pc.pages_requested);
+        assert!(!r.verified && !d.verified);
+        // The source is paused for good and the destination only read: equal memory.
+        assert_eq!(src.digest(), dst.digest(), "{method}: destination differs from the paused source");
+    }
+}
+
+#[test]
+fn a_failure_after_the_postcopy_switchover_never_resumes_the_source() {
+    if let Err(e) = UffdTracker::probe() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let src = test_memory([512, 64]);
+    let dst = empty_like(&src);
+    let mut w = CountingWorkload::default();
+    let cfg = SourceConfig { codec: crate::codec::CodecSpec::new(named("none")), postcopy: Some(PostcopyConfig { after_rounds: Some(1) }), downtime_limit: std::time::Duration::ZERO, ..Default::default() };
+    let (r, d) = postcopy_pair(&src, &dst, &mut AllDirty, &mut w, &mut RefusingResume, cfg);
+    let e = r.unwrap_err();
+    assert!(matches!(e, MigrationError::Postcopy(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains("postcopy failed after the switchover") && msg.contains("device state rejected"), "{msg}");
+    assert_eq!((w.pauses, w.resumes), (1, 0), "paused once, never resumed");
+    let de = d.unwrap_err();
+    assert!(matches!(de, MigrationError::Postcopy(_)), "{de:?}");
+}
+
+#[test]
+fn a_destination_requiring_digests_refuses_a_postcopy_source() {
+    let src = test_memory([64, 16]);
+    let dst = empty_like(&src);
+    let cfg = SourceConfig { codec: crate::codec::CodecSpec::new(named("none")), postcopy: Some(PostcopyConfig::default()), ..Default::default() };
+    let (r, d) = migrate(&src, &dst, &mut StaticTracker::new(), &mut NoWorkload, cfg);
+    for e in [r.unwrap_err().to_string(), d.unwrap_err().to_string()] {
+        assert!(e.contains("postcopy") && e.contains("--no-verify"), "{e}");
+    }
+}

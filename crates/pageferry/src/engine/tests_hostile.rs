@@ -788,7 +788,8 @@ fn a_newer_source_is_answered_in_the_highest_common_version() {
         Control::Welcome { version, capabilities, .. } => {
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(capabilities.methods, vec![named("none").caps()]);
-            assert_eq!(capabilities.features, wire::Features::default());
+            // Postcopy is offered (the memory is checked when a source asks for it).
+            assert_eq!(capabilities.features, wire::Features { postcopy: true, ..wire::Features::default() });
         }
         other => panic!("expected Welcome, got {other:?}"),
     }

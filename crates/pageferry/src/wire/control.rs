@@ -48,6 +48,9 @@ impl std::fmt::Display for SessionId {
 pub enum Role {
     Control,
     Data,
+    /// Postcopy's urgent channel (`"urgent"`): pages the destination faulted on, ahead of the
+    /// background push. Only with the postcopy feature.
+    Urgent,
 }
 
 /// Optional features. In a Hello: what the source will use; in a Welcome: what the
@@ -167,6 +170,28 @@ pub struct DestinationReport {
     /// operator must tell it (the destination is the one running).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub done_not_delivered: bool,
+    /// Postcopy's counters and fault latencies, when the migration ended in postcopy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// The destination's postcopy counters (inside `DestinationReport`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PostcopyStats {
+    /// `Postcopy` received to every discarded page placed, milliseconds.
+    pub duration_ms: f64,
+    /// Pages discarded at switchover (still dirty on the source), each placed once since.
+    pub discarded_pages: u64,
+    /// Faults read by the fault thread (several threads may fault on one page).
+    pub faults: u64,
+    /// Pages asked of the source over the return path.
+    pub pages_requested: u64,
+    /// Pages that arrived when the page was already there (sent by both paths).
+    pub duplicate_pages: u64,
+    /// Fault read to page placed, microseconds.
+    pub fault_latency_p50_us: f64,
+    pub fault_latency_p99_us: f64,
+    pub fault_latency_max_us: f64,
 }
 
 /// Every control message (handshake included). On the wire: a JSON object whose `"type"` is
@@ -184,6 +209,15 @@ pub enum Control {
     RoundDone { round: u32, pages: u64 },
     /// Source: the last round is `round`; the workload's device state is the frame's blob.
     Finish { round: u32, digest: Option<String> },
+    /// Source, instead of `Finish` (postcopy feature): the guest is paused for good; rounds up
+    /// to `round - 1` are complete; `discard` (region, first page, pages) were dirtied since
+    /// and come as round `round`, on request or in the background. Blob: the device state.
+    Postcopy { round: u32, discard: Vec<(u16, u32, u32)> },
+    /// Destination: postcopy registered, discarded pages dropped, workload running.
+    PostcopyRunning,
+    /// Destination (the return path): the running workload waits for these pages of
+    /// `region`, in fault order.
+    PageRequest { region: u16, pages: Vec<u32> },
     /// Destination: memory verified, workload resumed.
     Done { report: DestinationReport },
     /// Either side: the migration is over, with this reason.

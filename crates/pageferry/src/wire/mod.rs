@@ -90,7 +90,7 @@
 //!
 //! Messages ([`Control`]; `"type"` value, fields):
 //! - `hello` — [`Hello`]: `versions` {min, max} spoken, `session` (32 hex digits, one per
-//!   migration), `role` (`"control"` | `"data"`), `channel` (data index, 0 for control),
+//!   migration), `role` (`"control"` | `"data"` | `"urgent"`), `channel` (data index, 0 for control),
 //!   `channels` (N), `method` (wire code), `level`, `regions` ([name, bytes] in id order),
 //!   `wants` ([`Features`] the source will use), `verify` (Finish will carry the digest;
 //!   absent = true).
@@ -104,6 +104,34 @@
 //! Verification is agreed in the handshake: `Hello.verify` says whether `Finish` will carry
 //! the digest; a destination that requires it refuses `verify: false`, and a `Finish` without
 //! a digest after `verify: true` is a failure, not an unverified success.
+//!
+//! Postcopy (`Hello.wants.postcopy`, offered in `Welcome.capabilities.features.postcopy`; the
+//! source then also connects one `Hello{role="urgent"}` channel, which carries only pages of
+//! the postcopy round, no Sync). Messages: `postcopy`: `round`, `discard` ([region, first
+//! page, pages]), blob = device state; `postcopy_running`; `page_request`: `region`, `pages`;
+//! `done.report.postcopy` (counters, fault latencies). Instead of `Finish`, after round k:
+//!
+//! ```text
+//!    │  pause guest for good; D = pages dirtied since round k        │
+//!    │ ── control: Postcopy{round k+1, discard D, device state} ───▶ │ register memory with
+//!    │                                                               │ userfaultfd MISSING, drop
+//!    │                                                               │ D, start the guest
+//!    │ ◀──────────── control: PostcopyRunning ──────────────────────  │
+//!    │ ◀──────────── control: PageRequest{region, pages}* ──────────  │ fault thread, fault order
+//!    │ ══ urgent ch: Pages{round k+1} (requested pages) ═══════════▶ │ UFFDIO_COPY / ZEROPAGE
+//!    │ ══ data ch i: Pages{round k+1} (rest of D), Sync{k+1} ══════▶ │ (never over a page
+//!    │ ◀──────────── control: Done{dest stats, postcopy stats} ─────  │  already there: EEXIST)
+//! ```
+//!
+//! The destination is complete when every page of D is placed and all data channels synced
+//! round k+1; a page can arrive twice (requested while its background copy was on the way):
+//! the second copy is dropped. There is no digest (the guest runs before all memory is
+//! there), so a destination that requires verification refuses a postcopy source. After
+//! `Postcopy` is written, any failure is a postcopy failure: the source never resumes, the
+//! destination keeps what arrived and leaves the guest blocked on the missing pages (it never
+//! reads zeros). There is no `--postcopy-recover`: recovering would need a reconnect handshake
+//! that names the session, the destination's received-page bitmap sent back, and the source
+//! kept alive to serve it — none of which this version has; both sides report the failure.
 //!
 //! Limits checked before anything is allocated: a handshake frame is at most
 //! [`MAX_HANDSHAKE_BODY`] bytes (larger: dropped unread), at most [`MAX_REGIONS`] regions,
@@ -168,8 +196,8 @@
 //! # Capabilities
 //!
 //! The destination announces in its Welcome the methods (with level ranges) it decodes and
-//! the optional [`Features`] it supports (`tls`, `postcopy`, `auto`; reserved, all off in
-//! this version). It also checks the Hello itself and refuses a method, level or wanted
+//! the optional [`Features`] it supports (`tls`, `postcopy`, `auto`; `postcopy` is on, the
+//! others reserved and off in this version). It also checks the Hello itself and refuses a method, level or wanted
 //! feature it lacks; the source checks the Welcome's capabilities against what it will send
 //! and fails with a clear message (sending Abort) instead of a mismatch later.
 
@@ -177,7 +205,7 @@ mod control;
 mod packet;
 
 pub use control::{
-    encode_frame, read_frame, read_frame_at, read_frame_limited, write_frame, Capabilities, Control, DestinationReport, Features, Frame, Hello, MethodCaps, Role,
+    encode_frame, read_frame, read_frame_at, read_frame_limited, write_frame, Capabilities, Control, DestinationReport, Features, Frame, Hello, MethodCaps, PostcopyStats, Role,
     SessionId, FRAME_HEADER_LEN, FRAME_MAGIC,
 };
 pub use packet::{

@@ -255,6 +255,7 @@ fn report() -> DestinationReport {
         rounds: 3,
         provider: "x".into(),
         peak_rss_anon_bytes: 4096,
+        postcopy: None,
         done_not_delivered: true,
     }
 }
@@ -276,6 +277,10 @@ fn control_frames_round_trip() {
         (Control::Finish { round: 0, digest: None }, vec![0u8]),
         (Control::Done { report: report() }, vec![]),
         (Control::Abort { reason: "because".into() }, vec![]),
+        (Control::Postcopy { round: 9, discard: vec![(0, 5, 3), (1, 0, 1)] }, b"device state".to_vec()),
+        (Control::PostcopyRunning, vec![]),
+        (Control::PageRequest { region: 1, pages: vec![7, 3, 99] }, vec![]),
+        (Control::Done { report: DestinationReport { postcopy: Some(crate::wire::PostcopyStats { faults: 3, fault_latency_p99_us: 250.5, ..Default::default() }), ..report() } }, vec![]),
     ];
     // Several frames back to back on one stream.
     let mut stream = Vec::new();

@@ -117,6 +117,7 @@ fn golden_done() {
         rounds: 2,
         provider: "libzstd".into(),
         peak_rss_anon_bytes: 4096,
+        postcopy: None,
         done_not_delivered: false,
     };
     check_frame(
