@@ -31,14 +31,24 @@ pub use vm_bitmap::AtomicBitmapTracker;
 
 use crate::memory::GuestMemory;
 
+/// Errors of a [`DirtyTracker`].
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
+    /// This tracker cannot work here (kernel feature missing, memory it cannot track).
     #[error("dirty tracking is not available: {0}")]
     Unsupported(String),
+    /// An operating-system call failed.
     #[error("{op} failed: {cause}")]
-    Os { op: &'static str, cause: std::io::Error },
+    Os {
+        /// The call ("UFFDIO_REGISTER", "KVM_GET_DIRTY_LOG", ...).
+        op: &'static str,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// `collect` before `start`.
     #[error("tracker used before start()")]
     NotStarted,
+    /// Anything else, explained.
     #[error("{0}")]
     Other(String),
 }

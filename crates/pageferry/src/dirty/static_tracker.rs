@@ -4,6 +4,7 @@
 use super::{DirtyError, DirtyPages, DirtyTracker};
 use crate::memory::GuestMemory;
 
+/// Every page once, then nothing: for memory nobody writes during the migration.
 #[derive(Default)]
 pub struct StaticTracker {
     state: State,
@@ -18,6 +19,7 @@ enum State {
 }
 
 impl StaticTracker {
+    /// A tracker (not started).
     pub fn new() -> Self {
         Self::default()
     }

@@ -128,6 +128,7 @@ impl Default for UffdTracker {
 }
 
 impl UffdTracker {
+    /// A tracker (not started).
     pub fn new() -> Self {
         Self { uffd: None, pagemap: None, ranges: Vec::new(), reported_all: false, buf: vec![PageRegion::default(); 4096] }
     }

@@ -25,12 +25,35 @@ pub const PAGE_SIZE: usize = 4096;
 /// Errors from creating or sizing memory backings.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// An operating-system call on a backing failed.
     #[error("{what} '{name}': {cause}")]
-    Io { what: &'static str, name: String, cause: std::io::Error },
+    Io {
+        /// The operation ("open", "mmap", ...).
+        what: &'static str,
+        /// The region (or file) it was for.
+        name: String,
+        /// The OS error.
+        cause: std::io::Error,
+    },
+    /// A region's length is zero or not a multiple of [`PAGE_SIZE`].
     #[error("region '{name}': length {len} is not a non-zero multiple of the page size ({PAGE_SIZE})")]
-    BadLength { name: String, len: u64 },
+    BadLength {
+        /// The region.
+        name: String,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// A file-backed destination region does not fit on its file system.
     #[error("{}: needs {need} bytes ({:.1} MiB), the file system has {free} bytes ({:.1} MiB) free", path.display(), *need as f64 / 1048576.0, *free as f64 / 1048576.0)]
-    NoSpace { path: std::path::PathBuf, need: u64, free: u64 },
+    NoSpace {
+        /// The file that was to be created.
+        path: std::path::PathBuf,
+        /// Bytes it needs.
+        need: u64,
+        /// Bytes free on its file system.
+        free: u64,
+    },
+    /// Two regions have the same name (names identify regions on the wire).
     #[error("duplicate region name '{0}'")]
     DuplicateName(String),
 }
@@ -53,6 +76,7 @@ pub unsafe trait MemoryRegion: Send + Sync {
     fn is_fresh_zeroed(&self) -> bool {
         false
     }
+    /// Length in pages.
     fn pages(&self) -> u64 {
         self.len() / PAGE_SIZE as u64
     }
@@ -65,6 +89,8 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
+    /// Memory made of `regions`, in this order (their index is the region id on the wire).
+    /// Fails on a length that is not a non-zero multiple of [`PAGE_SIZE`] or a repeated name.
     pub fn new(regions: Vec<Arc<dyn MemoryRegion>>) -> Result<Self, MemoryError> {
         for (i, r) in regions.iter().enumerate() {
             if r.len() == 0 || r.len() % PAGE_SIZE as u64 != 0 {
@@ -76,18 +102,23 @@ impl GuestMemory {
         }
         Ok(Self { regions })
     }
+    /// Memory made of one region.
     pub fn single(region: impl MemoryRegion + 'static) -> Result<Self, MemoryError> {
         Self::new(vec![Arc::new(region)])
     }
+    /// The regions, in id order.
     pub fn regions(&self) -> &[Arc<dyn MemoryRegion>] {
         &self.regions
     }
+    /// Region `id`, if there is one.
     pub fn region(&self, id: usize) -> Option<&Arc<dyn MemoryRegion>> {
         self.regions.get(id)
     }
+    /// Bytes in all regions.
     pub fn total_bytes(&self) -> u64 {
         self.regions.iter().map(|r| r.len()).sum()
     }
+    /// Pages in all regions.
     pub fn total_pages(&self) -> u64 {
         self.total_bytes() / PAGE_SIZE as u64
     }
