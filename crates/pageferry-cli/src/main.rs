@@ -5,6 +5,8 @@
 mod args;
 mod bench;
 mod demo;
+mod events;
+mod exit;
 mod progress;
 mod vm;
 mod workload;
@@ -69,6 +71,10 @@ struct SendArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Machine interface: the migration's lifecycle as JSON lines on stdout (QEMU's MIGRATION
+    /// statuses, a line per round, the report in the last line; see README "Events").
+    #[arg(long, conflicts_with = "json")]
+    events: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -152,20 +158,30 @@ fn main() {
     };
     if let Err(e) = r {
         eprintln!("pageferry {name}: error: {e:#}");
-        std::process::exit(exit_code(&e));
-    }
-}
-
-/// Exit status: 1 failure (the source keeps running), 3 outcome unknown after the commit
-/// point (the source stays paused: the destination may be running).
-pub fn exit_code(e: &anyhow::Error) -> i32 {
-    match e.chain().find_map(|c| c.downcast_ref::<engine::MigrationError>()) {
-        Some(engine::MigrationError::OutcomeUnknown(_)) => 3,
-        _ => 1,
+        std::process::exit(exit::code(&e));
     }
 }
 
 fn send(a: SendArgs) -> Result<()> {
+    let bar = progress::Bar::new(0, !a.quiet);
+    if a.events {
+        let events = events::JsonEvents::new(bar);
+        let result = migrate_image(&a, &events);
+        events.end(&result);
+        result.map(drop)
+    } else {
+        let report = migrate_image(&a, &bar)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.render());
+        }
+        Ok(())
+    }
+}
+
+/// `send`'s migration; progress and events go to `sink`.
+fn migrate_image(a: &SendArgs, sink: &dyn engine::ProgressSink) -> Result<engine::MigrationReport> {
     let config = a.engine.config()?;
     let region = MmapRegion::open_file("image", &a.image).with_context(|| format!("source image {}", a.image.display()))?;
     let memory = GuestMemory::single(region)?;
@@ -184,15 +200,7 @@ fn send(a: SendArgs) -> Result<()> {
             (Box::new(StartedTracker(tracker)), w)
         }
     };
-    let bar = progress::Bar::new(memory.total_bytes(), !a.quiet);
-    let report = engine::run_source(&a.connect, &memory, tracker.as_mut(), workload.as_mut(), &config, &bar)
-        .with_context(|| format!("migration to {}", a.connect))?;
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", report.render());
-    }
-    Ok(())
+    engine::run_source(&a.connect, &memory, tracker.as_mut(), workload.as_mut(), &config, sink).with_context(|| format!("migration to {}", a.connect))
 }
 
 /// A tracker that was started before the engine got it (so a workload could start early);

@@ -28,7 +28,10 @@ impl ProgressSink for Bar {
         self.0.finish_and_clear();
     }
     fn event(&self, e: &Event) {
-        self.0.suspend(|| eprintln!("pageferry: {e}"));
+        // Notes for people; the lifecycle (status, rounds) is for --events.
+        if e.is_note() {
+            self.0.suspend(|| eprintln!("pageferry: {e}"));
+        }
     }
 }
 
@@ -38,7 +41,9 @@ pub struct StderrEvents;
 impl ProgressSink for StderrEvents {
     fn update(&self, _p: &Progress) {}
     fn event(&self, e: &Event) {
-        eprintln!("pageferry: {e}");
+        if e.is_note() {
+            eprintln!("pageferry: {e}");
+        }
     }
 }
 

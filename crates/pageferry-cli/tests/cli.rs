@@ -293,7 +293,7 @@ fn destination_without_room_refuses_in_the_handshake_and_keeps_the_old_image() {
             assert!(e.contains("dst.img.incomplete") && e.contains("needs 25165824 bytes") && e.contains("free"), "{method}: {e}");
             assert!(!e.contains("Bad address") && !e.contains("signal"), "{method}: {e}");
         }
-        assert_eq!(s.status.code(), Some(1));
+        assert_eq!(s.status.code(), Some(5), "refused in the handshake");
         assert_eq!(std::fs::read(&dst).unwrap(), b"an older image", "{method}: the old image changed");
         assert!(!fs.0.path().join("dst.img.incomplete").exists(), "{method}: a partial image was left behind");
     }

@@ -27,7 +27,7 @@ mod tests_hostile;
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;
 pub use postcopy::PostcopyStats;
-pub use stats::{DestinationReport, Event, EventSink, MigrationReport, NoProgress, Progress, ProgressSink};
+pub use stats::{DestinationReport, Event, EventSink, MigrationReport, MigrationStatus, NoProgress, Progress, ProgressSink, RoundStats};
 
 use crate::codec::{CodecError, CodecSpec};
 use crate::dirty::DirtyError;

@@ -12,7 +12,7 @@
 
 use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext};
 use super::ratelimit::RateLimiter;
-use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, MigrationReport, Progress, ProgressSink, Event};
+use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, Event, MigrationReport, MigrationStatus, Progress, ProgressSink, RoundStats};
 use super::converge::Throttler;
 use super::postcopy::UrgentServer;
 use super::{MigrationError, SourceConfig, SourceWorkload};
@@ -106,8 +106,28 @@ fn check_capabilities(sock: &mut TcpStream, welcome: &Welcome, config: &SourceCo
 /// Migrate `memory` to the destination listening at `addr`.
 ///
 /// `tracker` reports dirty pages per round; `workload` is paused for the switchover and
-/// resumed if the migration fails afterwards. Progress goes to `progress` ~10×/s.
+/// resumed if the migration fails afterwards. Progress goes to `progress` ~10×/s, and
+/// [`Event`]s: `Status(Setup)` first, round and status events as they happen, and exactly one
+/// final `Status` (`Completed`, `Failed` or `Cancelled`) before this returns.
 pub fn run_source(
+    addr: &str,
+    memory: &GuestMemory,
+    tracker: &mut dyn DirtyTracker,
+    workload: &mut dyn SourceWorkload,
+    config: &SourceConfig,
+    progress: &dyn ProgressSink,
+) -> Result<MigrationReport, MigrationError> {
+    progress.event(&Event::Status(MigrationStatus::Setup));
+    let result = source_session(addr, memory, tracker, workload, config, progress);
+    let end = match &result {
+        Ok(_) => MigrationStatus::Completed,
+        Err(_) => MigrationStatus::Failed,
+    };
+    progress.event(&Event::Status(end));
+    result
+}
+
+fn source_session(
     addr: &str,
     memory: &GuestMemory,
     tracker: &mut dyn DirtyTracker,
@@ -394,10 +414,12 @@ impl SourceRun<'_> {
         let mut pages_per_round = Vec::new();
         let mut expected_downtime: Duration;
         tracker.collect(&mut dirty)?;
+        self.progress.event(&Event::Status(MigrationStatus::Active));
         loop {
             let started = Instant::now();
             let wire_before = self.counters.wire();
             self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
+            self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
             let pages = self.send_round(&dirty)?;
             self.wait_round_done()?;
             pages_per_round.push(pages);
@@ -410,6 +432,17 @@ impl SourceRun<'_> {
             let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
             let estimate = switchover_estimate(remaining, rate);
             expected_downtime = estimate;
+            let wire_bytes = self.counters.wire() - wire_before;
+            self.progress.event(&Event::RoundFinished(RoundStats {
+                round: self.round,
+                pages,
+                wire_bytes,
+                seconds: secs,
+                raw_bytes_per_s: rate,
+                wire_bytes_per_s: wire_bytes as f64 / secs,
+                dirty_pages: dirty.count(),
+                expected_downtime_ms: estimate.as_secs_f64() * 1000.0,
+            }));
             if estimate <= self.config.downtime_limit {
                 break;
             }
@@ -438,13 +471,16 @@ impl SourceRun<'_> {
         }
 
         // Switchover: pause, send the last dirty set and the device state.
+        self.progress.event(&Event::Status(MigrationStatus::PreSwitchover));
         let paused_at = Instant::now();
         let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
+        self.progress.event(&Event::Status(MigrationStatus::Device));
         // Set once Finish is on the wire: the commit point (see the protocol doc in wire/).
         let mut committed = false;
         let finish = (|| {
             tracker.collect(&mut dirty)?;
             self.round += 1;
+            self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
             let memory = self.memory;
             let verify = self.config.verify;
             let (pages, digest) = std::thread::scope(|s| {

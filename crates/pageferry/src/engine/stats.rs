@@ -244,6 +244,83 @@ pub enum Event {
     /// A codec's note on its setup, e.g. qatzip's `auto` provider fell back to `cpu`, and why.
     /// Once per side and migration.
     CodecNote { method: String, note: String },
+    /// The source's migration entered a new state (QEMU's `MIGRATION` event). Every run emits
+    /// `setup` first and exactly one of `completed`, `failed`, `cancelled` last.
+    Status(MigrationStatus),
+    /// A round starts sending `pages` pages (round 0: all of memory; QEMU's `MIGRATION_PASS`
+    /// counts the same passes from 1).
+    RoundStarted { round: u32, pages: u64 },
+    /// A pre-copy round's pages all arrived at the destination.
+    RoundFinished(RoundStats),
+}
+
+impl Event {
+    /// True for the notes an operator should read (dropped connections, codec notes); false
+    /// for the lifecycle events (status, rounds) that machine interfaces consume.
+    pub fn is_note(&self) -> bool {
+        matches!(self, Event::ConnectionDropped { .. } | Event::CodecNote { .. })
+    }
+}
+
+/// States of a migration, named and ordered as QEMU's `MIGRATION` event statuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum MigrationStatus {
+    /// Validating, connecting, handshaking, opening channels.
+    Setup,
+    /// Pre-copy rounds: the guest runs while its memory is sent.
+    Active,
+    /// The rest fits the downtime limit: about to pause the workload.
+    PreSwitchover,
+    /// The workload is paused: the last dirty pages and the device state are being sent.
+    Device,
+    /// Post-copy: the destination runs the guest and pulls missing pages.
+    PostcopyActive,
+    /// The destination took over.
+    Completed,
+    /// Ended with an error; the source keeps running (unless the outcome is unknown).
+    Failed,
+    /// Cancelled by either side; the source keeps running.
+    Cancelled,
+}
+
+impl MigrationStatus {
+    /// QEMU's name: `setup`, `active`, `pre-switchover`, `device`, `postcopy-active`,
+    /// `completed`, `failed`, `cancelled`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationStatus::Setup => "setup",
+            MigrationStatus::Active => "active",
+            MigrationStatus::PreSwitchover => "pre-switchover",
+            MigrationStatus::Device => "device",
+            MigrationStatus::PostcopyActive => "postcopy-active",
+            MigrationStatus::Completed => "completed",
+            MigrationStatus::Failed => "failed",
+            MigrationStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One finished pre-copy round, as [`Event::RoundFinished`] reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundStats {
+    /// Round number (0 = the first, which sends all memory).
+    pub round: u32,
+    /// Pages sent in the round (zero pages included).
+    pub pages: u64,
+    /// Wire bytes the round took.
+    pub wire_bytes: u64,
+    /// How long the round took, seconds.
+    pub seconds: f64,
+    /// Guest bytes moved per second in the round (compression and zero pages count).
+    pub raw_bytes_per_s: f64,
+    /// Wire bytes per second in the round.
+    pub wire_bytes_per_s: f64,
+    /// Pages the guest dirtied meanwhile: the next round's work.
+    pub dirty_pages: u64,
+    /// Downtime if the source switched over now, at this round's rate, milliseconds.
+    pub expected_downtime_ms: f64,
 }
 
 impl std::fmt::Display for Event {
@@ -251,6 +328,17 @@ impl std::fmt::Display for Event {
         match self {
             Event::ConnectionDropped { peer, reason } => write!(f, "dropping connection from {peer}: {reason}"),
             Event::CodecNote { note, .. } => f.write_str(note),
+            Event::Status(s) => write!(f, "migration status: {}", s.name()),
+            Event::RoundStarted { round, pages } => write!(f, "round {round}: sending {pages} pages"),
+            Event::RoundFinished(r) => write!(
+                f,
+                "round {}: {} pages in {:.3} s ({:.0} MB/s raw), {} dirtied meanwhile",
+                r.round,
+                r.pages,
+                r.seconds,
+                r.raw_bytes_per_s / 1e6,
+                r.dirty_pages
+            ),
         }
     }
 }
