@@ -27,6 +27,9 @@ pub const NETWORK: i32 = 6;
 pub const PROTOCOL: i32 = 7;
 /// Pre-copy did not converge within --max-rounds / --timeout. The source keeps running.
 pub const NOT_CONVERGED: i32 = 8;
+/// Post-copy failed after the switchover: the source is stopped for good and the destination
+/// holds part of the memory; neither runs the guest, both keep their state.
+pub const POSTCOPY_FAILED: i32 = 9;
 
 /// The exit status for `e`: the class of the first [`MigrationError`] in its chain, else
 /// [`FAILURE`].
@@ -47,6 +50,7 @@ pub fn class(e: &MigrationError) -> i32 {
         M::Wire { cause: WireError::BadMagic { .. } | WireError::Crc { .. } | WireError::Malformed { .. }, .. } => PROTOCOL,
         M::Codec { cause: pageferry::codec::CodecError::Decompress { .. }, .. } | M::Verify { .. } => PROTOCOL,
         M::NotConverged(_) => NOT_CONVERGED,
+        M::Postcopy(_) => POSTCOPY_FAILED,
         M::Codec { .. } | M::Dirty(_) | M::Workload { .. } | M::PeerAborted(_) | M::Config(_) | M::Other(_) => FAILURE,
     }
 }

@@ -111,3 +111,16 @@ fn exit_status_names_the_failure_class() {
     assert_eq!(events(&out).last().unwrap()["data"]["exit_code"], 8);
     assert!(!d.wait().unwrap().success());
 }
+
+#[test]
+fn postcopy_reports_postcopy_active_between_active_and_completed() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let src = image(dir.path(), "16M");
+    let (mut d, addr, _out) = recv(dir.path(), &["--no-verify"]);
+    let out = send(&addr, &src, &["--events", "--postcopy-after-rounds", "1", "--no-verify", "--dirty-rate", "50MB", "--dirty-set", "4M", "--downtime-limit", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.wait().unwrap().success());
+    let ev = events(&out);
+    let statuses: Vec<&str> = ev.iter().filter(|e| e["event"] == "MIGRATION").map(|e| e["data"]["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["setup", "active", "postcopy-active", "completed"]);
+}

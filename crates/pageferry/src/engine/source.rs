@@ -617,6 +617,8 @@ impl SourceRun<'_> {
             let m = self.next_control().map_err(pc_err)?;
             self.unexpected(Ok(m)).map_err(pc_err)?;
         }
+        self.progress.event(&Event::Status(MigrationStatus::PostcopyActive));
+        self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
         let pushed = self.send_round(&dirty).map_err(pc_err)?;
         pages_per_round.push(pushed);
         self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
