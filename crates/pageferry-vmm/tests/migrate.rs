@@ -4,7 +4,7 @@
 mod common;
 
 use pageferry::codec::{CodecSpec, Method};
-use pageferry::engine::{AutoConverge, run_destination, run_destination_with, run_source, DestinationConfig, MigrationReport, NoProgress, SourceConfig};
+use pageferry::engine::{AutoConverge, PostcopyConfig, run_destination, run_destination_with, run_source, DestinationConfig, MigrationReport, NoProgress, SourceConfig};
 use pageferry_vmm::{PendingDestination, Vm, VmConfig, VmStatus};
 use std::net::TcpListener;
 use std::time::Duration;
@@ -153,4 +153,27 @@ fn refused_migration_leaves_the_source_running() {
     // Tracking was switched off again: a new tracker can start.
     let mut t = src.dirty_tracker();
     pageferry::dirty::DirtyTracker::start(&mut t, &src.guest_memory()).unwrap();
+}
+
+#[test]
+fn postcopy_live_migration_of_a_guest_faster_than_the_link() {
+    if common::skip() {
+        return;
+    }
+    // 32 pages per 1 ms tick (128 MB/s) over a 16 MiB working set, a 32 MB/s link: pre-copy
+    // cannot converge, so the engine switches to postcopy; the vCPU runs on the destination
+    // and faults on the pages still on the source, which come over the urgent channel.
+    let o = migrate(64 * MIB, 16 * MIB, 32, "none".parse::<Method>().unwrap(), false, false, Duration::from_millis(5), |c| {
+        c.max_bandwidth = Some(32_000_000);
+        c.postcopy = Some(PostcopyConfig::default());
+    });
+    let r = &o.report;
+    assert_eq!(r.mechanisms, ["pre-copy", "postcopy"]);
+    let pc = r.postcopy.as_ref().expect("postcopy stats");
+    println!(
+        "postcopy: {:.1} ms, {} discarded, {} faults, {} requested / {} pushed, fault latency p50 {:.0} us p99 {:.0} us max {:.0} us",
+        r.postcopy_ms, pc.discarded_pages, pc.faults, r.postcopy_pages_requested, r.postcopy_pages_pushed, pc.fault_latency_p50_us, pc.fault_latency_p99_us, pc.fault_latency_max_us
+    );
+    assert!(pc.discarded_pages > 0 && pc.faults > 0 && r.postcopy_pages_requested > 0, "{pc:?}");
+    assert!(r.postcopy_pages_requested + r.postcopy_pages_pushed >= pc.discarded_pages);
 }
