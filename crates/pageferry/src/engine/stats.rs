@@ -186,7 +186,9 @@ impl MigrationReport {
             format!("{:.1} ms", self.downtime_ms)
         });
         line("mechanisms:", self.mechanisms.join(" + "));
-        line("expected downtime:", format!("{:.1} ms (last round's dirty bytes at the guest bytes/s of the round before)", self.expected_downtime_ms));
+        if self.postcopy_reason.is_none() {
+            line("expected downtime:", format!("{:.1} ms (last round's dirty bytes at the guest bytes/s of the round before)", self.expected_downtime_ms));
+        }
         line("rounds:", format!("{} (pages per round: {:?})", self.rounds, self.pages_per_round));
         if self.throttle_pct_per_round.iter().any(|&p| p > 0) {
             line("throttle per round:", format!("{:?} %", self.throttle_pct_per_round));
