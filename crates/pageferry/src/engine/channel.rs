@@ -11,7 +11,7 @@
 
 use super::ratelimit::RateLimiter;
 use super::stats::Counters;
-use crate::codec::{Codec, MAX_BATCH_BYTES};
+use crate::codec::{Codec, CodecError, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{encode_offsets, page_runs, MethodCode, PacketCrc, PacketHeader, PacketKind};
 use crossbeam_channel::{Receiver, Sender};
@@ -142,142 +142,249 @@ pub struct WorkerContext {
 /// A batch whose non-zero pages form at most this many runs is sent as one packet per run
 /// (each compressed in place); more scattered batches are gathered into one buffer.
 const MAX_SPLIT_RUNS: usize = 4;
+/// Buffers come back from the socket writer once written; at most this many per worker.
+const POOL: usize = 3;
 
-/// A compression worker: batches in, packets out to its channel's socket writer.
-pub fn run_worker(ctx: Arc<WorkerContext>, mut codec: Box<dyn Codec>, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
-    let method = codec.info().method.code();
-    let buf_len = codec.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES);
-    let copy_for_codec = (ctx.live && !codec.tolerates_changing_input()) || !ctx.zero_copy;
-    // Buffers come back from the socket writer once written; at most `POOL` per worker.
-    const POOL: usize = 3;
-    let (recycle_tx, recycle_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
-    let mut allocated = 0usize;
-    let get_buf = |allocated: &mut usize| -> Vec<u8> {
-        if let Ok(b) = recycle_rx.try_recv() {
+/// A compression worker: batches in, packets out to its channel's socket writer. Each batch
+/// goes plan (zero pages, runs) → payload (compress, gather or raw) → packet.
+pub fn run_worker(ctx: Arc<WorkerContext>, codec: Box<dyn Codec>, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
+    let mut w = Worker::new(ctx, codec, to_socket);
+    let mut plan = Plan::default();
+    for batch in batches.iter() {
+        if !w.ctx.failure.is_set() {
+            w.batch(&batch, &mut plan);
+        }
+        w.ctx.outstanding.done();
+    }
+}
+
+/// A batch's pages sorted out: zero pages (offsets only) and runs of consecutive normal pages.
+#[derive(Default)]
+struct Plan {
+    normal: Vec<u32>,
+    zero: Vec<u32>,
+    runs: Vec<(u32, u32)>,
+}
+
+impl Plan {
+    fn make(&mut self, view: &RegionView, pages: &[u32]) {
+        self.normal.clear();
+        self.zero.clear();
+        for &p in pages {
+            if view.page_is_zero(p) {
+                self.zero.push(p);
+            } else {
+                self.normal.push(p);
+            }
+        }
+        self.runs.clear();
+        self.runs.extend(page_runs(&self.normal));
+    }
+
+    /// The packets to send: (runs, zero pages) each. A few zero pages inside a batch split it
+    /// into a few runs; rather than gathering them into one buffer (a copy of every page, which
+    /// costs ~0.3 CPU-s/GiB here), each run goes out as its own packet, compressed in place
+    /// (`split`); only batches broken into many runs are gathered.
+    fn packets(&self, split: bool) -> Vec<(&[(u32, u32)], &[u32])> {
+        if split && self.runs.len() > 1 && self.runs.len() <= MAX_SPLIT_RUNS {
+            self.runs.iter().enumerate().map(|(i, r)| (std::slice::from_ref(r), if i == 0 { &self.zero[..] } else { &[][..] })).collect()
+        } else {
+            vec![(&self.runs[..], &self.zero[..])]
+        }
+    }
+}
+
+/// One region's guest memory as the worker reads it.
+struct RegionView {
+    /// Keeps the mapping alive while slices of it are in use.
+    _region: Arc<dyn crate::memory::MemoryRegion>,
+    base: *const u8,
+}
+
+impl RegionView {
+    fn new(memory: &GuestMemory, region: u16) -> Self {
+        let r = memory.region(region as usize).expect("planner only names existing regions").clone();
+        let base = r.host_ptr() as *const u8;
+        Self { _region: r, base }
+    }
+    fn page_is_zero(&self, page: u32) -> bool {
+        // SAFETY: the planner only emits pages inside the region.
+        unsafe { page_is_zero(self.base.add(page as usize * PAGE_SIZE)) }
+    }
+    /// `n` pages from `first`.
+    fn run(&self, (first, n): (u32, u32)) -> &[u8] {
+        // SAFETY: the planner only emits pages inside the region.
+        unsafe { std::slice::from_raw_parts(self.base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }
+    }
+    /// Copy `runs` one after the other into `buf`.
+    fn gather(&self, runs: &[(u32, u32)], buf: &mut [u8]) {
+        let mut at = 0;
+        for &r in runs {
+            let src = self.run(r);
+            buf[at..at + src.len()].copy_from_slice(src);
+            at += src.len();
+        }
+    }
+}
+
+/// Payload buffers of one worker, recycled by the socket writer.
+struct Pool {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    allocated: usize,
+    buf_len: usize,
+}
+
+impl Pool {
+    fn get(&mut self) -> Vec<u8> {
+        if let Ok(b) = self.rx.try_recv() {
             return b;
         }
-        if *allocated < POOL {
-            *allocated += 1;
-            return vec![0u8; buf_len];
+        if self.allocated < POOL {
+            self.allocated += 1;
+            return vec![0u8; self.buf_len];
         }
-        recycle_rx.recv().expect("socket writer returns buffers")
-    };
-    let mut scratch = get_buf(&mut allocated);
-    let mut normal: Vec<u32> = Vec::with_capacity(128);
-    let mut zero: Vec<u32> = Vec::with_capacity(128);
+        self.rx.recv().expect("socket writer returns buffers")
+    }
+    fn recycle(&self, buf: Vec<u8>) {
+        let _ = self.tx.send(buf);
+    }
+}
 
-    for batch in batches.iter() {
-        if ctx.failure.is_set() {
-            ctx.outstanding.done();
-            continue;
+/// What compressing a packet's pages gave.
+enum Compressed {
+    Shrunk(Payload),
+    /// Not smaller: send raw; `gathered`: the pages are already copied into the scratch buffer.
+    Raw { gathered: bool },
+}
+
+struct Worker {
+    ctx: Arc<WorkerContext>,
+    codec: Box<dyn Codec>,
+    method: MethodCode,
+    /// Compress a stable copy, not guest memory in place (see `Codec::tolerates_changing_input`).
+    copy_for_codec: bool,
+    pool: Pool,
+    /// Gathered input of the compressor.
+    scratch: Vec<u8>,
+    to_socket: Sender<ToSocket>,
+}
+
+impl Worker {
+    fn new(ctx: Arc<WorkerContext>, codec: Box<dyn Codec>, to_socket: Sender<ToSocket>) -> Self {
+        let buf_len = codec.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES);
+        let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+        let mut pool = Pool { tx, rx, allocated: 0, buf_len };
+        let scratch = pool.get();
+        Self {
+            method: codec.info().method.code(),
+            copy_for_codec: (ctx.live && !codec.tolerates_changing_input()) || !ctx.zero_copy,
+            ctx,
+            codec,
+            pool,
+            scratch,
+            to_socket,
         }
-        let region = ctx.memory.region(batch.region as usize).expect("planner only names existing regions").clone();
-        let base = region.host_ptr() as *const u8;
-        normal.clear();
-        zero.clear();
-        for &p in &batch.pages {
-            // SAFETY: the planner only emits pages inside the region.
-            if unsafe { page_is_zero(base.add(p as usize * PAGE_SIZE)) } {
-                zero.push(p);
-            } else {
-                normal.push(p);
-            }
-        }
-        // Runs of consecutive pages: (first page, count).
-        let all_runs: Vec<(u32, u32)> = page_runs(&normal).collect();
-        // A few zero pages inside a batch split it into a few runs. Rather than gathering the
-        // runs into one buffer (a copy of every page, which costs ~0.3 CPU-s/GiB here), each
-        // run goes out as its own packet, compressed in place; only batches broken into many
-        // runs are gathered.
-        let split = codec.compresses() && !copy_for_codec && all_runs.len() > 1 && all_runs.len() <= MAX_SPLIT_RUNS;
-        let groups: Vec<(&[(u32, u32)], &[u32])> = if split {
-            all_runs.iter().enumerate().map(|(i, r)| (std::slice::from_ref(r), if i == 0 { &zero[..] } else { &[][..] })).collect()
-        } else {
-            vec![(&all_runs[..], &zero[..])]
-        };
-        let guest = |first: u32, n: u32| -> &[u8] {
-            // SAFETY: the planner only emits pages inside the region.
-            unsafe { std::slice::from_raw_parts(base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }
-        };
-        for (runs, zero) in groups {
+    }
+
+    fn batch(&mut self, batch: &Batch, plan: &mut Plan) {
+        let view = RegionView::new(&self.ctx.memory, batch.region);
+        plan.make(&view, &batch.pages);
+        let split = self.codec.compresses() && !self.copy_for_codec;
+        for (runs, zero) in plan.packets(split) {
             let n_pages: usize = runs.iter().map(|&(_, n)| n as usize).sum();
-            let n_bytes = n_pages * PAGE_SIZE;
-            let gather = |buf: &mut Vec<u8>| {
-                let mut at = 0;
-                for &(first, n) in runs {
-                    let src = guest(first, n);
-                    buf[at..at + src.len()].copy_from_slice(src);
-                    at += src.len();
+            match self.payload(&view, runs, n_pages) {
+                Ok((payload, raw)) => self.packet(batch, runs, zero, n_pages, payload, raw),
+                Err(e) => {
+                    self.ctx.failure.set(format!("compression worker: {e}"));
+                    break;
                 }
-            };
-
-            let mut payload = Payload::None;
-            let mut raw = false;
-            if n_pages > 0 && codec.compresses() {
-                // Input: guest memory itself when contiguous (zero-copy), else a gathered copy.
-                let gathered = runs.len() > 1 || copy_for_codec;
-                if gathered {
-                    gather(&mut scratch);
-                }
-                let input: &[u8] = if gathered { &scratch[..n_bytes] } else { guest(runs[0].0, runs[0].1) };
-                let mut out = get_buf(&mut allocated);
-                match codec.compress(input, &mut out) {
-                    Ok(Some(n)) if n < n_bytes => payload = Payload::Owned(out, n),
-                    Ok(_) => {
-                        raw = true;
-                        let _ = recycle_tx.send(out);
-                    }
-                    Err(e) => {
-                        ctx.failure.set(format!("compression worker: {e}"));
-                        let _ = recycle_tx.send(out);
-                        break;
-                    }
-                }
-                if raw && gathered {
-                    let p = std::mem::replace(&mut scratch, get_buf(&mut allocated));
-                    payload = Payload::Owned(p, n_bytes);
-                }
-            } else if n_pages > 0 {
-                raw = true;
-            }
-            if raw && matches!(payload, Payload::None) {
-                payload = if ctx.live || !ctx.zero_copy {
-                    // Copy, so the bytes checksummed are the bytes sent.
-                    let mut p = get_buf(&mut allocated);
-                    gather(&mut p);
-                    Payload::Owned(p, n_bytes)
-                } else {
-                    // Static memory: straight from guest memory to the socket, run by run.
-                    Payload::Guest(runs.iter().map(|&(f, n)| (guest(f, n).as_ptr(), n as usize * PAGE_SIZE)).collect())
-                };
-            }
-            if raw && codec.compresses() {
-                // A fallback: the compressor gave up on this batch. (Method none sends every
-                // page raw by design; those are just normal pages, as QEMU counts them.)
-                Counters::add(&ctx.counters.raw_pages, n_pages as u64);
-            }
-            let mut offsets = Vec::with_capacity((n_pages + zero.len()) * 4);
-            encode_offsets(runs, zero, &mut offsets);
-            let header = PacketHeader {
-                kind: PacketKind::Pages,
-                raw,
-                method,
-                region: batch.region,
-                normal: n_pages as u16,
-                zero: zero.len() as u16,
-                round: batch.round,
-                packet_num: 0, // assigned by the writer
-                payload_len: payload.len() as u32,
-            };
-            let body_crc = payload.slices().iter().fold(PacketCrc::new().body(&offsets), |c, s| c.body(s)).value();
-            Counters::add(&ctx.counters.normal_pages, n_pages as u64);
-            Counters::add(&ctx.counters.zero_pages, zero.len() as u64);
-            let msg = ToSocket::Packet { header, offsets, payload, body_crc, recycle: recycle_tx.clone() };
-            if to_socket.send(msg).is_err() {
-                ctx.failure.set("channel writer stopped".into());
             }
         }
-        ctx.outstanding.done();
+    }
+
+    /// The payload of `runs` and whether it is raw: compressed when the method compresses and
+    /// the result shrinks, else the pages as they are.
+    fn payload(&mut self, view: &RegionView, runs: &[(u32, u32)], n_pages: usize) -> Result<(Payload, bool), CodecError> {
+        if n_pages == 0 {
+            return Ok((Payload::None, false));
+        }
+        let n_bytes = n_pages * PAGE_SIZE;
+        let gathered = match self.codec.compresses() {
+            true => match self.compress(view, runs, n_bytes)? {
+                Compressed::Shrunk(p) => return Ok((p, false)),
+                Compressed::Raw { gathered } => gathered,
+            },
+            false => false,
+        };
+        Ok((self.raw(view, runs, n_bytes, gathered), true))
+    }
+
+    /// Compress guest memory itself when contiguous (zero copy), else a gathered copy.
+    fn compress(&mut self, view: &RegionView, runs: &[(u32, u32)], n_bytes: usize) -> Result<Compressed, CodecError> {
+        let gathered = runs.len() > 1 || self.copy_for_codec;
+        if gathered {
+            view.gather(runs, &mut self.scratch);
+        }
+        let mut out = self.pool.get();
+        let input: &[u8] = if gathered { &self.scratch[..n_bytes] } else { view.run(runs[0]) };
+        match self.codec.compress(input, &mut out) {
+            Ok(Some(n)) if n < n_bytes => Ok(Compressed::Shrunk(Payload::Owned(out, n))),
+            Ok(_) => {
+                self.pool.recycle(out);
+                Ok(Compressed::Raw { gathered })
+            }
+            Err(e) => {
+                self.pool.recycle(out);
+                Err(e)
+            }
+        }
+    }
+
+    /// Raw pages: the copy already gathered, a fresh copy of live memory (so the bytes
+    /// checksummed are the bytes sent), or static memory straight to the socket, run by run.
+    fn raw(&mut self, view: &RegionView, runs: &[(u32, u32)], n_bytes: usize, gathered: bool) -> Payload {
+        if gathered {
+            let copy = std::mem::replace(&mut self.scratch, self.pool.get());
+            return Payload::Owned(copy, n_bytes);
+        }
+        if self.ctx.live || !self.ctx.zero_copy {
+            let mut copy = self.pool.get();
+            view.gather(runs, &mut copy);
+            return Payload::Owned(copy, n_bytes);
+        }
+        Payload::Guest(runs.iter().map(|&r| (view.run(r).as_ptr(), r.1 as usize * PAGE_SIZE)).collect())
+    }
+
+    /// Offsets, header and body CRC; counted and queued to the socket writer (which numbers
+    /// the packet and finishes the CRC).
+    fn packet(&self, batch: &Batch, runs: &[(u32, u32)], zero: &[u32], n_pages: usize, payload: Payload, raw: bool) {
+        let mut offsets = Vec::with_capacity((n_pages + zero.len()) * 4);
+        encode_offsets(runs, zero, &mut offsets);
+        let header = PacketHeader {
+            kind: PacketKind::Pages,
+            raw,
+            method: self.method,
+            region: batch.region,
+            normal: n_pages as u16,
+            zero: zero.len() as u16,
+            round: batch.round,
+            packet_num: 0, // assigned by the writer
+            payload_len: payload.len() as u32,
+        };
+        let body_crc = payload.slices().iter().fold(PacketCrc::new().body(&offsets), |c, s| c.body(s)).value();
+        let c = &self.ctx.counters;
+        if raw && self.codec.compresses() {
+            // A fallback: the compressor gave up on this batch. (Method none sends every page
+            // raw by design; those are just normal pages, as QEMU counts them.)
+            Counters::add(&c.raw_pages, n_pages as u64);
+        }
+        Counters::add(&c.normal_pages, n_pages as u64);
+        Counters::add(&c.zero_pages, zero.len() as u64);
+        let msg = ToSocket::Packet { header, offsets, payload, body_crc, recycle: self.pool.tx.clone() };
+        if self.to_socket.send(msg).is_err() {
+            self.ctx.failure.set("channel writer stopped".into());
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::postcopy::Placer;
 use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
 use super::{DestinationConfig, DestinationWorkload, MigrationError};
 use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
-use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryRegion, PAGE_SIZE};
 use crate::wire::{
     self, PostcopyStats, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
     VersionRange, WireError, PACKET_HEADER_LEN, PROTOCOL_VERSION,
@@ -316,6 +316,8 @@ struct Reader<'a> {
     zero_copy: bool,
     /// Postcopy's urgent channel: no rounds or syncs, postcopy pages only.
     urgent: bool,
+    /// The packet number expected next.
+    next_num: u64,
 }
 
 impl Reader<'_> {
@@ -329,33 +331,16 @@ impl Reader<'_> {
     }
 
     fn run(mut self) {
-        let mut payload = vec![0u8; MAX_BATCH_BYTES];
-        let mut offsets = vec![0u8; 2 * codec::MAX_BATCH_PAGES * 4];
-        let (mut normal, mut zero) = (Vec::with_capacity(128), Vec::with_capacity(128));
-        let mut expected_num = 0u64;
+        let mut bufs = RxBufs::default();
         loop {
             let mut hdr = [0u8; PACKET_HEADER_LEN];
             match self.sock.read(&mut hdr[..1]) {
-                Ok(0) => {
-                    // End of stream at a packet boundary: fine once the migration finished.
-                    if !self.gate.state.lock().unwrap().finished {
-                        let e = self.err(WireError::Closed(String::new()));
-                        let _ = self.events.send(Event::Failed(e));
-                    }
-                    return;
-                }
+                // End of stream at a packet boundary: fine once the migration finished.
+                Ok(0) => return self.stream_ended(WireError::Closed(String::new())),
                 Ok(_) => {}
-                Err(e) => {
-                    if !self.gate.state.lock().unwrap().finished {
-                        let e = self.err(WireError::Io(e));
-                        let _ = self.events.send(Event::Failed(e));
-                    }
-                    return;
-                }
+                Err(e) => return self.stream_ended(WireError::Io(e)),
             }
-            let r = wire::read_exact(&mut self.sock, &mut hdr[1..], "inside a packet header")
-                .map_err(PacketError::from)
-                .and_then(|_| self.packet(&hdr, &mut expected_num, &mut payload, &mut offsets, &mut normal, &mut zero));
+            let r = wire::read_exact(&mut self.sock, &mut hdr[1..], "inside a packet header").map_err(PacketError::from).and_then(|_| self.packet(&hdr, &mut bufs));
             if let Err(e) = r {
                 let e = match e {
                     PacketError::Wire(w) => self.err(w),
@@ -367,23 +352,46 @@ impl Reader<'_> {
         }
     }
 
-    fn packet(
-        &mut self,
-        hdr: &[u8; PACKET_HEADER_LEN],
-        expected_num: &mut u64,
-        payload: &mut [u8],
-        offsets: &mut [u8],
-        normal: &mut Vec<u32>,
-        zero: &mut Vec<u32>,
-    ) -> Result<(), PacketError> {
+    /// The data channel ended between packets: a failure unless the migration finished.
+    fn stream_ended(&self, cause: WireError) {
+        if !self.gate.state.lock().unwrap().finished {
+            let _ = self.events.send(Event::Failed(self.err(cause)));
+        }
+    }
+
+    /// One packet: validate → receive → apply.
+    fn packet(&mut self, hdr: &[u8; PACKET_HEADER_LEN], bufs: &mut RxBufs) -> Result<(), PacketError> {
+        let (h, placer) = self.validate(hdr)?;
+        if let (Some(placer), PacketKind::Pages) = (placer, h.kind) {
+            return self.postcopy_packet(&h, hdr, &placer, bufs);
+        }
+        if h.kind == PacketKind::Sync {
+            return self.sync(hdr, &h);
+        }
+        // Held while the packet is applied; the control loop takes it exclusively once the
+        // final round is complete, so nothing changes memory during verification or after the
+        // workload resumed.
+        let closed = self.gate.closed.read().unwrap();
+        if *closed {
+            return Err(WireError::malformed("packet", "pages after the final round").into());
+        }
+        let region = self.region(&h)?;
+        let mut runs = self.receive_offsets(&h, &region, bufs)?;
+        let received = self.receive(hdr, &h, bufs, &mut runs)?;
+        self.apply(&h, &region, received, bufs, &mut runs)
+    }
+
+    /// What the header says that this channel's state must agree with: the session's method,
+    /// the next packet number, the current round (or postcopy's, whose placer is returned).
+    fn validate(&mut self, hdr: &[u8; PACKET_HEADER_LEN]) -> Result<(PacketHeader, Option<Arc<Placer>>), PacketError> {
         let h = PacketHeader::decode(hdr)?;
         if h.method != self.method.code() {
             return Err(WireError::malformed("packet", format!("method {} on a {} migration", method_name(h.method), self.method)).into());
         }
-        if h.packet_num != *expected_num {
-            return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, expected_num)).into());
+        if h.packet_num != self.next_num {
+            return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, self.next_num)).into());
         }
-        *expected_num += 1;
+        self.next_num += 1;
         let placer = self.gate.postcopy_placer(h.round);
         if self.urgent && (h.kind == PacketKind::Sync || placer.is_none()) {
             return Err(WireError::malformed("urgent packet", format!("{:?} of round {} outside postcopy", h.kind, h.round)).into());
@@ -392,37 +400,39 @@ impl Reader<'_> {
         if h.round != round && !self.urgent {
             return Err(WireError::malformed("packet", format!("of round {} during round {round} (stale or early)", h.round)).into());
         }
-        if let (Some(placer), PacketKind::Pages) = (placer, h.kind) {
-            return self.postcopy_packet(&h, hdr, &placer, payload, offsets, normal, zero);
-        }
-        if h.kind == PacketKind::Sync {
-            let mut crc = [0u8; 4];
-            wire::read_exact(&mut self.sock, &mut crc, "in a sync packet")?;
-            PacketCrc::new().check(hdr, crc)?;
-            self.gate.arrive(h.round, &self.events)?;
-            return Ok(());
-        }
-        let closed = self.gate.closed.read().unwrap();
-        if *closed {
-            return Err(WireError::malformed("packet", "pages after the final round").into());
-        }
-        let region = self
-            .memory
-            .region(h.region as usize)
-            .ok_or_else(|| WireError::malformed("packet", format!("region {} does not exist ({} regions)", h.region, self.memory.regions().len())))?
-            .clone();
-        let offsets = &mut offsets[..h.offsets_len()];
+        Ok((h, placer))
+    }
+
+    /// End of the round on this channel: wait at the gate for the others.
+    fn sync(&mut self, hdr: &[u8; PACKET_HEADER_LEN], h: &PacketHeader) -> Result<(), PacketError> {
+        let mut crc = [0u8; 4];
+        wire::read_exact(&mut self.sock, &mut crc, "in a sync packet")?;
+        PacketCrc::new().check(hdr, crc)?;
+        self.gate.arrive(h.round, &self.events)?;
+        Ok(())
+    }
+
+    fn region(&self, h: &PacketHeader) -> Result<Arc<dyn MemoryRegion>, WireError> {
+        let n = self.memory.regions().len();
+        self.memory.region(h.region as usize).cloned().ok_or_else(|| WireError::malformed("packet", format!("region {} does not exist ({n} regions)", h.region)))
+    }
+
+    /// Round 0 into fresh memory: zero pages need no writing, and pages are populated first.
+    fn fresh_round(&self, h: &PacketHeader) -> bool {
+        h.round == 0 && self.fresh[h.region as usize]
+    }
+
+    /// Read and check the page offsets; the normal pages' runs as slices of guest memory.
+    fn receive_offsets<'m>(&mut self, h: &PacketHeader, region: &'m Arc<dyn MemoryRegion>, bufs: &mut RxBufs) -> Result<Vec<&'m mut [u8]>, PacketError> {
+        let offsets = &mut bufs.offsets[..h.offsets_len()];
         wire::read_exact(&mut self.sock, offsets, "in page offsets")?;
-        decode_offsets(&h, offsets, region.pages(), normal, zero)?;
-        let n_bytes = normal.len() * PAGE_SIZE;
+        decode_offsets(h, offsets, region.pages(), &mut bufs.normal, &mut bufs.zero)?;
         let base = region.host_ptr();
-        let len = h.payload_len as usize;
-        // Runs of consecutive pages as slices of guest memory.
         // SAFETY: offsets were checked against the region and are strictly increasing, so
         // the runs lie inside it and do not overlap.
-        let mut runs: Vec<&mut [u8]> =
-            page_runs(normal).map(|(first, n)| unsafe { std::slice::from_raw_parts_mut(base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }).collect();
-        if round == 0 && self.fresh[h.region as usize] {
+        let runs: Vec<&mut [u8]> =
+            page_runs(&bufs.normal).map(|(first, n)| unsafe { std::slice::from_raw_parts_mut(base.add(first as usize * PAGE_SIZE), n as usize * PAGE_SIZE) }).collect();
+        if self.fresh_round(h) {
             // Fresh memory: allocate the batch's pages in one call instead of one page fault
             // per 4 KiB page in the middle of decompression (faults are this path's largest
             // cost after the codec). Best effort: without it the pages fault in as usual.
@@ -431,79 +441,118 @@ impl Reader<'_> {
                 unsafe { libc::madvise(r.as_ptr() as *mut libc::c_void, r.len(), libc::MADV_POPULATE_WRITE) };
             }
         }
+        Ok(runs)
+    }
+
+    /// Read the payload and the CRC, and check the CRC. Raw pages go from the socket straight
+    /// into place (scattered reads for scattered pages); a CRC mismatch then fails the whole
+    /// migration, so unverified bytes never count as migrated. Anything else goes to the
+    /// payload buffer first.
+    fn receive(&mut self, hdr: &[u8; PACKET_HEADER_LEN], h: &PacketHeader, bufs: &mut RxBufs, runs: &mut [&mut [u8]]) -> Result<Received, PacketError> {
+        let offsets = &bufs.offsets[..h.offsets_len()];
         let mut crc = [0u8; 4];
         // Zero pages only (no payload: the source does not mark these raw) take the raw path
         // too: there is nothing to decompress, and a codec asked to inflate nothing may fail.
-        if (h.raw && self.zero_copy) || normal.is_empty() {
-            // Raw pages go from the socket straight into place (scattered reads for scattered
-            // pages); a CRC mismatch fails the whole migration, so unverified bytes never
-            // count as migrated.
-            read_exact_vectored(&mut self.sock, &mut runs).map_err(|e| match e.kind() {
+        if (h.raw && self.zero_copy) || bufs.normal.is_empty() {
+            read_exact_vectored(&mut self.sock, runs).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => WireError::Closed(" in a payload".into()),
                 _ => WireError::Io(e),
             })?;
             wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
             runs.iter().fold(PacketCrc::new().body(offsets), |c, r| c.body(r)).check(hdr, crc)?;
-        } else {
-            wire::read_exact(&mut self.sock, &mut payload[..len], "in a payload")?;
-            wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
-            PacketCrc::new().body(offsets).body(&payload[..len]).check(hdr, crc)?;
-            let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {} in round {round}", self.idx), cause });
-            let codec = self.codec.as_mut();
-            let no_codec = || WireError::malformed("packet", "compressed payload on a method-none migration");
-            if h.raw {
-                // (zero copy turned off, for measurement) raw through the payload buffer
-                let mut at = 0;
-                for r in runs.iter_mut() {
-                    r.copy_from_slice(&payload[at..at + r.len()]);
-                    at += r.len();
-                }
-            } else if runs.len() == 1 && self.zero_copy {
-                let codec = codec.ok_or_else(no_codec)?;
-                // Contiguous: decompress straight into place.
-                codec.decompress(&payload[..len], runs[0]).map_err(decode_err)?;
-            } else {
-                let codec = codec.ok_or_else(no_codec)?;
-                let bounce = &mut self.bounce[..n_bytes];
-                codec.decompress(&payload[..len], bounce).map_err(decode_err)?;
-                let mut at = 0;
-                for r in runs.iter_mut() {
-                    r.copy_from_slice(&bounce[at..at + r.len()]);
-                    at += r.len();
-                }
-            }
+            return Ok(Received::InPlace);
         }
-        if !(round == 0 && self.fresh[h.region as usize]) {
-            for &p in zero.iter() {
+        let len = h.payload_len as usize;
+        wire::read_exact(&mut self.sock, &mut bufs.payload[..len], "in a payload")?;
+        wire::read_exact(&mut self.sock, &mut crc, "in a packet checksum")?;
+        PacketCrc::new().body(offsets).body(&bufs.payload[..len]).check(hdr, crc)?;
+        Ok(Received::Payload(len))
+    }
+
+    /// Put a checked packet's pages in place: the payload (decompressed or raw), zeros for
+    /// the zero pages; count them.
+    fn apply(&mut self, h: &PacketHeader, region: &Arc<dyn MemoryRegion>, received: Received, bufs: &RxBufs, runs: &mut [&mut [u8]]) -> Result<(), PacketError> {
+        if let Received::Payload(len) = received {
+            self.place(h, &bufs.payload[..len], runs)?;
+        }
+        if !self.fresh_round(h) {
+            let base = region.host_ptr();
+            for &p in bufs.zero.iter() {
+                // SAFETY: zero pages were checked against the region like the others.
                 unsafe { std::ptr::write_bytes(base.add(p as usize * PAGE_SIZE), 0, PAGE_SIZE) };
             }
         }
-        Counters::add(&self.counters.normal_pages, normal.len() as u64);
-        Counters::add(&self.counters.zero_pages, zero.len() as u64);
+        Counters::add(&self.counters.normal_pages, bufs.normal.len() as u64);
+        Counters::add(&self.counters.zero_pages, bufs.zero.len() as u64);
         Counters::add(&self.counters.wire_bytes, h.wire_len() as u64);
         Ok(())
     }
+
+    /// A payload read into the buffer: decompressed straight into place when contiguous,
+    /// through the bounce buffer when scattered; raw (zero copy turned off, for measurement)
+    /// copied.
+    fn place(&mut self, h: &PacketHeader, payload: &[u8], runs: &mut [&mut [u8]]) -> Result<(), PacketError> {
+        if h.raw {
+            copy_into_runs(payload, runs);
+            return Ok(());
+        }
+        let (idx, round) = (self.idx, h.round);
+        let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {idx} in round {round}"), cause });
+        let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
+        if runs.len() == 1 && self.zero_copy {
+            codec.decompress(payload, runs[0]).map_err(decode_err)?;
+        } else {
+            let n_bytes = runs.iter().map(|r| r.len()).sum();
+            let bounce = &mut self.bounce[..n_bytes];
+            codec.decompress(payload, bounce).map_err(decode_err)?;
+            copy_into_runs(bounce, runs);
+        }
+        Ok(())
+    }
+}
+
+/// Copy `from` into `runs`, one after the other.
+fn copy_into_runs(from: &[u8], runs: &mut [&mut [u8]]) {
+    let mut at = 0;
+    for r in runs.iter_mut() {
+        r.copy_from_slice(&from[at..at + r.len()]);
+        at += r.len();
+    }
+}
+
+/// A reader's receive buffers, one batch each.
+struct RxBufs {
+    payload: Vec<u8>,
+    offsets: Vec<u8>,
+    normal: Vec<u32>,
+    zero: Vec<u32>,
+}
+
+impl Default for RxBufs {
+    fn default() -> Self {
+        Self {
+            payload: vec![0u8; MAX_BATCH_BYTES],
+            offsets: vec![0u8; 2 * codec::MAX_BATCH_PAGES * 4],
+            normal: Vec::with_capacity(codec::MAX_BATCH_PAGES),
+            zero: Vec::with_capacity(codec::MAX_BATCH_PAGES),
+        }
+    }
+}
+
+/// Where a packet's payload went.
+enum Received {
+    /// Raw pages read straight into guest memory (or no payload).
+    InPlace,
+    /// This many bytes in the payload buffer.
+    Payload(usize),
 }
 
 impl Reader<'_> {
     /// A page packet of the postcopy round: checked like any other, decoded into a buffer,
     /// then placed atomically (pages already present are left alone).
-    #[allow(clippy::too_many_arguments)]
-    fn postcopy_packet(
-        &mut self,
-        h: &PacketHeader,
-        hdr: &[u8; PACKET_HEADER_LEN],
-        placer: &Placer,
-        payload: &mut [u8],
-        offsets: &mut [u8],
-        normal: &mut Vec<u32>,
-        zero: &mut Vec<u32>,
-    ) -> Result<(), PacketError> {
-        let region = self
-            .memory
-            .region(h.region as usize)
-            .ok_or_else(|| WireError::malformed("packet", format!("region {} does not exist ({} regions)", h.region, self.memory.regions().len())))?
-            .clone();
+    fn postcopy_packet(&mut self, h: &PacketHeader, hdr: &[u8; PACKET_HEADER_LEN], placer: &Placer, bufs: &mut RxBufs) -> Result<(), PacketError> {
+        let region = self.region(h)?;
+        let RxBufs { payload, offsets, normal, zero } = bufs;
         let offsets = &mut offsets[..h.offsets_len()];
         wire::read_exact(&mut self.sock, offsets, "in page offsets")?;
         decode_offsets(h, offsets, region.pages(), normal, zero)?;
@@ -648,7 +697,21 @@ pub fn run_destination_with(
                 false => None,
                 true => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
             };
-            let reader = Reader { idx, sock, memory, method: config.codec.method, codec, gate: &gate, counters: &counters, fresh: &fresh, events: ev_tx.clone(), bounce: vec![0u8; MAX_BATCH_BYTES], zero_copy: config.zero_copy, urgent };
+            let reader = Reader {
+                idx,
+                sock,
+                memory,
+                method: config.codec.method,
+                codec,
+                gate: &gate,
+                counters: &counters,
+                fresh: &fresh,
+                events: ev_tx.clone(),
+                bounce: vec![0u8; MAX_BATCH_BYTES],
+                zero_copy: config.zero_copy,
+                urgent,
+                next_num: 0,
+            };
             std::thread::Builder::new()
                 .name(if urgent { "pf-urgent-rx".into() } else { format!("pf-c{idx}-rx") })
                 .spawn_scoped(scope, move || reader.run())

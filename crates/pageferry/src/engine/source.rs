@@ -16,7 +16,7 @@ use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, Eve
 use super::converge::Throttler;
 use super::postcopy::UrgentServer;
 use super::{MigrationError, SourceConfig, SourceWorkload};
-use crate::codec::{self, MAX_BATCH_PAGES};
+use crate::codec::{self, CodecInfo, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{self, Capabilities, Control, Features, Hello, Role, SessionId, VersionRange, WireError};
@@ -135,24 +135,69 @@ fn source_session(
     config: &SourceConfig,
     progress: &dyn ProgressSink,
 ) -> Result<MigrationReport, MigrationError> {
+    check_config(config)?;
+    let cpu = CpuMeter::start();
+    let t0 = Instant::now();
+    let (info, depth) = probe_codec(config, progress)?;
+    let mut session = open_session(addr, memory, config)?;
+    tracker.start(memory)?;
+    let setup_time = t0.elapsed();
+    let shared = Shared::new(memory, tracker.guest_may_write(), config);
+    // Postcopy's urgent channel: requested pages skip the queue of background batches.
+    let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
+    let urgent_outstanding = Arc::new(Outstanding::default());
+    let urgent = session.urgent.is_some().then(|| Arc::new(UrgentServer::new(memory, urgent_tx, urgent_outstanding.clone())));
+    let ctl_rx = spawn_control_reader(&session.control, session.version, urgent.clone())?;
+    let result = std::thread::scope(|scope| {
+        let Channels { work_tx, to_sockets, mut writers } = spawn_channels(scope, config, &shared, std::mem::take(&mut session.data), depth)?;
+        match session.urgent.take() {
+            Some(sock) => writers.push(spawn_urgent(scope, config, &shared, sock, urgent_rx, urgent_outstanding)?),
+            None => drop(urgent_rx),
+        }
+        let mut run = SourceRun::new(memory, config, &shared, (work_tx, to_sockets), &ctl_rx, &mut session, progress, t0, urgent);
+        let outcome = run.migrate(tracker, workload);
+        run.finish(workload, outcome, writers)
+    });
+    tracker.stop();
+    let _ = session.control.shutdown(std::net::Shutdown::Both);
+    let (run, dest) = result?;
+    Ok(completed_report(ReportInputs { config, info, depth, tracker: tracker.name(), memory, setup_time, cpu: cpu.read(), shared: &shared, run, dest }))
+}
+
+fn check_config(config: &SourceConfig) -> Result<(), MigrationError> {
     if config.channels == 0 || config.channels > 256 {
         return Err(MigrationError::Config(format!("--multifd-channels must be 1..=256, got {}", config.channels)));
     }
     if let Some(ac) = &config.auto_converge {
         ac.validate().map_err(MigrationError::Config)?;
     }
-    let cpu = CpuMeter::start();
-    let t0 = Instant::now();
-    // One codec per worker; open the first now so configuration errors surface before
-    // anything is sent.
+    Ok(())
+}
+
+/// Open one codec now so configuration errors surface before anything is sent (each worker
+/// opens its own later); its info, its note as an event, and the pipeline depth.
+fn probe_codec(config: &SourceConfig, progress: &dyn ProgressSink) -> Result<(CodecInfo, usize), MigrationError> {
     let probe = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?;
     let info = probe.info();
     if let Some(note) = &info.note {
         progress.event(&Event::CodecNote { method: info.method.to_string(), note: note.clone() });
     }
     let depth = config.pipeline_depth.unwrap_or_else(|| probe.preferred_pipeline_depth()).clamp(1, 64);
-    drop(probe);
+    Ok((info, depth))
+}
 
+/// The connections of one migration after their handshakes.
+struct Session {
+    control: TcpStream,
+    data: Vec<TcpStream>,
+    /// Postcopy's urgent channel (with --postcopy).
+    urgent: Option<TcpStream>,
+    /// The protocol version agreed in the handshake.
+    version: u16,
+}
+
+/// Connect the control channel and every data channel and shake hands on each.
+fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Result<Session, MigrationError> {
     let session = SessionId::random();
     let wants = Features { postcopy: config.postcopy.is_some(), ..Features::default() };
     let hello = |role, channel| Hello {
@@ -183,7 +228,7 @@ fn source_session(
         data.push(s);
     }
     // Postcopy's urgent channel: requested pages skip the queue of background batches.
-    let urgent_sock = match config.postcopy {
+    let urgent = match config.postcopy {
         Some(_) => {
             let mut s = connect(addr, config.connect_timeout)?;
             let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel")?;
@@ -195,21 +240,16 @@ fn source_session(
         }
         None => None,
     };
-    tracker.start(memory)?;
-    let setup_time = t0.elapsed();
+    Ok(Session { control, data, urgent, version })
+}
 
-    let counters = Arc::new(Counters::default());
-    let failure = Arc::new(Failure::default());
-    let outstanding = Arc::new(Outstanding::default());
-    let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
-    let urgent_outstanding = Arc::new(Outstanding::default());
-    let urgent = urgent_sock.is_some().then(|| Arc::new(UrgentServer::new(memory, urgent_tx, urgent_outstanding.clone())));
+type ControlRx = Receiver<Result<(Control, Vec<u8>), WireError>>;
 
-    // The control reader: page requests (postcopy's return path) go straight to the urgent
-    // channel's worker; everything else to the control thread.
+/// The control reader: page requests (postcopy's return path) go straight to the urgent
+/// channel's worker; everything else (of the session's version) to the control thread.
+fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<UrgentServer>>) -> Result<ControlRx, MigrationError> {
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let mut reader_sock = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
-    let serve = urgent.clone();
     std::thread::Builder::new()
         .name("pf-src-control".into())
         .spawn(move || loop {
@@ -226,154 +266,187 @@ fn source_session(
             }
         })
         .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+    Ok(ctl_rx)
+}
 
-    let limiter = config.limiter.clone().or_else(|| config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b))));
-    let ctx = Arc::new(WorkerContext {
-        memory: memory.clone(),
-        live: tracker.guest_may_write(),
-        zero_copy: config.zero_copy,
-        counters: counters.clone(),
-        outstanding: outstanding.clone(),
-        failure: failure.clone(),
-    });
+/// State shared by the control thread and the channel threads.
+struct Shared {
+    counters: Arc<Counters>,
+    failure: Arc<Failure>,
+    outstanding: Arc<Outstanding>,
+    limiter: Option<Arc<RateLimiter>>,
+    ctx: Arc<WorkerContext>,
+}
 
-    let result = std::thread::scope(|scope| {
-        let (work_tx, work_rx) = crossbeam_channel::bounded::<Batch>(2 * config.channels * depth);
-        let mut to_sockets = Vec::new();
-        let mut writers = Vec::new();
-        for (i, sock) in data.into_iter().enumerate() {
-            let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
-            for w in 0..depth {
-                let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), cause: source })?;
-                let (ctx, work_rx, tx) = (ctx.clone(), work_rx.clone(), tx.clone());
-                std::thread::Builder::new()
-                    .name(format!("pf-c{i}-w{w}"))
-                    .spawn_scoped(scope, move || channel::run_worker(ctx, codec, work_rx, tx))
-                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
-            }
-            let (counters, failure, limiter) = (counters.clone(), failure.clone(), limiter.clone());
-            let method = config.codec.method.code();
-            writers.push(
-                std::thread::Builder::new()
-                    .name(format!("pf-c{i}-tx"))
-                    .spawn_scoped(scope, move || {
-                        channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure)
-                    })
-                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?,
-            );
-            to_sockets.push(tx);
-        }
-        drop(work_rx);
-        if let Some(sock) = urgent_sock {
-            // One worker and a writer outside the bandwidth cap: requested pages are few and
-            // must not queue behind the background push in the limiter.
-            let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
-            let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "urgent channel".into(), cause: source })?;
-            let uctx = Arc::new(WorkerContext { outstanding: urgent_outstanding.clone(), ..WorkerContext::clone(&ctx) });
-            std::thread::Builder::new()
-                .name("pf-urgent-w".into())
-                .spawn_scoped(scope, move || channel::run_worker(uctx, codec, urgent_rx, tx))
-                .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
-            let (counters, failure) = (counters.clone(), failure.clone());
-            let method = config.codec.method.code();
-            writers.push(
-                std::thread::Builder::new()
-                    .name("pf-urgent-tx".into())
-                    .spawn_scoped(scope, move || channel::run_writer("urgent channel".into(), sock, method, rx, None, counters, failure))
-                    .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?,
-            );
-        } else {
-            drop(urgent_rx);
-        }
+impl Shared {
+    fn new(memory: &GuestMemory, live: bool, config: &SourceConfig) -> Self {
+        let counters = Arc::new(Counters::default());
+        let failure = Arc::new(Failure::default());
+        let outstanding = Arc::new(Outstanding::default());
+        let limiter = config.limiter.clone().or_else(|| config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b))));
+        let ctx = Arc::new(WorkerContext {
+            memory: memory.clone(),
+            live,
+            zero_copy: config.zero_copy,
+            counters: counters.clone(),
+            outstanding: outstanding.clone(),
+            failure: failure.clone(),
+        });
+        Self { counters, failure, outstanding, limiter, ctx }
+    }
+}
 
-        let mut run = SourceRun {
-            memory,
-            config,
-            work_tx: Some(work_tx),
-            to_sockets,
-            ctl_rx: &ctl_rx,
-            control: &mut control,
-            version,
-            counters: &counters,
-            failure: &failure,
-            outstanding: &outstanding,
-            progress,
-            t0,
-            bytes_total: 0,
-            round: 0,
-            last_tick: Instant::now(),
-            peak_rss: 0,
-            throttler: config.auto_converge.map(Throttler::new),
-            throttle_per_round: Vec::new(),
-            throttled: false,
-            throttle_unsupported: None,
-            urgent: urgent.clone(),
-            postcopy: None,
-        };
-        let mut outcome = run.migrate(tracker, workload);
-        // Success or failure: the workload (stopped, or running here) is not left throttled.
-        // (After success the source is stopped for good, so a failure to unthrottle it is moot.)
-        if let (Err(te), Err(e)) = (run.unthrottle(workload), &outcome) {
-            outcome = Err(match e {
-                // (keeps its meaning: the source stays paused)
-                MigrationError::OutcomeUnknown(m) => MigrationError::OutcomeUnknown(format!("{m}; {te}")),
-                e => MigrationError::Other(format!("{e}; {te}")),
-            });
-        }
-        if let Err(e) = &outcome {
-            failure.set(e.to_string());
-            // Tell the destination why; it prints the same reason. Not after the commit point:
-            // the destination may already run the guest, and nothing can take that back.
-            if !matches!(e, MigrationError::OutcomeUnknown(_)) {
-                let _ = wire::write_frame(run.control, run.version, &Control::Abort { reason: e.to_string() }, &[]);
-            }
-        }
-        run.work_tx = None;
-        run.to_sockets.clear();
-        // Let the urgent worker finish (its socket is shut down with the others below).
-        if let Some(u) = run.urgent.take() {
-            u.close();
-        }
-        for w in writers {
-            if let Ok(sock) = w.join() {
-                let _ = sock.shutdown(std::net::Shutdown::Both);
-            }
-        }
-        outcome
-    });
-    tracker.stop();
-    let _ = control.shutdown(std::net::Shutdown::Both);
-    let (mut report, dest) = result?;
+/// The running channels: the shared batch queue, each channel's socket queue, its writer.
+struct Channels<'scope> {
+    work_tx: Option<Sender<Batch>>,
+    to_sockets: Vec<Sender<ToSocket>>,
+    writers: Vec<std::thread::ScopedJoinHandle<'scope, TcpStream>>,
+}
 
-    let (cpu_s, wall_s) = cpu.read();
-    let total = report.total_time_s;
-    report.setup_time_s = setup_time.as_secs_f64();
-    report.method = info.method.name().into();
-    report.level = info.level;
-    report.provider = info.provider;
-    report.channels = config.channels;
-    report.pipeline_depth = depth;
-    report.dirty_tracker = tracker.name().into();
-    report.memory_bytes = memory.total_bytes();
-    report.normal_pages = counters.normal_pages.load(std::sync::atomic::Ordering::Relaxed);
-    report.zero_pages = counters.zero_pages.load(std::sync::atomic::Ordering::Relaxed);
-    report.raw_fallback_pages = counters.raw_pages.load(std::sync::atomic::Ordering::Relaxed);
-    report.raw_bytes = counters.raw_bytes();
-    report.wire_bytes = counters.wire();
-    report.ratio = if report.wire_bytes > 0 { report.raw_bytes as f64 / report.wire_bytes as f64 } else { 0.0 };
-    report.raw_mbps = mbps(report.raw_bytes, total);
-    report.wire_mbps = mbps(report.wire_bytes, total);
-    report.max_bandwidth = limiter.as_ref().map(|l| l.rate());
-    report.send_cpu_s = cpu_s;
-    report.send_cpu_pct = cpu_percent(cpu_s, wall_s);
-    report.recv_cpu_s = dest.cpu_s;
-    report.recv_cpu_pct = cpu_percent(dest.cpu_s, dest.wall_s);
-    report.verified = dest.verified;
-    report.verify_ms = dest.verify_ms;
-    report.recv_provider = dest.provider;
-    report.recv_peak_rss_anon_bytes = dest.peak_rss_anon_bytes;
-    report.status = "completed".into();
-    Ok(report)
+/// Per data channel `depth` compression workers and one socket writer.
+fn spawn_channels<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    config: &SourceConfig,
+    shared: &Shared,
+    data: Vec<TcpStream>,
+    depth: usize,
+) -> Result<Channels<'scope>, MigrationError> {
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<Batch>(2 * config.channels * depth);
+    let mut ch = Channels { work_tx: Some(work_tx), to_sockets: Vec::new(), writers: Vec::new() };
+    let spawn_err = |e: std::io::Error| MigrationError::Other(format!("spawn: {e}"));
+    for (i, sock) in data.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
+        for w in 0..depth {
+            let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), cause: source })?;
+            let (ctx, work_rx, tx) = (shared.ctx.clone(), work_rx.clone(), tx.clone());
+            std::thread::Builder::new().name(format!("pf-c{i}-w{w}")).spawn_scoped(scope, move || channel::run_worker(ctx, codec, work_rx, tx)).map_err(spawn_err)?;
+        }
+        let (counters, failure, limiter) = (shared.counters.clone(), shared.failure.clone(), shared.limiter.clone());
+        let method = config.codec.method.code();
+        let writer = move || channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure);
+        ch.writers.push(std::thread::Builder::new().name(format!("pf-c{i}-tx")).spawn_scoped(scope, writer).map_err(spawn_err)?);
+        ch.to_sockets.push(tx);
+    }
+    Ok(ch)
+}
+
+/// Postcopy's urgent channel: one worker and a writer outside the bandwidth cap (requested
+/// pages are few and must not queue behind the background push in the limiter).
+fn spawn_urgent<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    config: &SourceConfig,
+    shared: &Shared,
+    sock: TcpStream,
+    urgent_rx: Receiver<Batch>,
+    urgent_outstanding: Arc<Outstanding>,
+) -> Result<std::thread::ScopedJoinHandle<'scope, TcpStream>, MigrationError> {
+    let spawn_err = |e: std::io::Error| MigrationError::Other(format!("spawn: {e}"));
+    let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
+    let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "urgent channel".into(), cause: source })?;
+    let uctx = Arc::new(WorkerContext { outstanding: urgent_outstanding, ..WorkerContext::clone(&shared.ctx) });
+    std::thread::Builder::new().name("pf-urgent-w".into()).spawn_scoped(scope, move || channel::run_worker(uctx, codec, urgent_rx, tx)).map_err(spawn_err)?;
+    let (counters, failure) = (shared.counters.clone(), shared.failure.clone());
+    let method = config.codec.method.code();
+    let writer = move || channel::run_writer("urgent channel".into(), sock, method, rx, None, counters, failure);
+    std::thread::Builder::new().name("pf-urgent-tx".into()).spawn_scoped(scope, writer).map_err(spawn_err)
+}
+
+/// Everything the source's report is made of.
+struct ReportInputs<'a> {
+    config: &'a SourceConfig,
+    info: CodecInfo,
+    depth: usize,
+    tracker: &'a str,
+    memory: &'a GuestMemory,
+    setup_time: Duration,
+    /// (cpu seconds, wall seconds) of the whole migration.
+    cpu: (f64, f64),
+    shared: &'a Shared,
+    run: RunSummary,
+    dest: DestinationReport,
+}
+
+/// The report of a completed migration: the one place it is built.
+fn completed_report(i: ReportInputs) -> MigrationReport {
+    let c = &i.shared.counters;
+    let (raw_bytes, wire_bytes) = (c.raw_bytes(), c.wire());
+    let total = i.run.total_time.as_secs_f64();
+    let (cpu_s, wall_s) = i.cpu;
+    MigrationReport {
+        status: "completed".into(),
+        method: i.info.method.name().into(),
+        level: i.info.level,
+        provider: i.info.provider,
+        channels: i.config.channels,
+        pipeline_depth: i.depth,
+        dirty_tracker: i.tracker.into(),
+        memory_bytes: i.memory.total_bytes(),
+        total_time_s: total,
+        setup_time_s: i.setup_time.as_secs_f64(),
+        downtime_ms: i.run.downtime.as_secs_f64() * 1000.0,
+        expected_downtime_ms: i.run.expected_downtime.as_secs_f64() * 1000.0,
+        verify_ms: i.dest.verify_ms,
+        rounds: i.run.rounds,
+        pages_per_round: i.run.pages_per_round,
+        mechanisms: i.run.mechanisms,
+        throttle_pct_per_round: i.run.throttle_pct_per_round,
+        throttle_note: i.run.throttle_note,
+        raw_bytes,
+        wire_bytes,
+        ratio: if wire_bytes > 0 { raw_bytes as f64 / wire_bytes as f64 } else { 0.0 },
+        normal_pages: c.normal_pages.load(std::sync::atomic::Ordering::Relaxed),
+        zero_pages: c.zero_pages.load(std::sync::atomic::Ordering::Relaxed),
+        raw_fallback_pages: c.raw_pages.load(std::sync::atomic::Ordering::Relaxed),
+        raw_mbps: mbps(raw_bytes, total),
+        wire_mbps: mbps(wire_bytes, total),
+        max_bandwidth: i.shared.limiter.as_ref().map(|l| l.rate()),
+        send_cpu_s: cpu_s,
+        send_cpu_pct: cpu_percent(cpu_s, wall_s),
+        recv_cpu_s: i.dest.cpu_s,
+        recv_cpu_pct: cpu_percent(i.dest.cpu_s, i.dest.wall_s),
+        verified: i.dest.verified,
+        verified_by: None,
+        recv_provider: i.dest.provider,
+        send_peak_rss_anon_bytes: i.run.peak_rss,
+        recv_peak_rss_anon_bytes: i.dest.peak_rss_anon_bytes,
+        postcopy_reason: i.run.postcopy.as_ref().map(|p| p.reason.clone()),
+        postcopy_ms: i.run.postcopy.as_ref().map_or(0.0, |p| p.duration.as_secs_f64() * 1000.0),
+        postcopy_pages_requested: i.run.postcopy.as_ref().map_or(0, |p| p.pages_requested),
+        postcopy_pages_pushed: i.run.postcopy.as_ref().map_or(0, |p| p.pages_pushed),
+        postcopy: i.run.postcopy.map(|_| i.dest.postcopy.unwrap_or_default()),
+    }
+}
+
+/// What the rounds and the switchover measured.
+struct RunSummary {
+    total_time: Duration,
+    downtime: Duration,
+    expected_downtime: Duration,
+    rounds: u32,
+    pages_per_round: Vec<u64>,
+    throttle_pct_per_round: Vec<u8>,
+    mechanisms: Vec<String>,
+    throttle_note: Option<String>,
+    peak_rss: u64,
+    /// Set when the migration finished in postcopy.
+    postcopy: Option<PostcopySummary>,
+}
+
+/// How pre-copy ended (when it did not give up).
+enum Precopy {
+    /// The dirty rest fits the downtime limit: this is the expected downtime.
+    Fits(Duration),
+    /// Switch to postcopy, because of this.
+    Postcopy(String),
+}
+
+/// What postcopy measured on the source.
+struct PostcopySummary {
+    reason: String,
+    /// From the switchover (guest paused here) to the destination's Done.
+    duration: Duration,
+    pages_requested: u64,
+    pages_pushed: u64,
 }
 
 struct SourceRun<'a> {
@@ -381,7 +454,7 @@ struct SourceRun<'a> {
     config: &'a SourceConfig,
     work_tx: Option<Sender<Batch>>,
     to_sockets: Vec<Sender<ToSocket>>,
-    ctl_rx: &'a Receiver<Result<(Control, Vec<u8>), WireError>>,
+    ctl_rx: &'a ControlRx,
     control: &'a mut TcpStream,
     /// The protocol version agreed in the handshake.
     version: u16,
@@ -408,19 +481,124 @@ struct SourceRun<'a> {
     postcopy: Option<(Instant, Option<Instant>)>,
 }
 
-impl SourceRun<'_> {
-    fn migrate(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload) -> Result<(MigrationReport, DestinationReport), MigrationError> {
+impl<'a> SourceRun<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        memory: &'a GuestMemory,
+        config: &'a SourceConfig,
+        shared: &'a Shared,
+        (work_tx, to_sockets): (Option<Sender<Batch>>, Vec<Sender<ToSocket>>),
+        ctl_rx: &'a ControlRx,
+        session: &'a mut Session,
+        progress: &'a dyn ProgressSink,
+        t0: Instant,
+        urgent: Option<Arc<UrgentServer>>,
+    ) -> Self {
+        SourceRun {
+            memory,
+            config,
+            work_tx,
+            to_sockets,
+            ctl_rx,
+            control: &mut session.control,
+            version: session.version,
+            counters: &shared.counters,
+            failure: &shared.failure,
+            outstanding: &shared.outstanding,
+            progress,
+            t0,
+            bytes_total: 0,
+            round: 0,
+            last_tick: Instant::now(),
+            peak_rss: 0,
+            throttler: config.auto_converge.map(Throttler::new),
+            throttle_per_round: Vec::new(),
+            throttled: false,
+            throttle_unsupported: None,
+            urgent,
+            postcopy: None,
+        }
+    }
+
+    /// After `migrate`, success or failure: unthrottle, tell the destination why it failed,
+    /// stop the channels.
+    fn finish(
+        mut self,
+        workload: &mut dyn SourceWorkload,
+        mut outcome: Result<(RunSummary, DestinationReport), MigrationError>,
+        writers: Vec<std::thread::ScopedJoinHandle<'_, TcpStream>>,
+    ) -> Result<(RunSummary, DestinationReport), MigrationError> {
+        // Success or failure: the workload (stopped, or running here) is not left throttled.
+        // (After success the source is stopped for good, so a failure to unthrottle it is moot.)
+        if let (Err(te), Err(e)) = (self.unthrottle(workload), &outcome) {
+            outcome = Err(match e {
+                // (keeps its meaning: the source stays paused)
+                MigrationError::OutcomeUnknown(m) => MigrationError::OutcomeUnknown(format!("{m}; {te}")),
+                e => MigrationError::Other(format!("{e}; {te}")),
+            });
+        }
+        if let Err(e) = &outcome {
+            self.failure.set(e.to_string());
+            // Tell the destination why; it prints the same reason. Not after the commit point:
+            // the destination may already run the guest, and nothing can take that back.
+            if !matches!(e, MigrationError::OutcomeUnknown(_)) {
+                let _ = wire::write_frame(self.control, self.version, &Control::Abort { reason: e.to_string() }, &[]);
+            }
+        }
+        self.work_tx = None;
+        self.to_sockets.clear();
+        // Let the urgent worker finish (its socket is shut down with the others below).
+        if let Some(u) = self.urgent.take() {
+            u.close();
+        }
+        for w in writers {
+            if let Ok(sock) = w.join() {
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        outcome
+    }
+
+    fn migrate(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload) -> Result<(RunSummary, DestinationReport), MigrationError> {
         let mut dirty = DirtyPages::for_memory(self.memory);
         let mut pages_per_round = Vec::new();
-        let mut expected_downtime: Duration;
-        tracker.collect(&mut dirty)?;
+        let expected_downtime = match self.precopy(tracker, workload, &mut dirty, &mut pages_per_round)? {
+            Precopy::Fits(d) => d,
+            Precopy::Postcopy(why) => return self.postcopy(tracker, workload, dirty, pages_per_round, why),
+        };
+        // Switchover: pause, send the last dirty set and the device state.
+        self.progress.event(&Event::Status(MigrationStatus::PreSwitchover));
+        let paused_at = Instant::now();
+        let dest = self.switchover(tracker, workload, &mut dirty, &mut pages_per_round)?;
+        let downtime = paused_at.elapsed();
+        self.tick(true);
+        self.progress.finish();
+        let summary = RunSummary {
+            total_time: self.t0.elapsed(),
+            downtime,
+            expected_downtime,
+            rounds: self.round + 1,
+            pages_per_round,
+            throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
+            mechanisms: self.mechanisms(),
+            throttle_note: self.throttle_unsupported.clone(),
+            peak_rss: self.peak_rss,
+            postcopy: None,
+        };
+        Ok((summary, dest))
+    }
+
+    /// Pre-copy rounds until the dirty rest fits the downtime limit (its expected downtime),
+    /// or postcopy takes over, or give up.
+    fn precopy(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>) -> Result<Precopy, MigrationError> {
+        tracker.collect(dirty)?;
         self.progress.event(&Event::Status(MigrationStatus::Active));
         loop {
             let started = Instant::now();
             let wire_before = self.counters.wire();
             self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
-            let pages = self.send_round(&dirty)?;
+            let pages = self.send_round(dirty)?;
             self.wait_round_done()?;
             pages_per_round.push(pages);
             let secs = started.elapsed().as_secs_f64().max(1e-6);
@@ -428,10 +606,9 @@ impl SourceRun<'_> {
             // pages included — not wire bytes per second.
             let rate = pages as f64 * PAGE_SIZE as f64 / secs;
             dirty.clear();
-            tracker.collect(&mut dirty)?;
+            tracker.collect(dirty)?;
             let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
             let estimate = switchover_estimate(remaining, rate);
-            expected_downtime = estimate;
             let wire_bytes = self.counters.wire() - wire_before;
             self.progress.event(&Event::RoundFinished(RoundStats {
                 round: self.round,
@@ -444,70 +621,52 @@ impl SourceRun<'_> {
                 expected_downtime_ms: estimate.as_secs_f64() * 1000.0,
             }));
             if estimate <= self.config.downtime_limit {
-                break;
+                return Ok(Precopy::Fits(estimate));
             }
             self.auto_converge(workload, dirty.count() * PAGE_SIZE as u64, self.counters.wire() - wire_before)?;
             let rounds_done = self.round + 1;
             let out_of_time = rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout;
             if let Some(why) = self.postcopy_reason(rounds_done, out_of_time, pages, dirty.count(), rate) {
-                return self.postcopy(tracker, workload, dirty, pages_per_round, why);
+                return Ok(Precopy::Postcopy(why));
             }
             if out_of_time {
-                let hint = match (&self.throttler, &self.throttle_unsupported) {
-                    (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
-                    (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
-                    (None, None) => "raise --downtime-limit, --max-rounds or --timeout, lower the guest's dirty rate, or use --auto-converge".into(),
-                };
-                return Err(MigrationError::NotConverged(format!(
-                    "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms; {hint}; the source keeps running",
-                    self.t0.elapsed().as_secs_f64(),
-                    remaining / (1 << 20) as f64,
-                    rate / 1e6,
-                    estimate.as_secs_f64() * 1000.0,
-                    self.config.downtime_limit.as_millis()
-                )));
+                return Err(self.not_converged(rounds_done, remaining, rate, estimate));
             }
             self.round += 1;
         }
+    }
 
-        // Switchover: pause, send the last dirty set and the device state.
-        self.progress.event(&Event::Status(MigrationStatus::PreSwitchover));
-        let paused_at = Instant::now();
+    fn not_converged(&self, rounds_done: u32, remaining: f64, rate: f64, estimate: Duration) -> MigrationError {
+        let hint = match (&self.throttler, &self.throttle_unsupported) {
+            (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
+            (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
+            (None, None) => "raise --downtime-limit, --max-rounds or --timeout, lower the guest's dirty rate, or use --auto-converge".into(),
+        };
+        MigrationError::NotConverged(format!(
+            "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms; {hint}; the source keeps running",
+            self.t0.elapsed().as_secs_f64(),
+            remaining / (1 << 20) as f64,
+            rate / 1e6,
+            estimate.as_secs_f64() * 1000.0,
+            self.config.downtime_limit.as_millis()
+        ))
+    }
+
+    /// Pause the workload, send the last dirty set and the device state (Finish), wait for
+    /// Done. On failure before the commit point the workload is resumed here; after it, only
+    /// the destination's own Abort allows that.
+    fn switchover(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>) -> Result<DestinationReport, MigrationError> {
         let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
         self.progress.event(&Event::Status(MigrationStatus::Device));
         // Set once Finish is on the wire: the commit point (see the protocol doc in wire/).
         let mut committed = false;
-        let finish = (|| {
-            tracker.collect(&mut dirty)?;
-            self.round += 1;
-            self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
-            let memory = self.memory;
-            let verify = self.config.verify;
-            let (pages, digest) = std::thread::scope(|s| {
-                // The guest is paused: hash its memory while the last round travels.
-                let digest = s.spawn(move || verify.then(|| memory.digest()));
-                let pages = self.send_round(&dirty);
-                (pages, digest.join().expect("digest thread"))
-            });
-            pages_per_round.push(pages?);
-            self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
-            let digest = digest.map(|d| format!("{d:032x}"));
-            // A Finish that could not be written whole cannot have been accepted (the frame's
-            // CRC covers all of it), so a write error here is still a plain failure.
-            wire::write_frame(self.control, self.version, &Control::Finish { round: self.round, digest }, &state).map_err(wire_err("control channel"))?;
-            committed = true;
-            let dest = self.wait_done()?;
-            Ok::<_, MigrationError>(dest)
-        })();
-        let dest = match finish {
-            Ok(d) => d,
+        match self.last_round(tracker, dirty, pages_per_round, &state, &mut committed) {
+            Ok(d) => Ok(d),
             // Past the commit point only the destination's own Abort (sent before it resumes
             // anything) proves the guest does not run there; anything else — Done lost or
             // garbled, the link gone, a timeout — leaves the outcome unknown, and resuming here
             // could make two running copies. Stay paused and say so.
-            Err(e) if committed && !matches!(e, MigrationError::PeerAborted(_)) => {
-                return Err(MigrationError::OutcomeUnknown(e.to_string()));
-            }
+            Err(e) if committed && !matches!(e, MigrationError::PeerAborted(_)) => Err(MigrationError::OutcomeUnknown(e.to_string())),
             Err(e) => {
                 // The source continues at full speed.
                 if let Err(te) = self.unthrottle(workload) {
@@ -516,25 +675,32 @@ impl SourceRun<'_> {
                 if let Err(re) = workload.resume_after_failure() {
                     return Err(MigrationError::Other(format!("{e}; resuming the source also failed: {re}")));
                 }
-                return Err(e);
+                Err(e)
             }
-        };
-        let downtime = paused_at.elapsed();
-        self.tick(true);
-        self.progress.finish();
-        let report = MigrationReport {
-            total_time_s: self.t0.elapsed().as_secs_f64(),
-            downtime_ms: downtime.as_secs_f64() * 1000.0,
-            expected_downtime_ms: expected_downtime.as_secs_f64() * 1000.0,
-            rounds: self.round + 1,
-            pages_per_round,
-            throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
-            mechanisms: self.mechanisms(),
-            throttle_note: self.throttle_unsupported.clone(),
-            send_peak_rss_anon_bytes: self.peak_rss,
-            ..Default::default()
-        };
-        Ok((report, dest))
+        }
+    }
+
+    /// The final round (the guest is paused), Finish, and the destination's Done.
+    fn last_round(&mut self, tracker: &mut dyn DirtyTracker, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>, state: &[u8], committed: &mut bool) -> Result<DestinationReport, MigrationError> {
+        tracker.collect(dirty)?;
+        self.round += 1;
+        self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
+        let memory = self.memory;
+        let verify = self.config.verify;
+        let (pages, digest) = std::thread::scope(|s| {
+            // The guest is paused: hash its memory while the last round travels.
+            let digest = s.spawn(move || verify.then(|| memory.digest()));
+            let pages = self.send_round(dirty);
+            (pages, digest.join().expect("digest thread"))
+        });
+        pages_per_round.push(pages?);
+        self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
+        let digest = digest.map(|d| format!("{d:032x}"));
+        // A Finish that could not be written whole cannot have been accepted (the frame's
+        // CRC covers all of it), so a write error here is still a plain failure.
+        wire::write_frame(self.control, self.version, &Control::Finish { round: self.round, digest }, state).map_err(wire_err("control channel"))?;
+        *committed = true;
+        self.wait_done()
     }
 
     /// Whether to switch to postcopy after a round that did not converge, and why.
@@ -583,7 +749,7 @@ impl SourceRun<'_> {
         mut dirty: DirtyPages,
         mut pages_per_round: Vec<u64>,
         why: String,
-    ) -> Result<(MigrationReport, DestinationReport), MigrationError> {
+    ) -> Result<(RunSummary, DestinationReport), MigrationError> {
         let paused_at = Instant::now();
         let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
         if let Err(e) = tracker.collect(&mut dirty) {
@@ -626,26 +792,26 @@ impl SourceRun<'_> {
         let (paused_at, running) = self.postcopy.expect("set above");
         self.tick(true);
         self.progress.finish();
-        let pcs = dest.postcopy.clone().unwrap_or_default();
         let mut mechanisms = self.mechanisms();
         mechanisms.push("postcopy".into());
-        let report = MigrationReport {
-            total_time_s: self.t0.elapsed().as_secs_f64(),
-            downtime_ms: running.map_or(0.0, |r| (r - paused_at).as_secs_f64() * 1000.0),
+        let summary = RunSummary {
+            total_time: self.t0.elapsed(),
+            downtime: running.map_or(Duration::ZERO, |r| r - paused_at),
+            expected_downtime: Duration::ZERO,
             rounds: self.round + 1,
             pages_per_round,
             throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
             mechanisms,
             throttle_note: self.throttle_unsupported.clone(),
-            postcopy_reason: Some(why),
-            postcopy_ms: paused_at.elapsed().as_secs_f64() * 1000.0,
-            postcopy_pages_requested: urgent.pages.load(std::sync::atomic::Ordering::Relaxed),
-            postcopy_pages_pushed: pushed,
-            postcopy: Some(pcs),
-            send_peak_rss_anon_bytes: self.peak_rss,
-            ..Default::default()
+            peak_rss: self.peak_rss,
+            postcopy: Some(PostcopySummary {
+                reason: why,
+                duration: paused_at.elapsed(),
+                pages_requested: urgent.pages.load(std::sync::atomic::Ordering::Relaxed),
+                pages_pushed: pushed,
+            }),
         };
-        Ok((report, dest))
+        Ok((summary, dest))
     }
 
     /// Auto-converge after a round that did not converge: raise the throttle per QEMU's rule.
