@@ -210,7 +210,7 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                     continue;
                 }
                 if let Err(e) = welcome(&mut sock, version, fresh, config) {
-                    eprintln!("pageferry: urgent channel: {e}");
+                    dropped(config, peer, format!("urgent channel: {e}"));
                     continue;
                 }
                 urgent = Some(sock);
