@@ -83,6 +83,16 @@ pub struct VmDemoArgs {
     /// Also compare memory digests in-band (adds the hashing time to the downtime).
     #[arg(long)]
     verify: bool,
+    /// Cap on wire bytes/s (e.g. 32MB), to see a guest outrun the link.
+    #[arg(long = "max-bandwidth")]
+    max_bandwidth: Option<String>,
+    /// May switch to postcopy: the guest runs on the destination and pulls the pages it
+    /// touches (not with --verify: postcopy has no digest).
+    #[arg(long)]
+    postcopy: bool,
+    /// Throttle the vCPU when pre-copy does not converge.
+    #[arg(long = "auto-converge")]
+    auto_converge: bool,
     #[arg(long)]
     json: bool,
 }
@@ -215,6 +225,9 @@ fn recv(a: VmRecvArgs) -> Result<()> {
 }
 
 fn demo(a: VmDemoArgs) -> Result<()> {
+    if a.postcopy && a.verify {
+        bail!("--postcopy cannot be combined with --verify: postcopy has no memory digest (the guest runs on the destination before all memory has arrived)");
+    }
     let exe = std::env::current_exe()?;
     let mut recv = Command::new(&exe)
         .args(["vm", "recv", "--listen", "127.0.0.1:0", "--json", "--multifd-compression", &a.method])
@@ -235,6 +248,15 @@ fn demo(a: VmDemoArgs) -> Result<()> {
         .stdout(Stdio::piped());
     if !a.verify {
         send.arg("--no-verify");
+    }
+    if let Some(b) = &a.max_bandwidth {
+        send.args(["--max-bandwidth", b]);
+    }
+    if a.postcopy {
+        send.arg("--postcopy");
+    }
+    if a.auto_converge {
+        send.arg("--auto-converge");
     }
     let out = send.spawn()?.wait_with_output()?;
     let recv_line = lines.next().transpose()?.unwrap_or_default();

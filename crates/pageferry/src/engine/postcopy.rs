@@ -538,3 +538,105 @@ impl UrgentServer {
         self.tx.lock().unwrap().take();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemoryRegion, MmapRegion};
+    use std::sync::Arc;
+
+    fn anon(pages: u64) -> GuestMemory {
+        GuestMemory::single(MmapRegion::anonymous("ram0", pages * PAGE_SIZE as u64).unwrap()).unwrap()
+    }
+
+    fn page(m: &GuestMemory, p: u64) -> &[u8] {
+        let r = &m.regions()[0];
+        unsafe { std::slice::from_raw_parts(r.host_ptr().add(p as usize * PAGE_SIZE), PAGE_SIZE) }
+    }
+
+    #[test]
+    fn placer_fills_discarded_pages_once_and_never_overwrites() {
+        let m = anon(16);
+        for p in 0..16u64 {
+            unsafe { std::ptr::write_bytes(m.regions()[0].host_ptr().add(p as usize * PAGE_SIZE), 0x11, PAGE_SIZE) };
+        }
+        let placer = match Placer::start(&m, &[(0, 4, 4), (0, 10, 1)]) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        assert_eq!(placer.remaining(), 5);
+        // Untouched pages keep their contents; discarded ones are gone (read as a fault, so not
+        // read here). Bad ranges are refused.
+        assert_eq!(page(&m, 3)[0], 0x11);
+        assert!(Placer::start(&m, &[(0, 15, 2)]).is_err());
+        assert!(Placer::start(&m, &[(1, 0, 1)]).is_err());
+        // Pages 4..6 arrive; then 5..8 (5 again: left alone) and 10 as a zero page.
+        let a = vec![0xAA; 2 * PAGE_SIZE];
+        placer.place(0, &[4, 5], &a, &[]).unwrap();
+        let b = vec![0xBB; 3 * PAGE_SIZE];
+        placer.place(0, &[5, 6, 7], &b, &[10]).unwrap();
+        assert_eq!(placer.remaining(), 0);
+        assert_eq!((page(&m, 4)[0], page(&m, 5)[0], page(&m, 6)[0], page(&m, 7)[4095]), (0xAA, 0xAA, 0xBB, 0xBB));
+        assert!(page(&m, 10).iter().all(|&b| b == 0));
+        assert_eq!(page(&m, 11)[0], 0x11, "a page that was never discarded stays");
+        // A page present before the switchover is never overwritten either.
+        placer.place(0, &[3], &a[..PAGE_SIZE], &[]).unwrap();
+        assert_eq!(page(&m, 3)[0], 0x11);
+        let st = placer.stats();
+        assert_eq!((st.discarded_pages, st.duplicate_pages), (5, 2));
+        placer.finish();
+    }
+
+    #[test]
+    fn a_fault_on_a_missing_page_is_requested_once_and_the_reader_gets_the_source_page() {
+        let m = anon(8);
+        let placer = match Placer::start(&m, &[(0, 0, 8)]) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = crossbeam_channel::unbounded::<(u16, Vec<u32>)>();
+        let (p2, s2) = (placer.clone(), stop.clone());
+        let faults = std::thread::spawn(move || p2.serve_faults(&s2, &mut |r, pages| tx.send((r, pages)).map_err(|e| e.to_string())));
+        // The "guest" reads page 6: it blocks until the page is placed.
+        let m2 = m.clone();
+        let reader = std::thread::spawn(move || page(&m2, 6)[100]);
+        let (region, pages) = rx.recv_timeout(Duration::from_secs(10)).expect("a request");
+        assert_eq!((region, pages), (0, vec![6]));
+        placer.place(0, &[6], &[0x66; PAGE_SIZE], &[]).unwrap();
+        assert_eq!(reader.join().unwrap(), 0x66);
+        stop.store(true, Ordering::Release);
+        faults.join().unwrap().unwrap();
+        let st = placer.stats();
+        assert_eq!((st.faults, st.pages_requested), (1, 1));
+        assert!(st.fault_latency_max_us > 0.0 && st.fault_latency_p50_us <= st.fault_latency_max_us);
+        placer.finish();
+    }
+
+    #[test]
+    fn page_requests_are_checked_before_anything_is_sent() {
+        let m = anon(8);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let u = UrgentServer::new(&m, tx, Arc::new(super::super::channel::Outstanding::default()));
+        assert!(u.request(0, vec![1]).unwrap_err().contains("before the switchover"));
+        u.activate(5);
+        assert!(u.request(1, vec![1]).unwrap_err().contains("region 1"));
+        assert!(u.request(0, vec![8]).unwrap_err().contains("page 8"));
+        assert!(u.request(0, vec![]).is_err());
+        assert!(u.request(0, vec![0; MAX_REQUEST_PAGES + 1]).is_err());
+        assert!(rx.try_recv().is_err(), "nothing queued for bad requests");
+        u.request(0, vec![7, 2, 7]).unwrap();
+        let b = rx.try_recv().unwrap();
+        assert_eq!((b.region, b.round, b.pages), (0, 5, vec![2, 7]));
+        assert!(u.served[0].get(2) && u.served[0].get(7) && !u.served[0].get(3));
+        u.close();
+        u.request(0, vec![1]).unwrap(); // after the end: ignored
+        assert!(rx.try_recv().is_err());
+    }
+}
