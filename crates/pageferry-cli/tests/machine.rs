@@ -117,7 +117,9 @@ fn postcopy_reports_postcopy_active_between_active_and_completed() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let src = image(dir.path(), "16M");
     let (mut d, addr, _out) = recv(dir.path(), &["--no-verify"]);
-    let out = send(&addr, &src, &["--events", "--postcopy-after-rounds", "1", "--no-verify", "--dirty-rate", "50MB", "--dirty-set", "4M", "--downtime-limit", "1"]);
+    // Capped so the first round cannot already fit the downtime limit (then pre-copy would
+    // complete, as QEMU does when the rest fits before postcopy starts).
+    let out = send(&addr, &src, &["--events", "--postcopy-after-rounds", "1", "--no-verify", "--dirty-rate", "50MB", "--dirty-set", "4M", "--downtime-limit", "1", "--max-bandwidth", "20MB"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(d.wait().unwrap().success());
     let ev = events(&out);

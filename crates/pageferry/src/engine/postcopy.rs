@@ -226,6 +226,14 @@ impl Placer {
     /// source still had dirty at switchover. Every other page stays as pre-copy left it.
     pub fn start(memory: &GuestMemory, ranges: &[(u16, u32, u32)]) -> Result<Self, String> {
         let mut p = Self::register(memory)?;
+        // Every range checked before any page is dropped.
+        for &(rid, first, n) in ranges {
+            let r = p.regions.get(rid as usize).ok_or_else(|| format!("discard range names region {rid}, which does not exist"))?;
+            let (first, n) = (first as u64, n as u64);
+            if n == 0 || first.checked_add(n).is_none_or(|end| end * PAGE_SIZE as u64 > r.len) {
+                return Err(format!("discard range {first}+{n} outside region {rid}"));
+            }
+        }
         let mut discarded = 0u64;
         for &(rid, first, n) in ranges {
             let r = p.regions.get(rid as usize).ok_or_else(|| format!("discard range names region {rid}, which does not exist"))?;

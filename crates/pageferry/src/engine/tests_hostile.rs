@@ -1079,3 +1079,67 @@ fn dropped_connections_and_codec_notes_are_events_not_prints() {
     assert!(note(&src_events), "{src_events:?}");
     assert!(got.iter().chain(src_events.iter()).all(|e| !e.to_string().is_empty()));
 }
+
+// ---- postcopy ----
+
+/// A hand-speaking source that announced postcopy (and no digest), with its urgent channel,
+/// against a destination that accepts unverified migrations.
+fn evil_postcopy(method: Method) -> (Evil, TcpStream) {
+    let memory = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let recorder = Recorder::default();
+    let (tx, dest) = crossbeam_channel::bounded(1);
+    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, io_timeout: IO, require_verify: false, ..Default::default() };
+    {
+        let (memory, recorder) = (memory.clone(), recorder.clone());
+        std::thread::spawn(move || {
+            let mut w = recorder;
+            let _ = tx.send(run_destination(&listener, &memory, &mut w, &config));
+        });
+    }
+    let session = SessionId::random();
+    let hello_pc = |role, channel| match hello(session, role, channel, 1, method, memory.layout()) {
+        Control::Hello(h) => Control::Hello(Hello { wants: wire::Features { postcopy: true, ..Default::default() }, verify: false, ..h }),
+        _ => unreachable!(),
+    };
+    let mut ctl = connect(&addr);
+    wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello_pc(Role::Control, 0), &[]).unwrap();
+    expect_welcome(&mut ctl);
+    let mut data = connect(&addr);
+    wire::write_frame(&mut data, PROTOCOL_VERSION, &hello_pc(Role::Data, 0), &[]).unwrap();
+    expect_welcome(&mut data);
+    let mut urgent = connect(&addr);
+    wire::write_frame(&mut urgent, PROTOCOL_VERSION, &hello_pc(Role::Urgent, 0), &[]).unwrap();
+    expect_welcome(&mut urgent);
+    let codec = codec::open(&CodecSpec::new(method)).unwrap();
+    (Evil { ctl, data: vec![data, urgent.try_clone().unwrap()], nums: vec![0; 2], method, codec, dest, recorder, memory }, urgent)
+}
+
+#[test]
+fn urgent_pages_before_the_postcopy_switchover_are_rejected() {
+    // Channel 1 of this Evil is the urgent channel.
+    let (mut ev, _urgent) = evil_postcopy(named("none"));
+    let pkt = ev.pages(1, 0, 0, &[0], &[], &page(7));
+    ev.send(1, &pkt);
+    let (_, mem) = ev.expect_failure(&["urgent packet", "outside postcopy"]);
+    Model::canary().check(&mem, &[]);
+}
+
+#[test]
+fn a_postcopy_switchover_out_of_order_or_outside_memory_is_rejected() {
+    // Postcopy must follow the last complete round.
+    let (mut ev, _u) = evil_postcopy(named("none"));
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Postcopy { round: 3, discard: vec![] }, b"").unwrap();
+    let (_, mem) = ev.expect_failure(&["Postcopy", "for round 3"]);
+    Model::canary().check(&mem, &[]);
+    // A discard range outside the region is refused before anything is dropped.
+    let (mut ev, _u) = evil_postcopy(named("none"));
+    let s = ev.sync(0, 0);
+    ev.send(0, &s);
+    ev.expect_round_done(0);
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Postcopy { round: 1, discard: vec![(0, 0, 1), (0, u32::MAX, 2)] }, b"").unwrap();
+    let (e, mem) = ev.expect_failure(&["postcopy failed after the switchover", "outside region 0"]);
+    assert!(!e.contains("panicked"));
+    Model::canary().check(&mem, &[]);
+}
