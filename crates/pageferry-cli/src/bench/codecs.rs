@@ -118,6 +118,9 @@ pub fn overhead_pct(engine: f64, bare: f64) -> Option<f64> {
 pub fn measure(spec: &codec::CodecSpec, data: &[u8]) -> Result<Bare> {
     let mut c = codec::open(spec)?;
     let info = c.info();
+    if let Some(note) = &info.note {
+        eprintln!("{note}");
+    }
     let cap = c.max_compressed_len(MAX_BATCH_BYTES);
     let batches = data.len().div_ceil(MAX_BATCH_BYTES);
     // Output space touched up front so page faults do not count as codec time.
