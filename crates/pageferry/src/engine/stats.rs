@@ -7,25 +7,32 @@ use std::time::Duration;
 /// Live counters shared by the channel threads of one side.
 #[derive(Default, Debug)]
 pub struct Counters {
+    /// Non-zero pages sent (compressed or raw).
     pub normal_pages: AtomicU64,
+    /// Zero pages (sent as offsets only).
     pub zero_pages: AtomicU64,
-    /// Normal pages sent raw because their batch did not shrink (or method none).
+    /// Normal pages sent raw because a compressor could not shrink their batch.
     pub raw_pages: AtomicU64,
     /// Bytes on the data channels (headers, offsets, payloads, CRCs).
     pub wire_bytes: AtomicU64,
+    /// Data packets sent or received.
     pub packets: AtomicU64,
 }
 
 impl Counters {
+    /// Add `n` to counter `c`.
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
     }
+    /// Pages handled (normal + zero).
     pub fn pages(&self) -> u64 {
         self.normal_pages.load(Relaxed) + self.zero_pages.load(Relaxed)
     }
+    /// Guest bytes those pages hold.
     pub fn raw_bytes(&self) -> u64 {
         self.pages() * crate::memory::PAGE_SIZE as u64
     }
+    /// Bytes on the data channels.
     pub fn wire(&self) -> u64 {
         self.wire_bytes.load(Relaxed)
     }
@@ -54,6 +61,7 @@ impl Default for CpuMeter {
 }
 
 impl CpuMeter {
+    /// Start measuring now.
     pub fn start() -> Self {
         Self { cpu0: process_cpu_time(), wall0: std::time::Instant::now() }
     }
@@ -96,15 +104,25 @@ pub use crate::wire::DestinationReport;
 /// The source's final report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MigrationReport {
+    /// "completed" (failures are errors, not reports).
     pub status: String,
+    /// Compression method.
     pub method: String,
+    /// Its level.
     pub level: u8,
+    /// What compressed on the source ("libzstd 1.5.7", "isa-l (system)", "qat (hardware)", ...).
     pub provider: String,
+    /// Data channels.
     pub channels: usize,
+    /// Batches in flight to each channel's compressor.
     pub pipeline_depth: usize,
+    /// The dirty tracker's name.
     pub dirty_tracker: String,
+    /// Guest memory size.
     pub memory_bytes: u64,
+    /// From the call to the destination's Done, seconds.
     pub total_time_s: f64,
+    /// Connecting, handshake and channel setup, seconds.
     pub setup_time_s: f64,
     /// Workload paused on the source → destination reports it running (includes verification
     /// when `verify` is on; see `verify_ms`).
@@ -113,8 +131,11 @@ pub struct MigrationReport {
     /// bytes per second of the round before (compression included).
     #[serde(default)]
     pub expected_downtime_ms: f64,
+    /// Time the destination spent hashing memory for verification, ms.
     pub verify_ms: f64,
+    /// Rounds, the final one included.
     pub rounds: u32,
+    /// Pages sent in each round.
     pub pages_per_round: Vec<u64>,
     /// What ran: "pre-copy", then "auto-converge" when the workload was throttled.
     #[serde(default)]
@@ -140,29 +161,44 @@ pub struct MigrationReport {
     /// Postcopy: the destination's counters and fault latencies.
     #[serde(default)]
     pub postcopy: Option<crate::wire::PostcopyStats>,
+    /// Guest bytes sent (pages x 4096, zero pages included).
     pub raw_bytes: u64,
+    /// Bytes on the data channels.
     pub wire_bytes: u64,
+    /// raw_bytes / wire_bytes.
     pub ratio: f64,
+    /// Non-zero pages sent.
     pub normal_pages: u64,
+    /// Zero pages (offsets only).
     pub zero_pages: u64,
     /// Pages of batches a compressor could not shrink, sent raw instead (0 with method none,
     /// whose pages are all normal pages).
     pub raw_fallback_pages: u64,
+    /// Guest bytes per second over the whole migration, Mbit/s.
     pub raw_mbps: f64,
+    /// Wire bytes per second, Mbit/s.
     pub wire_mbps: f64,
+    /// The bandwidth cap, bytes/s, if any.
     pub max_bandwidth: Option<u64>,
+    /// Source process CPU time, seconds.
     pub send_cpu_s: f64,
+    /// Source CPU time / wall time, percent (like `top`).
     pub send_cpu_pct: f64,
+    /// Destination process CPU time, seconds.
     pub recv_cpu_s: f64,
+    /// Destination CPU time / wall time, percent.
     pub recv_cpu_pct: f64,
+    /// True when the in-band memory digests were compared and matched.
     pub verified: bool,
     /// How the result was checked when it was not by the in-band digests (`verified` false):
     /// e.g. a caller that compared the memory itself afterwards. Shown on the `verified:` line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_by: Option<String>,
+    /// What decompressed on the destination.
     pub recv_provider: String,
     /// Peak anonymous memory (heap, buffers) of the source and destination processes.
     pub send_peak_rss_anon_bytes: u64,
+    /// Peak anonymous RSS of the destination process.
     pub recv_peak_rss_anon_bytes: u64,
 }
 
@@ -226,12 +262,15 @@ impl MigrationReport {
 /// A snapshot for progress displays.
 #[derive(Clone, Debug, Default)]
 pub struct Progress {
+    /// The round being sent.
     pub round: u32,
     /// Raw bytes sent so far (all rounds).
     pub bytes_done: u64,
     /// Raw bytes known to need sending (all rounds so far).
     pub bytes_total: u64,
+    /// Wire bytes so far.
     pub wire_bytes: u64,
+    /// Since the migration started.
     pub elapsed: Duration,
 }
 
@@ -242,16 +281,31 @@ pub struct Progress {
 pub enum Event {
     /// The destination dropped a connection that is not part of the migration (another
     /// session, not a pageferry peer, garbage); the migration goes on.
-    ConnectionDropped { peer: String, reason: String },
+    ConnectionDropped {
+        /// The peer's address.
+        peer: String,
+        /// Why it was dropped.
+        reason: String,
+    },
     /// A codec's note on its setup, e.g. qatzip's `auto` provider fell back to `cpu`, and why.
     /// Once per side and migration.
-    CodecNote { method: String, note: String },
+    CodecNote {
+        /// The method the note is about.
+        method: String,
+        /// The note.
+        note: String,
+    },
     /// The source's migration entered a new state (QEMU's `MIGRATION` event). Every run emits
     /// `setup` first and exactly one of `completed`, `failed`, `cancelled` last.
     Status(MigrationStatus),
     /// A round starts sending `pages` pages (round 0: all of memory; QEMU's `MIGRATION_PASS`
     /// counts the same passes from 1).
-    RoundStarted { round: u32, pages: u64 },
+    RoundStarted {
+        /// Round number (0 = the first).
+        round: u32,
+        /// Pages to send in it.
+        pages: u64,
+    },
     /// A pre-copy round's pages all arrived at the destination.
     RoundFinished(RoundStats),
 }
@@ -348,7 +402,9 @@ impl std::fmt::Display for Event {
 /// Receives progress from the source's control thread (about ten times a second), and events
 /// from either side.
 pub trait ProgressSink: Send + Sync {
+    /// A progress snapshot (about ten times a second, from the source).
     fn update(&self, p: &Progress);
+    /// The migration ended (either way); a display may clear itself.
     fn finish(&self) {}
     /// An [`Event`]; ignored unless implemented.
     fn event(&self, _e: &Event) {}
@@ -360,9 +416,11 @@ pub trait ProgressSink: Send + Sync {
 pub struct EventSink(pub std::sync::Arc<dyn ProgressSink>);
 
 impl EventSink {
+    /// Events go to `sink`'s [`ProgressSink::event`].
     pub fn new(sink: impl ProgressSink + 'static) -> Self {
         EventSink(std::sync::Arc::new(sink))
     }
+    /// Send `e`.
     pub fn emit(&self, e: Event) {
         self.0.event(&e)
     }
