@@ -32,8 +32,11 @@ use std::str::FromStr;
 /// without levels (`none`) has `0..=0`, default 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LevelRange {
+    /// Lowest level.
     pub min: u8,
+    /// Highest level.
     pub max: u8,
+    /// Level used when none is given.
     pub default: u8,
 }
 
@@ -43,6 +46,7 @@ pub struct MethodDescriptor {
     pub name: &'static str,
     /// On the wire; pinned forever once released (see `wire`).
     pub code: MethodCode,
+    /// Levels it accepts.
     pub levels: LevelRange,
     /// False only for `none`: pages go raw without calling the codec.
     pub compresses: bool,
@@ -67,15 +71,19 @@ impl Method {
     pub fn all() -> impl Iterator<Item = Method> {
         REGISTRY.iter().map(|d| Method(d))
     }
+    /// The method called `name`, if registered.
     pub fn by_name(name: &str) -> Option<Method> {
         Self::all().find(|m| m.name() == name)
     }
+    /// The method with wire code `code`, if registered.
     pub fn from_code(code: MethodCode) -> Option<Method> {
         Self::all().find(|m| m.code() == code)
     }
+    /// Its registry entry.
     pub fn descriptor(self) -> &'static MethodDescriptor {
         self.0
     }
+    /// Its name on the command line and in reports.
     pub fn name(self) -> &'static str {
         self.0.name
     }
@@ -83,9 +91,11 @@ impl Method {
     pub fn code(self) -> MethodCode {
         self.0.code
     }
+    /// Levels it accepts.
     pub fn levels(self) -> LevelRange {
         self.0.levels
     }
+    /// Level used when none is given.
     pub fn default_level(self) -> u8 {
         self.0.levels.default
     }
@@ -165,7 +175,9 @@ impl<'de> Deserialize<'de> for Method {
 /// Everything needed to open a codec on either side; sent (method, level) in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecSpec {
+    /// The method.
     pub method: Method,
+    /// Its level (checked against the method's range).
     pub level: u8,
     /// qatzip only: which provider to use (auto, qat, cpu). Local choice, not negotiated.
     #[serde(default)]
@@ -184,6 +196,7 @@ impl CodecSpec {
     pub fn new(method: Method) -> Self {
         Self { method, level: method.default_level(), qatzip: Default::default() }
     }
+    /// Method at `level`; fails when the method does not accept it.
     pub fn with_level(method: Method, level: u8) -> Result<Self, CodecError> {
         method.check_level(level)?;
         Ok(Self { method, level, qatzip: Default::default() })
@@ -191,22 +204,45 @@ impl CodecSpec {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Errors of a codec.
 pub enum CodecError {
     #[error("{0}")]
+    /// Bad configuration (level, provider, options).
     Config(String),
     #[error("{method} compression failed: {detail}")]
-    Compress { method: Method, detail: String },
+    /// Compressing a batch failed.
+    Compress {
+        /// The method.
+        method: Method,
+        /// What went wrong.
+        detail: String,
+    },
     #[error("{method} decompression failed: {detail}")]
-    Decompress { method: Method, detail: String },
+    /// A payload did not decompress to exactly its batch (corrupt, truncated, too long).
+    Decompress {
+        /// The method.
+        method: Method,
+        /// What went wrong.
+        detail: String,
+    },
     #[error("{method} setup failed: {detail}")]
-    Setup { method: Method, detail: String },
+    /// The codec could not be opened (library missing, no device, ...).
+    Setup {
+        /// The method.
+        method: Method,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 /// What did the work, for reports ("isa-l", "libdeflate", "qat (hardware)", ...).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodecInfo {
+    /// Method that ran.
     pub method: Method,
+    /// Its level.
     pub level: u8,
+    /// What did the work ("libzstd 1.5.7", "isa-l (system)", "qat (hardware)", ...).
     pub provider: String,
     /// Why this provider, when the operator should know (a fallback); the engine passes it
     /// on as an `engine::Event::CodecNote`.
@@ -216,6 +252,7 @@ pub struct CodecInfo {
 
 /// One channel worker's compressor/decompressor for one method.
 pub trait Codec: Send {
+    /// Method, level and what does the work.
     fn info(&self) -> CodecInfo;
     /// Size the output buffer given to `compress` must have for `input_len` bytes.
     fn max_compressed_len(&self, input_len: usize) -> usize;

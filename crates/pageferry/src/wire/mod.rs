@@ -233,6 +233,7 @@ pub const MAX_REGION_NAME: usize = 256;
 pub const PAGE_SIZE: usize = 4096;
 /// Largest batch: pages of one packet.
 pub const MAX_BATCH_PAGES: usize = 128;
+/// Largest batch in bytes (its pages).
 pub const MAX_BATCH_BYTES: usize = MAX_BATCH_PAGES * PAGE_SIZE;
 
 /// A compression method on the wire (packet byte 6, `Hello.method`). Which method a code
@@ -250,7 +251,9 @@ impl std::fmt::Display for MethodCode {
 /// Protocol versions `min..=max` a peer speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionRange {
+    /// Oldest version spoken.
     pub min: u16,
+    /// Newest version spoken.
     pub max: u16,
 }
 
@@ -271,6 +274,7 @@ impl VersionRange {
         (lo <= hi && peer.min <= peer.max).then_some(hi)
     }
 
+    /// Whether `v` is in the range.
     pub fn contains(self, v: u16) -> bool {
         (self.min..=self.max).contains(&v)
     }
@@ -287,19 +291,44 @@ impl std::fmt::Display for VersionRange {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Errors reading or writing the protocol.
 pub enum WireError {
     #[error("connection closed by peer{0}")]
+    /// The peer closed the connection (with context).
     Closed(String),
     #[error("i/o error: {0}")]
+    /// A socket error (reset, timeout, ...).
     Io(std::io::Error),
     #[error("bad magic {found:#010x} (not a pageferry peer, or stream out of sync)")]
-    BadMagic { found: u32 },
+    /// A frame or packet did not start with its magic.
+    BadMagic {
+        /// The four bytes found instead.
+        found: u32,
+    },
     #[error("protocol version mismatch: peer speaks {peer}, we speak {ours}")]
-    Version { peer: VersionRange, ours: VersionRange },
+    /// No protocol version both peers speak.
+    Version {
+        /// What the peer speaks.
+        peer: VersionRange,
+        /// What this build speaks.
+        ours: VersionRange,
+    },
     #[error("CRC32C mismatch: computed {computed:#010x}, packet says {expected:#010x}")]
-    Crc { computed: u32, expected: u32 },
+    /// A frame or packet failed its CRC32C.
+    Crc {
+        /// CRC of the bytes received.
+        computed: u32,
+        /// CRC the sender wrote.
+        expected: u32,
+    },
     #[error("malformed {what}: {detail}")]
-    Malformed { what: &'static str, detail: String },
+    /// Bytes that are not a valid message (bad length, field out of range, wrong order).
+    Malformed {
+        /// Which message.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
 }
 
 impl From<std::io::Error> for WireError {
@@ -309,6 +338,7 @@ impl From<std::io::Error> for WireError {
 }
 
 impl WireError {
+    /// A [`WireError::Malformed`].
     pub fn malformed(what: &'static str, detail: impl Into<String>) -> Self {
         WireError::Malformed { what, detail: detail.into() }
     }

@@ -3,7 +3,9 @@
 
 use super::{MethodCode, WireError, MAX_BATCH_BYTES, MAX_BATCH_PAGES, PAGE_SIZE};
 
+/// Magic of a data packet ("PFDP").
 pub const PACKET_MAGIC: u32 = u32::from_le_bytes(*b"PFDP");
+/// Bytes of a packet header.
 pub const PACKET_HEADER_LEN: usize = 32;
 /// Header byte 5, bit 0: the payload is the normal pages as they are (not compressed).
 pub const FLAG_RAW: u8 = 0x01;
@@ -19,33 +21,46 @@ pub enum PacketKind {
 }
 
 impl PacketKind {
+    /// Its wire code.
     pub fn code(self) -> u8 {
         self as u8
     }
+    /// The kind with wire code `c`, if any.
     pub fn from_code(c: u8) -> Option<Self> {
         [PacketKind::Pages, PacketKind::Sync].into_iter().find(|k| k.code() == c)
     }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A data packet's fixed header (layout in the module doc of [`crate::wire`]).
 pub struct PacketHeader {
+    /// Pages or Sync.
     pub kind: PacketKind,
+    /// The payload is the normal pages uncompressed.
     pub raw: bool,
     /// The session's method; the destination refuses any other.
     pub method: MethodCode,
+    /// Region id the page offsets are in.
     pub region: u16,
+    /// Non-zero pages in the packet.
     pub normal: u16,
+    /// Zero pages in the packet (offsets only).
     pub zero: u16,
+    /// Round the pages belong to.
     pub round: u32,
+    /// Sequence number on its channel (from 0).
     pub packet_num: u64,
+    /// Payload bytes after the offsets.
     pub payload_len: u32,
 }
 
 impl PacketHeader {
+    /// The end-of-round packet of a channel.
     pub fn sync(method: MethodCode, round: u32, packet_num: u64) -> Self {
         Self { kind: PacketKind::Sync, raw: false, method, region: 0, normal: 0, zero: 0, round, packet_num, payload_len: 0 }
     }
 
+    /// The header's bytes on the wire (the CRC32C trails the packet; see [`PacketCrc`]).
     pub fn encode(&self) -> [u8; PACKET_HEADER_LEN] {
         let mut b = [0u8; PACKET_HEADER_LEN];
         b[0..4].copy_from_slice(&PACKET_MAGIC.to_le_bytes());
@@ -217,6 +232,7 @@ fn disjoint(normal: &[u32], zero: &[u32]) -> Result<(), WireError> {
 pub struct PacketCrc(u32);
 
 impl PacketCrc {
+    /// A CRC over nothing yet.
     pub fn new() -> Self {
         PacketCrc(0)
     }
@@ -268,9 +284,13 @@ pub fn encode_packet(h: &PacketHeader, offsets: &[u8], payload: &[u8]) -> Vec<u8
 /// A whole packet parsed from bytes by [`decode_packet`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodedPacket {
+    /// Its header.
     pub header: PacketHeader,
+    /// Page offsets of the normal pages.
     pub normal: Vec<u32>,
+    /// Page offsets of the zero pages.
     pub zero: Vec<u32>,
+    /// The payload (compressed or raw pages).
     pub payload: Vec<u8>,
 }
 

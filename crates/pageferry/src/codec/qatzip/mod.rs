@@ -65,6 +65,7 @@ mod tests;
 
 use super::{Codec, CodecError, CodecSpec, LevelRange, Method, MethodCode, MethodDescriptor};
 
+/// The `qatzip` method's registry entry.
 pub static DESCRIPTOR: MethodDescriptor = MethodDescriptor {
     name: "qatzip",
     code: MethodCode(3),
@@ -92,7 +93,9 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// Every provider.
     pub const ALL: [Provider; 3] = [Provider::Auto, Provider::Qat, Provider::Cpu];
+    /// Its name (`--qatzip-provider`).
     pub fn name(self) -> &'static str {
         match self {
             Provider::Auto => "auto",
@@ -122,6 +125,7 @@ impl FromStr for Provider {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct QatzipOptions {
+    /// Which implementation compresses.
     pub provider: Provider,
     /// The QATzip library (`libqatzip.so.3`) to load; unset: `$PAGEFERRY_QATZIP_LIB`, else the
     /// system's.
