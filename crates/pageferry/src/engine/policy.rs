@@ -36,7 +36,9 @@ use std::str::FromStr;
 /// A method at a level (zstd's fast levels are negative); `none` has level 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Candidate {
+    /// The method.
     pub method: Method,
+    /// Its level.
     pub level: i32,
 }
 
@@ -46,9 +48,11 @@ impl Candidate {
         Candidate { method: Method::default(), level: 0 }
     }
 
+    /// `method` at `level` (level 0 for `none`).
     pub fn new(method: Method, level: i32) -> Self {
         Self { method, level: if method.compresses() { level } else { 0 } }
     }
+    /// False for `none`.
     pub fn compresses(&self) -> bool {
         self.method.compresses()
     }
@@ -160,6 +164,7 @@ impl LinkSample {
 pub struct Choice {
     /// Index into [`Policy::candidates`].
     pub index: usize,
+    /// The candidate to compress the batch with.
     pub candidate: Candidate,
     /// Sent with a non-current candidate to measure it.
     pub probe: bool,
@@ -185,7 +190,9 @@ struct Acc {
 /// Batches and bytes sent with one candidate (the report's shares).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AutoShare {
+    /// The candidate ("zstd-1", "none", ...).
     pub candidate: String,
+    /// Batches sent with it.
     pub batches: u64,
     /// Of which probes.
     pub probes: u64,
@@ -200,8 +207,11 @@ pub struct AutoShare {
 pub struct AutoReport {
     /// Cores the policy planned with.
     pub cores: f64,
+    /// What each candidate sent.
     pub shares: Vec<AutoShare>,
+    /// Decisions taken (one per window).
     pub decisions: u64,
+    /// Decisions that changed the current candidate.
     pub switches: u64,
     /// Why the last decision chose what it chose.
     pub last_reason: String,
@@ -280,9 +290,11 @@ impl Policy {
         }
     }
 
+    /// The candidates, in the order [`Choice::index`] counts.
     pub fn candidates(&self) -> &[Candidate] {
         &self.cands
     }
+    /// The candidate batches use now.
     pub fn current(&self) -> Candidate {
         self.cands[self.current]
     }
@@ -431,6 +443,7 @@ impl Policy {
         self.current()
     }
 
+    /// What the policy did so far.
     pub fn report(&self) -> AutoReport {
         self.report.clone()
     }

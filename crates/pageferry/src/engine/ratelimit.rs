@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 pub trait Clock: Send + Sync {
     /// Time since an arbitrary fixed origin.
     fn now(&self) -> Duration;
+    /// Sleep until [`Clock::now`] reaches `t`.
     fn sleep_until(&self, t: Duration);
 }
 
+/// The monotonic clock.
 pub struct RealClock(Instant);
 
 impl Default for RealClock {
@@ -43,6 +45,7 @@ impl Clock for RealClock {
 /// Credit a sender may have when it comes back late (it was busy writing, or idle).
 pub const SLACK: Duration = Duration::from_millis(2);
 
+/// A shared virtual-time limiter of bytes per second (see the module doc).
 pub struct RateLimiter<C: Clock = RealClock> {
     /// Changeable while senders use it ([`RateLimiter::set_rate`]).
     bytes_per_sec: AtomicU64,
@@ -58,17 +61,20 @@ impl<C: Clock> std::fmt::Debug for RateLimiter<C> {
 }
 
 impl RateLimiter<RealClock> {
+    /// A limiter of `bytes_per_sec` on the real clock.
     pub fn new(bytes_per_sec: u64) -> Self {
         Self::with_clock(bytes_per_sec, RealClock::default())
     }
 }
 
 impl<C: Clock> RateLimiter<C> {
+    /// A limiter of `bytes_per_sec` (positive) on `clock`.
     pub fn with_clock(bytes_per_sec: u64, clock: C) -> Self {
         assert!(bytes_per_sec > 0, "rate must be positive");
         Self { bytes_per_sec: AtomicU64::new(bytes_per_sec), paid_until: Mutex::new(None), clock }
     }
 
+    /// The current rate, bytes per second.
     pub fn rate(&self) -> u64 {
         self.bytes_per_sec.load(Ordering::Relaxed)
     }
