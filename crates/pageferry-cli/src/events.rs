@@ -57,11 +57,13 @@ impl JsonEvents {
         match result {
             Ok(report) => self.emit("MIGRATION", json!({ "status": MigrationStatus::Completed.name(), "report": report })),
             Err(e) => {
+                let code = crate::exit::code(e);
                 let status = match *self.terminal.lock().unwrap() {
                     Some(MigrationStatus::Cancelled) => MigrationStatus::Cancelled,
+                    _ if code == crate::exit::CANCELLED => MigrationStatus::Cancelled,
                     _ => MigrationStatus::Failed,
                 };
-                self.emit("MIGRATION", json!({ "status": status.name(), "error": format!("{e:#}"), "exit_code": crate::exit::code(e) }));
+                self.emit("MIGRATION", json!({ "status": status.name(), "error": format!("{e:#}"), "exit_code": code }));
             }
         }
     }

@@ -14,7 +14,6 @@ pub const FAILURE: i32 = 1;
 /// source stays paused; ask the destination before resuming anything.
 pub const OUTCOME_UNKNOWN: i32 = 3;
 /// Cancelled, here (SIGINT/SIGTERM) or by the peer. The source keeps running.
-#[allow(dead_code)] // mapped once the engine reports cancellation as its own variant
 pub const CANCELLED: i32 = 4;
 /// The peer refused the migration in the handshake (method, version, size, room, verification
 /// policy). Nothing was sent; the source keeps running.
