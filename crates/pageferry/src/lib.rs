@@ -57,6 +57,8 @@
 //!   Without it, the build uses the system's ISA-L when installed (`libisal-dev`), else
 //!   libdeflate; `codec::deflate_backend_name` says which.
 
+#![warn(missing_docs)]
+
 pub mod codec;
 pub mod dirty;
 pub mod engine;

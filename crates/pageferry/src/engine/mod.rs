@@ -224,35 +224,72 @@ impl Default for DestinationConfig {
 /// [`MigrationError::OutcomeUnknown`], after the commit point, where it stays paused.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// The destination could not be reached within `connect_timeout`.
     #[error("cannot connect to {addr}: {cause}")]
-    Connect { addr: String, cause: std::io::Error },
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// The last connection error.
+        cause: std::io::Error,
+    },
+    /// The peer refused the session in the handshake (method, version, size, policy).
     #[error("handshake refused: {0}")]
     Refused(String),
+    /// The peer ended the migration and said why.
     #[error("peer aborted the migration: {0}")]
     PeerAborted(String),
+    /// Reading or writing a channel failed: the connection, or bytes that break the protocol.
     #[error("protocol error on {channel}: {cause}")]
-    Wire { channel: String, cause: WireError },
+    Wire {
+        /// Which channel ("control channel", "channel 2", ...).
+        channel: String,
+        /// What happened.
+        cause: WireError,
+    },
+    /// A codec failed (setup, or a payload that does not decompress).
     #[error("{channel}: {cause}")]
-    Codec { channel: String, cause: CodecError },
+    Codec {
+        /// Which channel (or "setup").
+        channel: String,
+        /// What happened.
+        cause: CodecError,
+    },
+    /// The dirty tracker failed.
     #[error("dirty tracking: {0}")]
     Dirty(DirtyError),
+    /// Pre-copy did not fit the downtime limit within the rounds allowed; the source keeps
+    /// running.
     #[error("migration did not converge: {0}")]
     NotConverged(String),
     /// Failure after the switchover to postcopy: the source is stopped for good and the
     /// destination holds part of the memory; both keep their state.
     #[error("postcopy failed after the switchover (source stopped, destination incomplete; both keep their state): {0}")]
     Postcopy(String),
+    /// A workload hook failed.
     #[error("workload {what} failed: {cause}")]
-    Workload { what: &'static str, cause: WorkloadError },
+    Workload {
+        /// Which hook ("pause", "resume", ...).
+        what: &'static str,
+        /// The workload's error.
+        cause: WorkloadError,
+    },
+    /// The memory digests differ: the destination's memory is not the source's.
     #[error("verification failed: source memory digest {source_digest:032x}, destination {dest_digest:032x}")]
-    Verify { source_digest: u128, dest_digest: u128 },
+    Verify {
+        /// xxh3-128 of the source's memory.
+        source_digest: u128,
+        /// xxh3-128 of the destination's.
+        dest_digest: u128,
+    },
     /// The source sent its final state (the commit point) but did not learn whether the
     /// destination accepted it. The source's workload stays paused: resuming it could make
     /// two running copies. Whoever drives the migration must ask the destination.
     #[error("outcome unknown: the destination may be running; do not resume here ({0})")]
     OutcomeUnknown(String),
+    /// Invalid settings.
     #[error("{0}")]
     Config(String),
+    /// Anything else, explained.
     #[error("{0}")]
     Other(String),
 }

@@ -6,7 +6,9 @@ use super::{read_exact, MethodCode, VersionRange, WireError, MAX_FRAME_BODY, MIN
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
+/// Magic of a control frame ("PFCT").
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"PFCT");
+/// Bytes of a control frame header.
 pub const FRAME_HEADER_LEN: usize = 14;
 
 /// Random 128-bit id naming one migration; every connection of it carries the same one.
@@ -31,6 +33,7 @@ impl<'de> Deserialize<'de> for SessionId {
 }
 
 impl SessionId {
+    /// A fresh random id.
     pub fn random() -> Self {
         SessionId(rand::random())
     }
@@ -46,7 +49,9 @@ impl std::fmt::Display for SessionId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The control channel (`"control"`).
     Control,
+    /// A data channel (`"data"`).
     Data,
     /// Postcopy's urgent channel (`"urgent"`): pages the destination faulted on, ahead of the
     /// background push. Only with the postcopy feature.
@@ -84,18 +89,23 @@ impl Features {
 /// A method the destination decodes, with the levels it accepts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MethodCaps {
+    /// The method's wire code.
     pub code: MethodCode,
     /// For messages only; the code is what counts.
     pub name: String,
+    /// Lowest level it accepts.
     pub min_level: u8,
+    /// Highest level it accepts.
     pub max_level: u8,
 }
 
 /// What a destination can do, announced in its Welcome.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
+    /// Methods it decodes.
     pub methods: Vec<MethodCaps>,
     #[serde(default)]
+    /// Optional features it supports.
     pub features: Features,
 }
 
@@ -123,13 +133,17 @@ impl Capabilities {
 pub struct Hello {
     /// The protocol versions the source speaks.
     pub versions: VersionRange,
+    /// The migration this connection belongs to.
     pub session: SessionId,
+    /// Which connection this is.
     pub role: Role,
     /// Data channel index (0 for control).
     pub channel: u16,
     /// Number of data channels that will follow.
     pub channels: u16,
+    /// Compression method of the session.
     pub method: MethodCode,
+    /// Its level.
     pub level: u8,
     /// Region table (name, bytes), in region-id order.
     pub regions: Vec<(String, u64)>,
@@ -151,13 +165,21 @@ fn yes() -> bool {
 /// The destination's side of the final report (inside `Control::Done`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DestinationReport {
+    /// Destination process CPU time, seconds.
     pub cpu_s: f64,
+    /// Destination wall time, seconds.
     pub wall_s: f64,
+    /// Pages received (zero pages included).
     pub pages: u64,
+    /// Zero pages received.
     pub zero_pages: u64,
+    /// Bytes received on the data channels.
     pub wire_bytes: u64,
+    /// Time spent hashing memory for verification, ms.
     pub verify_ms: f64,
+    /// The digests were compared and matched.
     pub verified: bool,
+    /// Rounds received.
     pub rounds: u32,
     /// Who decompressed ("libdeflate", "qat (software path)", ...).
     pub provider: String,
@@ -190,7 +212,9 @@ pub struct PostcopyStats {
     pub duplicate_pages: u64,
     /// Fault read to page placed, microseconds.
     pub fault_latency_p50_us: f64,
+    /// 99th percentile of the same, microseconds.
     pub fault_latency_p99_us: f64,
+    /// Worst of the same, microseconds.
     pub fault_latency_max_us: f64,
 }
 
@@ -200,28 +224,65 @@ pub struct PostcopyStats {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
+    /// First message on every connection (source).
     Hello(Hello),
     /// Handshake accepted, at protocol `version` (the highest both speak).
-    Welcome { version: u16, fresh_destination: bool, capabilities: Capabilities },
+    Welcome {
+        /// The protocol version both speak from here on.
+        version: u16,
+        /// The destination's memory is freshly zeroed (zero pages need not be written).
+        fresh_destination: bool,
+        /// What the destination decodes and supports.
+        capabilities: Capabilities,
+    },
     /// Handshake refused; both sides print `reason`. Same shape in every version.
-    Refuse { reason: String },
+    Refuse {
+        /// Why.
+        reason: String,
+    },
     /// Destination: every channel has delivered round `round`.
-    RoundDone { round: u32, pages: u64 },
+    RoundDone {
+        /// The round.
+        round: u32,
+        /// Pages received in it.
+        pages: u64,
+    },
     /// Source: the last round is `round`; the workload's device state is the frame's blob.
-    Finish { round: u32, digest: Option<String> },
+    Finish {
+        /// The last round.
+        round: u32,
+        /// The source memory's xxh3-128 (hex) when verifying.
+        digest: Option<String>,
+    },
     /// Source, instead of `Finish` (postcopy feature): the guest is paused for good; rounds up
     /// to `round - 1` are complete; `discard` (region, first page, pages) were dirtied since
     /// and come as round `round`, on request or in the background. Blob: the device state.
-    Postcopy { round: u32, discard: Vec<(u16, u32, u32)> },
+    Postcopy {
+        /// The round the remaining pages come as.
+        round: u32,
+        /// Runs of still-dirty pages: (region, first page, pages).
+        discard: Vec<(u16, u32, u32)>,
+    },
     /// Destination: postcopy registered, discarded pages dropped, workload running.
     PostcopyRunning,
     /// Destination (the return path): the running workload waits for these pages of
     /// `region`, in fault order.
-    PageRequest { region: u16, pages: Vec<u32> },
+    PageRequest {
+        /// The region.
+        region: u16,
+        /// Its pages, in fault order.
+        pages: Vec<u32>,
+    },
     /// Destination: memory verified, workload resumed.
-    Done { report: DestinationReport },
+    Done {
+        /// The destination's side of the report.
+        report: DestinationReport,
+    },
     /// Either side: the migration is over, with this reason.
-    Abort { reason: String },
+    Abort {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// One control frame as read.
@@ -229,7 +290,9 @@ pub enum Control {
 pub struct Frame {
     /// The protocol version its body is encoded in (header bytes 4..6).
     pub version: u16,
+    /// The message.
     pub msg: Control,
+    /// Binary attachment (the device state of `Finish`/`Postcopy`; else empty).
     pub blob: Vec<u8>,
 }
 
