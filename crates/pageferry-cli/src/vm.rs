@@ -175,6 +175,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         codec: a.method.spec()?,
         require_verify: !a.no_verify,
         max_memory: Some(ram),
+        postcopy_kernel_faults: true,
         events: crate::progress::stderr_events(),
         ..Default::default()
     };

@@ -31,7 +31,7 @@ fn migrate(mem: u64, ws: u64, pages_per_tick: u64, method: Method, verify: bool,
     let addr = listener.local_addr().unwrap().to_string();
     let codec = CodecSpec::new(method);
     let (report, dreport) = std::thread::scope(|s| {
-        let dcfg = DestinationConfig { codec: codec.clone(), require_verify: verify, ..Default::default() };
+        let dcfg = DestinationConfig { codec: codec.clone(), require_verify: verify, postcopy_kernel_faults: true, ..Default::default() };
         let made = made.as_ref();
         let pending = &pending;
         let d = s.spawn(move || match made {

@@ -68,7 +68,7 @@ fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfi
     check_layout(&h.regions, config.max_memory)?;
     let memory = provide(&h.regions)?;
     if h.wants.postcopy {
-        super::postcopy::probe(&memory).map_err(|why| format!("postcopy is not possible on this destination: {why}"))?;
+        super::postcopy::probe(&memory, config.postcopy_kernel_faults).map_err(|why| format!("postcopy is not possible on this destination: {why}"))?;
     }
     let ours = memory.layout();
     if h.regions != ours {

@@ -203,6 +203,11 @@ pub struct DestinationConfig {
     pub max_memory: Option<u64>,
     /// Where notes (dropped stray connections, codec fallbacks) go; discarded by default.
     pub events: EventSink,
+    /// The workload touches guest memory from the kernel (a KVM vCPU): postcopy then needs a
+    /// userfaultfd that handles kernel-mode faults too (root, CAP_SYS_PTRACE or
+    /// `vm.unprivileged_userfaultfd=1`), and a source asking for postcopy is refused where
+    /// there is none, instead of the guest failing on its first missing page.
+    pub postcopy_kernel_faults: bool,
 }
 
 impl Default for DestinationConfig {
@@ -215,6 +220,7 @@ impl Default for DestinationConfig {
             require_verify: true,
             max_memory: None,
             events: EventSink::default(),
+            postcopy_kernel_faults: false,
         }
     }
 }

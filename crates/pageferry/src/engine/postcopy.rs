@@ -135,6 +135,8 @@ struct Region {
 /// thread (requests) and the control loop (completion).
 pub(crate) struct Placer {
     uffd: OwnedFd,
+    /// Only user-mode faults are reported (see `open_uffd`).
+    user_mode_only: bool,
     regions: Vec<Region>,
     /// Discarded pages not yet placed; postcopy is complete at 0.
     remaining: AtomicU64,
@@ -149,22 +151,26 @@ pub(crate) struct Placer {
 }
 
 /// Check that this kernel can do postcopy on `memory` (for a clear refusal before the
-/// switchover rather than after): userfaultfd MISSING on every region.
-pub(crate) fn probe(memory: &GuestMemory) -> Result<(), String> {
+/// switchover rather than after): userfaultfd MISSING on every region, and, with
+/// `kernel_faults`, for faults the kernel takes on behalf of the workload (KVM) too.
+pub(crate) fn probe(memory: &GuestMemory, kernel_faults: bool) -> Result<(), String> {
     let p = Placer::register(memory)?;
-    drop(p);
+    if kernel_faults && p.user_mode_only {
+        return Err("userfaultfd here handles user-mode faults only (not root, vm.unprivileged_userfaultfd=0), and this destination's guest faults from the kernel (KVM)".into());
+    }
     Ok(())
 }
 
-fn open_uffd() -> Result<OwnedFd, String> {
+/// A userfaultfd, and whether it is limited to user-mode faults.
+fn open_uffd() -> Result<(OwnedFd, bool), String> {
     // Kernel-mode faults too (a VMM's KVM touches guest memory from the kernel); fall back to
     // user-mode-only where unprivileged userfaultfd is limited to that.
-    for flags in [libc::O_CLOEXEC | libc::O_NONBLOCK, libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY] {
+    for (flags, user_only) in [(libc::O_CLOEXEC | libc::O_NONBLOCK, false), (libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY, true)] {
         // SAFETY: plain syscall; result checked.
         let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
         if fd >= 0 {
             // SAFETY: a fresh descriptor we own.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            return Ok((unsafe { OwnedFd::from_raw_fd(fd as i32) }, user_only));
         }
     }
     Err(os("userfaultfd"))
@@ -173,7 +179,7 @@ fn open_uffd() -> Result<OwnedFd, String> {
 impl Placer {
     /// Open a userfaultfd and register every region of `memory` for MISSING faults.
     fn register(memory: &GuestMemory) -> Result<Self, String> {
-        let uffd = open_uffd()?;
+        let (uffd, _) = open_uffd()?;
         let fd = uffd.as_raw_fd();
         let mut api = UffdioApi { api: UFFD_API, ..Default::default() };
         // SAFETY: UFFDIO_API takes a uffdio_api.
@@ -182,7 +188,7 @@ impl Placer {
         }
         let avail = api.features;
         drop(uffd);
-        let uffd = open_uffd()?;
+        let (uffd, user_mode_only) = open_uffd()?;
         let fd = uffd.as_raw_fd();
         let mut api = UffdioApi { api: UFFD_API, features: avail & UFFD_FEATURE_MISSING_SHMEM, ..Default::default() };
         // SAFETY: UFFDIO_API takes a uffdio_api.
@@ -210,6 +216,7 @@ impl Placer {
         }
         Ok(Self {
             uffd,
+            user_mode_only,
             regions,
             remaining: AtomicU64::new(0),
             discarded: 0,
@@ -550,7 +557,7 @@ impl UrgentServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{MemoryRegion, MmapRegion};
+    use crate::memory::MmapRegion;
     use std::sync::Arc;
 
     fn anon(pages: u64) -> GuestMemory {
