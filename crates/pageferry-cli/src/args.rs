@@ -117,6 +117,9 @@ pub struct SourceArgs {
     /// Skip the end-to-end memory digest comparison.
     #[arg(long = "no-verify")]
     pub no_verify: bool,
+    /// Seconds a channel (data or control) may stay silent before the migration fails.
+    #[arg(long = "stall-timeout", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout_s: u64,
     /// Throttle the workload when pre-copy does not converge (QEMU's auto-converge).
     #[arg(long = "auto-converge")]
     pub auto_converge: bool,
@@ -179,6 +182,8 @@ impl SourceArgs {
             timeout: Duration::from_secs(self.timeout_s),
             max_bandwidth,
             verify: !self.no_verify,
+            stall_timeout: Duration::from_secs(self.stall_timeout_s),
+            cancel: crate::cancel_token(),
             zero_copy: !self.no_zero_copy,
             ..Default::default()
         })

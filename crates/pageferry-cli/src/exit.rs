@@ -44,6 +44,9 @@ pub fn class(e: &MigrationError) -> i32 {
     use MigrationError as M;
     match e {
         M::OutcomeUnknown(_) => OUTCOME_UNKNOWN,
+        M::Cancelled { .. } => CANCELLED,
+        M::Stalled(_) => NETWORK,
+        M::TimedOut(_) => NOT_CONVERGED,
         M::Refused(_) | M::Wire { cause: WireError::Version { .. }, .. } => REFUSED,
         M::Connect { .. } | M::Wire { cause: WireError::Closed(_) | WireError::Io(_), .. } => NETWORK,
         M::Wire { cause: WireError::BadMagic { .. } | WireError::Crc { .. } | WireError::Malformed { .. }, .. } => PROTOCOL,

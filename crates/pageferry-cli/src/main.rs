@@ -94,6 +94,9 @@ struct RecvArgs {
     /// this, such a source is refused in the handshake.
     #[arg(long = "no-verify")]
     no_verify: bool,
+    /// Seconds a channel (data or control) may stay silent before the migration fails.
+    #[arg(long = "stall-timeout", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_s: u64,
     #[command(flatten)]
     method: MethodArgs,
     /// Seconds to wait for the source to connect.
@@ -146,8 +149,24 @@ struct ImageArgs {
     out: PathBuf,
 }
 
+static CANCEL: std::sync::OnceLock<engine::CancelToken> = std::sync::OnceLock::new();
+
+/// The process's cancel handle: SIGINT/SIGTERM cancel the running migration (both sides are
+/// told; a second signal exits at once).
+pub fn cancel_token() -> engine::CancelToken {
+    CANCEL.get_or_init(engine::CancelToken::new).clone()
+}
+
 fn main() {
     let cli = Cli::parse();
+    let token = cancel_token();
+    let _ = ctrlc::set_handler(move || {
+        if token.is_cancelled() {
+            std::process::exit(130);
+        }
+        eprintln!("pageferry: cancelling the migration (signal again to exit at once)");
+        token.cancel();
+    });
     let (name, r) = match cli.cmd {
         Cmd::Send(a) => ("send", send(a)),
         Cmd::Recv(a) => ("recv", recv(a)),
@@ -239,6 +258,8 @@ fn recv(a: RecvArgs) -> Result<()> {
         zero_copy: !a.no_zero_copy,
         require_verify: !a.no_verify,
         events: progress::stderr_events(),
+        stall_timeout: Duration::from_secs(a.stall_timeout_s),
+        cancel: cancel_token(),
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;

@@ -38,6 +38,9 @@ pub struct VmRecvArgs {
     /// Accept a source that skips the end-to-end memory digest (its --no-verify).
     #[arg(long = "no-verify")]
     no_verify: bool,
+    /// Seconds a channel may stay silent before the migration fails.
+    #[arg(long = "stall-timeout", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout_s: u64,
     #[arg(long)]
     json: bool,
 }
@@ -177,6 +180,8 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         max_memory: Some(ram),
         postcopy_kernel_faults: true,
         events: crate::progress::stderr_events(),
+        stall_timeout: Duration::from_secs(a.stall_timeout_s),
+        cancel: crate::cancel_token(),
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;

@@ -371,3 +371,93 @@ fn postcopy_finishes_the_migration_dirtying_four_times_faster_than_the_link() {
     replay_writer(&mut expected, &w["from"], &w["to"]);
     assert!(std::fs::read(&dst).unwrap() == expected, "destination differs from the source's final memory plus the destination's writes");
 }
+
+/// A migration slow enough (~40 MB/s over 64 MiB) to be interrupted in the middle.
+fn slow_pair(dir: &Path) -> (Child, String, BufReader<std::process::ChildStdout>, Child) {
+    let (src, dst) = (dir.join("src.img"), dir.join("dst.img"));
+    make_image(&src, "64M");
+    std::fs::write(&dst, b"old").unwrap();
+    let (recv, addr, out) = start_recv(&dst, &["--stall-timeout", "2"]);
+    let send = bin()
+        .args(["send", "--quiet", "--json", "--connect", &addr, "--max-bandwidth", "40MB", "--stall-timeout", "2"])
+        .arg("--image")
+        .arg(&src)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    (recv, addr, out, send)
+}
+
+fn signal(child: &Child, sig: i32) -> std::time::Instant {
+    // SAFETY: plain kill(2) on our child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    std::time::Instant::now()
+}
+
+fn wait_stderr(mut child: Child) -> (Option<i32>, String, std::time::Instant) {
+    let status = child.wait().unwrap();
+    let end = std::time::Instant::now();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code(), err, end)
+}
+
+#[test]
+fn sigint_cancels_both_sides_promptly_and_leaves_no_partial_image() {
+    for victim in ["source", "destination"] {
+        let dir = shm_dir();
+        let (recv, _addr, _out, send) = slow_pair(dir.path());
+        let sent = if victim == "source" { signal(&send, libc::SIGINT) } else { signal(&recv, libc::SIGTERM) };
+        let (rc_send, err_send, end_send) = wait_stderr(send);
+        let (rc_recv, err_recv, end_recv) = wait_stderr(recv);
+        eprintln!("cancel by the {victim}: send exit {rc_send:?} after {:?}, recv exit {rc_recv:?} after {:?}", end_send - sent, end_recv - sent);
+        for (rc, err) in [(rc_send, &err_send), (rc_recv, &err_recv)] {
+            assert_eq!(rc, Some(4), "exit code of a cancelled migration: {err}");
+            assert!(err.contains(&format!("cancelled by the {victim}")), "{err}");
+        }
+        for t in [end_send - sent, end_recv - sent] {
+            assert!(t <= std::time::Duration::from_secs(2), "cancel took {t:?}");
+        }
+        assert_eq!(std::fs::read(dir.path().join("dst.img")).unwrap(), b"old", "the old image changed");
+        assert!(!dir.path().join("dst.img.incomplete").exists(), "a partial image was left behind");
+    }
+}
+
+#[test]
+fn a_killed_peer_is_detected_promptly_on_the_other_side() {
+    for victim in ["source", "destination"] {
+        let dir = shm_dir();
+        let (recv, _addr, _out, send) = slow_pair(dir.path());
+        let (killed, other) = if victim == "source" { (send, recv) } else { (recv, send) };
+        let sent = signal(&killed, libc::SIGKILL);
+        let _ = wait_stderr(killed);
+        let (rc, err, end) = wait_stderr(other);
+        eprintln!("{victim} killed: the other side exits {rc:?} after {:?}: {}", end - sent, err.trim());
+        // recv names the source's death (a failure, 1); send sees the link broken (network, 6).
+        assert_eq!(rc, Some(if victim == "source" { 1 } else { 6 }), "{err}");
+        assert!(err.contains(victim) && err.contains("die?"), "{err}");
+        assert!(end - sent <= std::time::Duration::from_secs(3), "took {:?}", end - sent);
+        assert_eq!(std::fs::read(dir.path().join("dst.img")).unwrap(), b"old");
+        if victim == "source" {
+            assert!(!dir.path().join("dst.img.incomplete").exists(), "the destination left a partial image");
+        }
+    }
+}
+
+#[test]
+fn a_destination_stopped_for_a_second_is_not_a_failure() {
+    // SIGSTOP then SIGCONT (1 s, under the 2 s stall timeout): blocked reads come back with
+    // EINTR, which is retried; the migration completes byte-identical.
+    let dir = shm_dir();
+    let (recv, _addr, out, send) = slow_pair(dir.path());
+    signal(&recv, libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    signal(&recv, libc::SIGCONT);
+    let o = send.wait_with_output().unwrap();
+    let (ok, _, err) = finish_recv(recv, out);
+    assert!(ok, "recv failed after SIGSTOP/SIGCONT: {err}");
+    report(&o);
+    assert!(same_file(&dir.path().join("src.img"), &dir.path().join("dst.img")));
+}

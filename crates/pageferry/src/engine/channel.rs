@@ -74,6 +74,8 @@ pub enum ToSocket {
 pub struct Failure {
     first: Mutex<Option<String>>,
     flag: std::sync::atomic::AtomicBool,
+    /// The first failure was a stall (a channel silent for the stall timeout).
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Failure {
@@ -83,6 +85,18 @@ impl Failure {
             *f = Some(msg);
         }
         self.flag.store(true, Ordering::SeqCst);
+    }
+    /// Like `set`, for a stall; named as such if it is the first failure.
+    pub fn set_stalled(&self, msg: String) {
+        let mut f = self.first.lock().unwrap();
+        if f.is_none() {
+            *f = Some(msg);
+            self.stalled.store(true, Ordering::SeqCst);
+        }
+        self.flag.store(true, Ordering::SeqCst);
+    }
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
     }
     pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
@@ -427,7 +441,12 @@ pub fn run_writer(
         iov.push(IoSlice::new(&crc));
         let res = write_all_vectored(&mut sock, &mut iov);
         if let Err(e) = res {
-            failure.set(format!("{name}: sending failed: {e} (did the destination die?)"));
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                let t = sock.write_timeout().ok().flatten().map(super::link::secs).unwrap_or_default();
+                failure.set_stalled(format!("{name}: the destination accepted no data for {t} (--stall-timeout)"));
+            } else {
+                failure.set(format!("{name}: sending failed: {e} (did the destination die?)"));
+            }
         } else {
             Counters::add(&counters.wire_bytes, total as u64);
             Counters::add(&counters.packets, 1);

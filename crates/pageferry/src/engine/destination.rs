@@ -11,7 +11,7 @@
 
 use super::postcopy::Placer;
 use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
-use super::{DestinationConfig, DestinationWorkload, MigrationError};
+use super::{DestinationConfig, DestinationWorkload, MigrationError, Side};
 use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, MemoryRegion, PAGE_SIZE};
 use crate::wire::{
@@ -108,6 +108,15 @@ fn check_layout(regions: &[(String, u64)], max_memory: Option<u64>) -> Result<()
 
 /// Refusals are written in this build's version: the frame and body of Refuse are the same
 /// in every version, so any peer reads them.
+/// A control write that failed: a stall (the source took nothing for the stall timeout) or
+/// another error.
+fn ctl_write_err(e: WireError, config: &DestinationConfig) -> MigrationError {
+    if super::link::is_timeout(&e) {
+        return MigrationError::Stalled(format!("the source read nothing on the control channel for {} (--stall-timeout)", super::link::secs(config.stall_timeout)));
+    }
+    MigrationError::Wire { channel: "control channel".into(), cause: e }
+}
+
 fn refuse(sock: &mut TcpStream, reason: &str) {
     let _ = wire::write_frame(sock, PROTOCOL_VERSION, &Control::Refuse { reason: reason.to_string() }, &[]);
 }
@@ -147,6 +156,9 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
         if control.is_some() && data.iter().all(|d| d.is_some()) && (!want_urgent || urgent.is_some()) {
             let (control, hello, memory) = control.take().unwrap();
             return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
+        }
+        if config.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled { by: Side::Destination });
         }
         if Instant::now() >= deadline {
             return Err(MigrationError::Other(format!(
@@ -318,11 +330,15 @@ struct Reader<'a> {
     urgent: bool,
     /// The packet number expected next.
     next_num: u64,
+    stall: Duration,
 }
 
 impl Reader<'_> {
     fn err(&self, source: WireError) -> MigrationError {
         let round = self.gate.current();
+        if super::link::is_timeout(&source) {
+            return MigrationError::Stalled(format!("no data from the source on channel {} for {} (round {round}; --stall-timeout)", self.idx, super::link::secs(self.stall)));
+        }
         let source = match source {
             WireError::Closed(_) => WireError::Closed(format!(" (channel {}, round {round}: did the source die?)", self.idx)),
             s => s,
@@ -334,7 +350,14 @@ impl Reader<'_> {
         let mut bufs = RxBufs::default();
         loop {
             let mut hdr = [0u8; PACKET_HEADER_LEN];
-            match self.sock.read(&mut hdr[..1]) {
+            let first = loop {
+                match self.sock.read(&mut hdr[..1]) {
+                    // A stopped and continued process (SIGSTOP/SIGCONT) sees EINTR: not a failure.
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => break r,
+                }
+            };
+            match first {
                 // End of stream at a packet boundary: fine once the migration finished.
                 Ok(0) => return self.stream_ended(WireError::Closed(String::new())),
                 Ok(_) => {}
@@ -655,7 +678,10 @@ pub fn run_destination_with(
         config.events.emit(Note::CodecNote { method: info.method.to_string(), note });
     }
     let provider = info.provider;
-    let Session { mut control, data, urgent, hello, memory, version } = accept_session(listener, provide, config)?;
+    let Session { control, data, urgent, hello, memory, version } = accept_session(listener, provide, config)?;
+    // Every read and write on every channel is bounded by the stall timeout; the source sends
+    // keepalives on control, so a silent control channel is a dead one.
+    control.set_read_timeout(Some(config.stall_timeout)).ok();
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
@@ -671,6 +697,8 @@ pub fn run_destination_with(
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
 
     let mut ctl_reader = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
+    let link = super::link::ControlLink::shared(ctl_w.clone(), config.stall_timeout, version).map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
+    link.spawn_keepalive(config.stall_timeout).map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
     {
         let ev_tx = ev_tx.clone();
         std::thread::Builder::new()
@@ -691,7 +719,7 @@ pub fn run_destination_with(
         for (idx, sock) in data.into_iter().chain(urgent).enumerate() {
             let urgent = idx == n_data;
             // The urgent channel may stay silent for the whole pre-copy phase.
-            sock.set_read_timeout(if urgent { None } else { Some(config.io_timeout) }).ok();
+            sock.set_read_timeout(if urgent { None } else { Some(config.stall_timeout) }).ok();
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
             let codec = match config.codec.method.compresses() {
                 false => None,
@@ -711,6 +739,7 @@ pub fn run_destination_with(
                 zero_copy: config.zero_copy,
                 urgent,
                 next_num: 0,
+                stall: config.stall_timeout,
             };
             std::thread::Builder::new()
                 .name(if urgent { "pf-urgent-rx".into() } else { format!("pf-c{idx}-rx") })
@@ -725,8 +754,13 @@ pub fn run_destination_with(
                 p.abandon();
             }
         }
-        if let Err(e) = &outcome {
-            let _ = wire::write_frame(&mut control, version, &Control::Abort { reason: e.to_string() }, &[]);
+        // The first failure anywhere ends every channel at once: tell the source why (it
+        // prints the same), then close everything so nothing waits for a timeout.
+        match &outcome {
+            Err(MigrationError::Cancelled { by: Side::Destination }) => link.send_last(&Control::Cancel { by: Side::Destination.to_string() }),
+            Err(MigrationError::Cancelled { .. }) | Err(MigrationError::PeerAborted(_)) => {}
+            Err(e) => link.send_last(&Control::Abort { reason: e.to_string() }),
+            Ok(_) => link.stop(),
         }
         // Unblock readers (at the gate or in read) so the scope can end.
         gate.fail();
@@ -735,7 +769,7 @@ pub fn run_destination_with(
         }
         outcome
     });
-    let _ = control.shutdown(std::net::Shutdown::Both);
+    link.shutdown();
     result.map(|r| (r, memory.clone()))
 }
 
@@ -831,6 +865,9 @@ fn control_loop(
                 break;
             }
         }
+        if config.cancel.is_cancelled() && postcopy.is_none() && finish.is_none() {
+            return Err(MigrationError::Cancelled { by: Side::Destination });
+        }
         if let (Some(pc), Some(c)) = (&postcopy, completed) {
             if c >= pc.round {
                 // Every channel delivered the background push; requested pages may still be
@@ -839,7 +876,7 @@ fn control_loop(
                     break;
                 }
                 let since = *incomplete_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > config.io_timeout {
+                if since.elapsed() > config.stall_timeout {
                     return Err(MigrationError::Postcopy(format!(
                         "the source finished sending but {} discarded pages never arrived",
                         pc.placer.remaining()
@@ -857,7 +894,7 @@ fn control_loop(
             Event::RoundComplete(k) => {
                 completed = Some(k);
                 if postcopy.is_none() {
-                    send_ctl(ctl, version, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(ctl_err)?;
+                    send_ctl(ctl, version, &Control::RoundDone { round: k, pages: counters.pages() }, &[]).map_err(|e| ctl_write_err(e, config))?;
                 }
             }
             Event::Failed(e) => {
@@ -865,8 +902,15 @@ fn control_loop(
                 // channels; report its reason rather than the closed channel it caused.
                 let until = Instant::now() + Duration::from_millis(500);
                 while let Ok(ev) = events.recv_deadline(until) {
-                    if let Event::Control(Ok((Control::Abort { reason }, _))) = ev {
-                        return Err(in_postcopy(MigrationError::PeerAborted(reason)));
+                    match ev {
+                        Event::Control(Ok((Control::Abort { reason }, _))) => return Err(in_postcopy(MigrationError::PeerAborted(reason))),
+                        Event::Control(Ok((Control::Cancel { .. }, _))) => return Err(in_postcopy(MigrationError::Cancelled { by: Side::Source })),
+                        // The control link died too, without a word: that is the cause (the
+                        // source closes its data channels when it loses control).
+                        Event::Control(Err(WireError::Closed(_))) => {
+                            return Err(in_postcopy(MigrationError::Other(format!("the source closed the control channel during round {} (did it die?), then {e}", gate.current()))))
+                        }
+                        _ => {}
                     }
                 }
                 return Err(in_postcopy(e));
@@ -884,9 +928,18 @@ fn control_loop(
                 postcopy = Some(start_postcopy(version, round, &discard, &state, ctl, memory, workload, gate)?);
             }
             Event::Control(Ok((Control::Abort { reason }, _))) => return Err(in_postcopy(MigrationError::PeerAborted(reason))),
+            Event::Control(Ok((Control::Cancel { .. }, _))) => return Err(in_postcopy(MigrationError::Cancelled { by: Side::Source })),
+            Event::Control(Ok((Control::Keepalive, _))) => {}
             Event::Control(Ok((other, _))) => return Err(in_postcopy(ctl_err(WireError::malformed("control message", format!("unexpected {other:?}"))))),
             Event::Control(Err(WireError::Closed(_))) => {
                 return Err(in_postcopy(MigrationError::Other(format!("the source closed the control channel during round {} (did it die?)", gate.current()))))
+            }
+            Event::Control(Err(e)) if super::link::is_timeout(&e) => {
+                return Err(in_postcopy(MigrationError::Stalled(format!(
+                    "no control message from the source for {} (round {}; --stall-timeout)",
+                    super::link::secs(config.stall_timeout),
+                    gate.current()
+                ))))
             }
             Event::Control(Err(e)) => return Err(in_postcopy(ctl_err(e))),
         }

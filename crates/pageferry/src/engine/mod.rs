@@ -11,10 +11,12 @@
 //! `pipeline_depth` compression (or decompression) stages on the source (destination: one
 //! reader that decompresses in place). See `source.rs` and `destination.rs`.
 
+mod cancel;
 mod channel;
 mod converge;
 mod postcopy;
 mod destination;
+mod link;
 pub mod policy;
 pub mod ratelimit;
 mod source;
@@ -22,8 +24,13 @@ pub mod stats;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod fault_proxy;
+#[cfg(test)]
+mod tests_faults;
+#[cfg(test)]
 mod tests_hostile;
 
+pub use cancel::{CancelToken, Side};
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
 pub use source::run_source;
 pub use postcopy::PostcopyStats;
@@ -78,6 +85,9 @@ impl DestinationWorkload for NoWorkload {
     }
 }
 
+/// Default of `--stall-timeout`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Source settings (CLI names in brackets).
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -104,6 +114,13 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Keep retrying a refused connection this long (the destination may still be starting).
     pub connect_timeout: Duration,
+    /// A channel (data or control) on which nothing moves for this long has failed
+    /// [`--stall-timeout`, default 30 s]. Each channel counts on its own: data flowing on
+    /// another does not excuse a silent one. Both sides send keepalives on the control channel
+    /// at a quarter of it.
+    pub stall_timeout: Duration,
+    /// Ends the migration from outside (see [`CancelToken`]).
+    pub cancel: CancelToken,
     /// Throttle the workload when pre-copy does not converge [`--auto-converge`]; `None`
     /// leaves it at full speed.
     pub auto_converge: Option<AutoConverge>,
@@ -127,6 +144,8 @@ impl Default for SourceConfig {
             limiter: None,
             verify: true,
             connect_timeout: Duration::from_secs(10),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            cancel: CancelToken::default(),
             auto_converge: None,
             postcopy: None,
             zero_copy: true,
@@ -189,8 +208,11 @@ pub struct DestinationConfig {
     pub codec: CodecSpec,
     /// How long to wait for the source to connect all channels.
     pub accept_timeout: Duration,
-    /// A connection silent for this long is considered dead.
-    pub io_timeout: Duration,
+    /// A channel (data or control) silent for this long has failed [`--stall-timeout`,
+    /// default 30 s]; see [`SourceConfig::stall_timeout`].
+    pub stall_timeout: Duration,
+    /// Ends the migration from outside (see [`CancelToken`]).
+    pub cancel: CancelToken,
     /// Decompress and read raw pages straight into guest memory; `false` goes through a
     /// bounce buffer — only useful to measure what zero copy saves.
     pub zero_copy: bool,
@@ -215,7 +237,8 @@ impl Default for DestinationConfig {
         Self {
             codec: CodecSpec::default(),
             accept_timeout: Duration::from_secs(60),
-            io_timeout: Duration::from_secs(120),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            cancel: CancelToken::default(),
             zero_copy: true,
             require_verify: true,
             max_memory: None,
@@ -292,6 +315,19 @@ pub enum MigrationError {
     /// two running copies. Whoever drives the migration must ask the destination.
     #[error("outcome unknown: the destination may be running; do not resume here ({0})")]
     OutcomeUnknown(String),
+    /// A channel went silent for the stall timeout (the message names the channel, the
+    /// direction and the time).
+    #[error("{0}")]
+    Stalled(String),
+    /// `--timeout` ran out (the message names the phase).
+    #[error("{0}")]
+    TimedOut(String),
+    /// Cancelled by [`CancelToken::cancel`] on this side, or by the peer's.
+    #[error("cancelled by the {by}")]
+    Cancelled {
+        /// The side whose cancel ended it.
+        by: Side,
+    },
     /// Invalid settings.
     #[error("{0}")]
     Config(String),

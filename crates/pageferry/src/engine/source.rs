@@ -15,17 +15,18 @@ use super::ratelimit::RateLimiter;
 use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, Event, MigrationReport, MigrationStatus, Progress, ProgressSink, RoundStats};
 use super::converge::Throttler;
 use super::postcopy::UrgentServer;
-use super::{MigrationError, SourceConfig, SourceWorkload};
+use super::link::{is_timeout, secs, ControlLink};
+use super::{MigrationError, Side, SourceConfig, SourceWorkload};
 use crate::codec::{self, CodecInfo, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{self, Capabilities, Control, Features, Hello, Role, SessionId, VersionRange, WireError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(100);
 
 fn wire_err(channel: &str) -> impl FnOnce(WireError) -> MigrationError + '_ {
@@ -62,14 +63,20 @@ struct Welcome {
 
 /// Send `hello` and read the destination's answer; checks that the agreed version is one
 /// the source offered.
-fn handshake(sock: &mut TcpStream, hello: Hello, name: &str) -> Result<Welcome, MigrationError> {
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).ok();
+/// The reply must come within `stall` (the stall timeout, plus time for the destination to
+/// reserve memory on the control channel).
+fn handshake(sock: &mut TcpStream, hello: Hello, name: &str, stall: Duration) -> Result<Welcome, MigrationError> {
+    sock.set_read_timeout(Some(stall)).ok();
+    sock.set_write_timeout(Some(stall)).ok();
     let offered = hello.versions;
     wire::write_frame(sock, offered.max, &Control::Hello(hello), &[]).map_err(wire_err(name))?;
     let reply = wire::read_frame(sock).map_err(|e| match e {
         WireError::Closed(_) => MigrationError::Refused(format!(
             "the destination closed the {name} during the handshake (a pageferry speaking only protocol version 1 does that; this source speaks {offered})"
         )),
+        e if is_timeout(&e) => {
+            MigrationError::Stalled(format!("no handshake reply from the destination on the {name} for {} (is it busy with another migration?)", secs(stall)))
+        }
         e => MigrationError::Wire { channel: name.into(), cause: e },
     })?;
     sock.set_read_timeout(None).ok();
@@ -147,18 +154,30 @@ fn source_session(
     let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
     let urgent_outstanding = Arc::new(Outstanding::default());
     let urgent = session.urgent.is_some().then(|| Arc::new(UrgentServer::new(memory, urgent_tx, urgent_outstanding.clone())));
-    let ctl_rx = spawn_control_reader(&session.control, session.version, urgent.clone())?;
+    let sock_err = |e: std::io::Error| MigrationError::Other(format!("control socket: {e}"));
+    let stall = config.stall_timeout;
+    let link = ControlLink::new(session.control.try_clone().map_err(sock_err)?, stall, session.version).map_err(sock_err)?;
+    link.spawn_keepalive(stall).map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+    let watch = Arc::new(Watch {
+        data: session.data.iter().chain(session.urgent.iter()).map(|s| s.try_clone()).collect::<Result<_, _>>().map_err(sock_err)?,
+        peer_end: Mutex::new(None),
+        committed: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+    });
+    let ctl_rx = spawn_control_reader(&session.control, session.version, urgent.clone(), watch.clone(), stall)?;
     let result = std::thread::scope(|scope| {
+        spawn_watchdog(scope, &watch, &shared.failure, config, t0)?;
         let Channels { work_tx, to_sockets, mut writers } = spawn_channels(scope, config, &shared, std::mem::take(&mut session.data), depth)?;
         match session.urgent.take() {
             Some(sock) => writers.push(spawn_urgent(scope, config, &shared, sock, urgent_rx, urgent_outstanding)?),
             None => drop(urgent_rx),
         }
-        let mut run = SourceRun::new(memory, config, &shared, (work_tx, to_sockets), &ctl_rx, &mut session, progress, t0, urgent);
+        let mut run = SourceRun::new(memory, config, &shared, (work_tx, to_sockets), &ctl_rx, (&link, &watch), progress, t0, urgent);
         let outcome = run.migrate(tracker, workload);
         run.finish(workload, outcome, writers)
     });
     tracker.stop();
+    link.shutdown();
     let _ = session.control.shutdown(std::net::Shutdown::Both);
     let (run, dest) = result?;
     Ok(completed_report(ReportInputs { config, info, depth, tracker: tracker.name(), memory, setup_time, cpu: cpu.read(), shared: &shared, run, dest }))
@@ -213,25 +232,34 @@ fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Resu
         verify: config.verify,
     };
     let mut control = connect(addr, config.connect_timeout)?;
-    let welcome = handshake(&mut control, hello(Role::Control, 0), "control channel")?;
+    let stall = config.stall_timeout;
+    // The destination reserves the guest's memory before it answers (fallocate on tmpfs
+    // zeroes it, ~1 GB/s): allow a second per GiB on top of the stall timeout.
+    let reserve = Duration::from_secs(memory.total_bytes() >> 30);
+    let welcome = handshake(&mut control, hello(Role::Control, 0), "control channel", stall + reserve)?;
     check_capabilities(&mut control, &welcome, config, &wants)?;
     let version = welcome.version;
     let mut data = Vec::with_capacity(config.channels);
     for i in 0..config.channels {
+        if config.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled { by: Side::Source });
+        }
         let name = format!("channel {i}");
         let mut s = connect(addr, config.connect_timeout)?;
-        let w = handshake(&mut s, hello(Role::Data, i as u16), &name)?;
+        let w = handshake(&mut s, hello(Role::Data, i as u16), &name, stall)?;
         if w.version != version {
             let e = WireError::malformed("handshake reply", format!("version {} on {name}, {version} on the control channel", w.version));
             return Err(MigrationError::Wire { channel: name, cause: e });
         }
+        // Every write on a data channel is bounded by the stall timeout (the writer names it).
+        s.set_write_timeout(Some(stall)).ok();
         data.push(s);
     }
     // Postcopy's urgent channel: requested pages skip the queue of background batches.
     let urgent = match config.postcopy {
         Some(_) => {
             let mut s = connect(addr, config.connect_timeout)?;
-            let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel")?;
+            let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel", stall)?;
             if w.version != version {
                 let e = WireError::malformed("handshake reply", format!("version {} on the urgent channel, {version} on the control channel", w.version));
                 return Err(MigrationError::Wire { channel: "urgent channel".into(), cause: e });
@@ -247,7 +275,9 @@ type ControlRx = Receiver<Result<(Control, Vec<u8>), WireError>>;
 
 /// The control reader: page requests (postcopy's return path) go straight to the urgent
 /// channel's worker; everything else (of the session's version) to the control thread.
-fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<UrgentServer>>) -> Result<ControlRx, MigrationError> {
+fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<UrgentServer>>, watch: Arc<Watch>, stall: Duration) -> Result<ControlRx, MigrationError> {
+    // The destination sends keepalives: control silent for the stall timeout is a failure.
+    control.set_read_timeout(Some(stall)).ok();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let mut reader_sock = control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?;
     std::thread::Builder::new()
@@ -261,6 +291,11 @@ fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<Urg
                 (r, _) => r,
             };
             let stop = r.is_err();
+            // The destination ended it (or the link did): noted at once, so a source blocked on
+            // a data socket acts on it now rather than after its own timeout.
+            if let Some(end) = PeerEnd::of(&r) {
+                watch.peer_end.lock().unwrap().get_or_insert(end);
+            }
             if ctl_tx.send(r).is_err() || stop {
                 break;
             }
@@ -455,9 +490,9 @@ struct SourceRun<'a> {
     work_tx: Option<Sender<Batch>>,
     to_sockets: Vec<Sender<ToSocket>>,
     ctl_rx: &'a ControlRx,
-    control: &'a mut TcpStream,
-    /// The protocol version agreed in the handshake.
-    version: u16,
+    /// The control connection's write half (keepalives, frames in the agreed version).
+    control: &'a ControlLink,
+    watch: &'a Watch,
     counters: &'a Counters,
     failure: &'a Failure,
     outstanding: &'a Outstanding,
@@ -489,7 +524,7 @@ impl<'a> SourceRun<'a> {
         shared: &'a Shared,
         (work_tx, to_sockets): (Option<Sender<Batch>>, Vec<Sender<ToSocket>>),
         ctl_rx: &'a ControlRx,
-        session: &'a mut Session,
+        (control, watch): (&'a ControlLink, &'a Watch),
         progress: &'a dyn ProgressSink,
         t0: Instant,
         urgent: Option<Arc<UrgentServer>>,
@@ -500,8 +535,8 @@ impl<'a> SourceRun<'a> {
             work_tx,
             to_sockets,
             ctl_rx,
-            control: &mut session.control,
-            version: session.version,
+            control,
+            watch,
             counters: &shared.counters,
             failure: &shared.failure,
             outstanding: &shared.outstanding,
@@ -539,12 +574,17 @@ impl<'a> SourceRun<'a> {
         }
         if let Err(e) = &outcome {
             self.failure.set(e.to_string());
-            // Tell the destination why; it prints the same reason. Not after the commit point:
-            // the destination may already run the guest, and nothing can take that back.
-            if !matches!(e, MigrationError::OutcomeUnknown(_)) {
-                let _ = wire::write_frame(self.control, self.version, &Control::Abort { reason: e.to_string() }, &[]);
+            // Tell the destination why; it prints the same reason. Not after the commit point
+            // (the destination may already run the guest, and nothing can take that back), nor
+            // to a destination that ended it itself. Then close every channel at once.
+            match e {
+                MigrationError::OutcomeUnknown(_) | MigrationError::PeerAborted(_) | MigrationError::Cancelled { by: Side::Destination } => {}
+                MigrationError::Cancelled { by: Side::Source } => self.control.send_last(&Control::Cancel { by: Side::Source.to_string() }),
+                e => self.control.send_last(&Control::Abort { reason: e.to_string() }),
             }
+            self.watch.teardown();
         }
+        self.watch.done.store(true, Ordering::SeqCst);
         self.work_tx = None;
         self.to_sockets.clear();
         // Let the urgent worker finish (its socket is shut down with the others below).
@@ -666,7 +706,9 @@ impl<'a> SourceRun<'a> {
             // anything) proves the guest does not run there; anything else — Done lost or
             // garbled, the link gone, a timeout — leaves the outcome unknown, and resuming here
             // could make two running copies. Stay paused and say so.
-            Err(e) if committed && !matches!(e, MigrationError::PeerAborted(_)) => Err(MigrationError::OutcomeUnknown(e.to_string())),
+            Err(e) if committed && !matches!(e, MigrationError::PeerAborted(_) | MigrationError::Cancelled { by: Side::Destination }) => {
+                Err(MigrationError::OutcomeUnknown(e.to_string()))
+            }
             Err(e) => {
                 // The source continues at full speed.
                 if let Err(te) = self.unthrottle(workload) {
@@ -698,8 +740,9 @@ impl<'a> SourceRun<'a> {
         let digest = digest.map(|d| format!("{d:032x}"));
         // A Finish that could not be written whole cannot have been accepted (the frame's
         // CRC covers all of it), so a write error here is still a plain failure.
-        wire::write_frame(self.control, self.version, &Control::Finish { round: self.round, digest }, state).map_err(wire_err("control channel"))?;
+        self.control.send(&Control::Finish { round: self.round, digest }, state).map_err(wire_err("control channel"))?;
         *committed = true;
+        self.watch.committed.store(true, Ordering::SeqCst);
         self.wait_done()
     }
 
@@ -776,7 +819,9 @@ impl<'a> SourceRun<'a> {
             MigrationError::Postcopy(_) => e,
             e => MigrationError::Postcopy(format!("{e} (switched to postcopy because {why})")),
         };
-        wire::write_frame(self.control, self.version, &Control::Postcopy { round: self.round, discard }, &state).map_err(|e| pc_err(wire_err("control channel")(e)))?;
+        self.control.send(&Control::Postcopy { round: self.round, discard }, &state).map_err(|e| pc_err(wire_err("control channel")(e)))?;
+        // Past this the destination may run the guest: a cancel no longer applies.
+        self.watch.committed.store(true, Ordering::SeqCst);
         // The destination registers, discards and starts the guest before any background page
         // is sent, so no page of this round can land before its discard.
         while self.postcopy.is_some_and(|(_, running)| running.is_none()) {
@@ -887,8 +932,25 @@ impl<'a> SourceRun<'a> {
         Ok(pages_sent)
     }
 
+    /// The first reason to stop, most telling first: what the destination said (or that the
+    /// control link died), our cancel, --timeout, a channel's failure.
     fn check_failure(&self) -> Result<(), MigrationError> {
+        if let Some(end) = self.watch.peer_end.lock().unwrap().clone() {
+            return Err(end.into_error_stall(self.config.stall_timeout));
+        }
+        let committed = self.watch.committed.load(Ordering::SeqCst);
+        if !committed && self.config.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled { by: Side::Source });
+        }
+        if self.t0.elapsed() >= self.config.timeout {
+            return Err(MigrationError::TimedOut(format!(
+                "timed out after {} (--timeout) in round {}; the source keeps running",
+                secs(self.config.timeout),
+                self.round
+            )));
+        }
         match self.failure.take() {
+            Some(msg) if self.failure.stalled() => Err(MigrationError::Stalled(msg)),
             Some(msg) => Err(MigrationError::Other(msg)),
             None => Ok(()),
         }
@@ -928,24 +990,31 @@ impl<'a> SourceRun<'a> {
                 }
                 Ok(())
             }
-            Ok((Control::RoundDone { .. }, _)) => Ok(()),
+            Ok((Control::Cancel { .. }, _)) => Err(MigrationError::Cancelled { by: Side::Destination }),
+            Ok((Control::RoundDone { .. }, _)) | Ok((Control::Keepalive, _)) => Ok(()),
             Ok((other, _)) => Err(MigrationError::Wire { channel: "control channel".into(), cause: WireError::malformed("control message", format!("unexpected {other:?}")) }),
-            Err(e) => Err(MigrationError::Wire { channel: "control channel".into(), cause: e }),
+            Err(e) => Err(PeerEnd::link(&e).into_error_stall(self.config.stall_timeout)),
         }
     }
 
     fn next_control(&mut self) -> Result<(Control, Vec<u8>), MigrationError> {
         loop {
-            self.check_failure()?;
-            if self.t0.elapsed() >= self.config.timeout {
-                if self.postcopy.is_some() {
-                    return Err(MigrationError::Postcopy(format!("timed out after {:?}", self.config.timeout)));
-                }
-                return Err(MigrationError::NotConverged(format!("timed out after {:?}; the source keeps running", self.config.timeout)));
-            }
-            match self.ctl_rx.recv_timeout(TICK) {
+            // Messages that arrived come first: a Done followed by the destination closing the
+            // link is a success, not a dead link.
+            match self.ctl_rx.try_recv() {
+                Ok(Ok((Control::Keepalive, _))) => continue,
                 Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) => return Err(MigrationError::Wire { channel: "control channel".into(), cause: e }),
+                Ok(Err(e)) => return Err(self.unexpected(Err(e)).unwrap_err()),
+                Err(_) => {}
+            }
+            if self.postcopy.is_some() && self.t0.elapsed() >= self.config.timeout {
+                return Err(MigrationError::Postcopy(format!("timed out after {:?}", self.config.timeout)));
+            }
+            self.check_failure()?;
+            match self.ctl_rx.recv_timeout(TICK) {
+                Ok(Ok((Control::Keepalive, _))) => {}
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) => return Err(self.unexpected(Err(e)).unwrap_err()),
                 Err(RecvTimeoutError::Timeout) => self.tick(false),
                 Err(RecvTimeoutError::Disconnected) => return Err(MigrationError::Other("control channel reader stopped".into())),
             }
@@ -975,4 +1044,90 @@ impl<'a> SourceRun<'a> {
             }
         }
     }
+}
+
+/// How the destination (or the control link) ended the migration, as seen by the control
+/// reader thread.
+#[derive(Clone, Debug)]
+enum PeerEnd {
+    Aborted(String),
+    Cancelled,
+    /// The control link failed (message, whether it was the stall timeout, whether the
+    /// link broke rather than carried garbage).
+    Link(String, bool, bool),
+}
+
+impl PeerEnd {
+    fn of(r: &Result<(Control, Vec<u8>), WireError>) -> Option<Self> {
+        match r {
+            Ok((Control::Abort { reason }, _)) => Some(PeerEnd::Aborted(reason.clone())),
+            Ok((Control::Cancel { .. }, _)) => Some(PeerEnd::Cancelled),
+            Ok(_) => None,
+            Err(e) => Some(PeerEnd::link(e)),
+        }
+    }
+
+    fn link(e: &WireError) -> Self {
+        PeerEnd::Link(e.to_string(), is_timeout(e), matches!(e, WireError::Closed(_) | WireError::Io(_)))
+    }
+
+    fn into_error_stall(self, stall: Duration) -> MigrationError {
+        match self {
+            PeerEnd::Aborted(reason) => MigrationError::PeerAborted(reason),
+            PeerEnd::Cancelled => MigrationError::Cancelled { by: Side::Destination },
+            PeerEnd::Link(_, true, _) if stall > Duration::ZERO => {
+                MigrationError::Stalled(format!("no control message from the destination for {} (--stall-timeout)", secs(stall)))
+            }
+            PeerEnd::Link(_, true, _) => MigrationError::Stalled("no control message from the destination within the stall timeout (--stall-timeout)".into()),
+            // Typed as the link failure it is (the CLI's exit status classes it as network).
+            PeerEnd::Link(m, false, true) => MigrationError::Wire {
+                channel: "control channel".into(),
+                cause: WireError::Io(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, format!("{m} (did the destination die?)"))),
+            },
+            PeerEnd::Link(m, false, false) => MigrationError::Other(format!("protocol error on control channel: {m}")),
+        }
+    }
+}
+
+/// Shared by the control thread, the control reader and the watchdog.
+struct Watch {
+    /// Clones of the data sockets, to close them all at once.
+    data: Vec<TcpStream>,
+    peer_end: Mutex<Option<PeerEnd>>,
+    /// Finish is on the wire: from here on only the destination decides.
+    committed: AtomicBool,
+    done: AtomicBool,
+}
+
+impl Watch {
+    /// Close every data channel now (both ways): blocked writers fail at once, the
+    /// destination's readers see the end immediately.
+    fn teardown(&self) {
+        for s in &self.data {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// The watchdog: the first failure anywhere — a channel, the destination's Abort or Cancel,
+/// our cancel, --timeout — closes every data channel at once, which unblocks whoever waits on
+/// them; the control thread then says why on the control channel.
+fn spawn_watchdog<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, watch: &Arc<Watch>, failure: &Arc<Failure>, config: &SourceConfig, t0: Instant) -> Result<(), MigrationError> {
+    let (watch, failure, cancel, timeout) = (watch.clone(), failure.clone(), config.cancel.clone(), config.timeout);
+    std::thread::Builder::new()
+        .name("pf-src-watch".into())
+        .spawn_scoped(scope, move || {
+            while !watch.done.load(Ordering::SeqCst) {
+                let committed = watch.committed.load(Ordering::SeqCst);
+                let peer = watch.peer_end.lock().unwrap().is_some();
+                if failure.is_set() || peer || (!committed && (cancel.is_cancelled() || t0.elapsed() >= timeout)) {
+                    failure.set("the migration was torn down".into());
+                    watch.teardown();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
+    Ok(())
 }

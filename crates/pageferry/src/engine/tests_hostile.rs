@@ -131,7 +131,7 @@ type DestResult = Result<DestinationReport, MigrationError>;
 /// Run a real destination on its own thread; its result arrives on the receiver.
 fn spawn_destination(listener: TcpListener, memory: GuestMemory, method: Method, recorder: Recorder) -> Receiver<DestResult> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, io_timeout: IO, ..Default::default() };
+    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, stall_timeout: IO, ..Default::default() };
     std::thread::Builder::new()
         .name("pf-test-dst".into())
         .spawn(move || {
@@ -927,7 +927,7 @@ fn missing_data_channels_time_out() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(named("none")), accept_timeout: Duration::from_millis(500), io_timeout: IO, ..Default::default() };
+    let config = DestinationConfig { codec: CodecSpec::new(named("none")), accept_timeout: Duration::from_millis(500), stall_timeout: IO, ..Default::default() };
     let m = memory.clone();
     std::thread::spawn(move || {
         let _ = tx.send(run_destination(&listener, &m, &mut NoWorkload, &config));
@@ -1060,7 +1060,7 @@ fn dropped_connections_and_codec_notes_are_events_not_prints() {
     spec.qatzip.lib_path = Some("/nonexistent/libqatzip.so.3".into());
     let events = Arc::new(Events::default());
     let sink = EventSink(events.clone());
-    let config = DestinationConfig { codec: spec.clone(), accept_timeout: IO, io_timeout: IO, events: sink, ..Default::default() };
+    let config = DestinationConfig { codec: spec.clone(), accept_timeout: IO, stall_timeout: IO, events: sink, ..Default::default() };
     let dest = std::thread::spawn(move || run_destination(&listener, &dst, &mut NoWorkload, &config));
     let mut junk = connect(&addr);
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();

@@ -283,6 +283,14 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+    /// Either side: the migration was cancelled there (an operator's ^C, a management call).
+    Cancel {
+        /// "source" or "destination".
+        by: String,
+    },
+    /// Either side, on the control channel when it has had nothing else to send for a quarter
+    /// of the stall timeout: proof that the peer and the link are alive.
+    Keepalive,
 }
 
 /// One control frame as read.

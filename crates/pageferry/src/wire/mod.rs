@@ -24,7 +24,8 @@
 //!    │ ══ data: last dirty pages, Sync{f} ═══════════════════════════════▶ │
 //!    │ ── control: Finish{round f, digest} + device state blob ─────────▶  │ verify, resume guest
 //!    │ ◀── control: Done{report} | Abort{reason} ────────────────────────  │
-//!    │  (either side may send Abort{reason} on control at any time; both print it)
+//!    │  (either side may send Abort{reason} or Cancel{by} on control at any time; both
+//!    │   print it; either side sends Keepalive on control after stall-timeout/4 silent)
 //! ```
 //!
 //! # State machines

@@ -281,6 +281,8 @@ fn control_frames_round_trip() {
         (Control::PostcopyRunning, vec![]),
         (Control::PageRequest { region: 1, pages: vec![7, 3, 99] }, vec![]),
         (Control::Done { report: DestinationReport { postcopy: Some(crate::wire::PostcopyStats { faults: 3, fault_latency_p99_us: 250.5, ..Default::default() }), ..report() } }, vec![]),
+        (Control::Cancel { by: "destination".into() }, vec![]),
+        (Control::Keepalive, vec![]),
     ];
     // Several frames back to back on one stream.
     let mut stream = Vec::new();
@@ -460,4 +462,26 @@ fn packet_crc_can_be_carried_from_body_to_header() {
     assert_eq!(PacketCrc::resume(body).finish(&h), packet_crc(&h, &o, &p));
     PacketCrc::resume(body).check(&h, packet_crc(&h, &o, &p).to_le_bytes()).unwrap();
     assert!(matches!(PacketCrc::resume(body).check(&h, [0; 4]), Err(WireError::Crc { .. })));
+}
+
+#[test]
+fn hello_without_verify_field_means_verify() {
+    // A Hello written before the field existed reads as verify: true.
+    let Control::Hello(h) = hello() else { unreachable!() };
+    let mut v = serde_json::to_value(Control::Hello(h)).unwrap();
+    v.as_object_mut().unwrap().remove("verify");
+    let back: Control = serde_json::from_value(v).unwrap();
+    assert!(matches!(back, Control::Hello(Hello { verify: true, .. })));
+}
+
+#[test]
+fn handshake_limit_refuses_big_frames_before_reading_them() {
+    let big = frame(&Control::Refuse { reason: "x".repeat(MAX_HANDSHAKE_BODY + 1) }, &[]);
+    let e = read_frame_limited(&mut &big[..], MAX_HANDSHAKE_BODY).unwrap_err();
+    assert!(matches!(e, WireError::Malformed { .. }) && e.to_string().contains("exceeds"), "{e}");
+    // Only the header was consumed.
+    let mut r = &big[..];
+    let _ = read_frame_limited(&mut r, MAX_HANDSHAKE_BODY);
+    assert_eq!(r.len(), big.len() - 14);
+    assert!(read_frame(&mut &big[..]).is_ok());
 }
