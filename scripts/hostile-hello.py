@@ -21,7 +21,7 @@ def crc32c(data, crc=0):
     return crc ^ 0xFFFFFFFF
 
 
-def frame(msg, version=1, fake_len=None):
+def frame(msg, version=2, fake_len=None):
     body = json.dumps(msg).encode()
     hdr = b"PFCT" + struct.pack("<HII", version, fake_len if fake_len is not None else len(body), 0)
     if fake_len is not None:
@@ -31,8 +31,9 @@ def frame(msg, version=1, fake_len=None):
 
 
 def hello(regions):
-    return {"type": "hello", "version": 1, "session": "0" * 32, "role": "control", "channel": 0, "channels": 1,
-            "method": "none", "level": 0, "regions": regions, "verify": True}
+    return {"type": "hello", "versions": {"min": 2, "max": 2}, "session": "0" * 32, "role": "control", "channel": 0,
+            "channels": 1, "method": 0, "level": 0, "regions": regions,
+            "wants": {"tls": False, "postcopy": False, "auto": False}, "verify": True}
 
 
 def start():

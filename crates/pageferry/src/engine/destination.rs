@@ -900,7 +900,7 @@ fn control_loop(
             Event::Failed(e) => {
                 // A source that gives up sends Abort on control and then closes its data
                 // channels; report its reason rather than the closed channel it caused.
-                let until = Instant::now() + Duration::from_millis(500);
+                let until = Instant::now() + Duration::from_millis(200);
                 while let Ok(ev) = events.recv_deadline(until) {
                     match ev {
                         Event::Control(Ok((Control::Abort { reason }, _))) => return Err(in_postcopy(MigrationError::PeerAborted(reason))),

@@ -232,9 +232,11 @@ fn wire_codes_are_pinned() {
         Control::Finish { round: 0, digest: None },
         Control::Done { report: DestinationReport::default() },
         Control::Abort { reason: String::new() },
+        Control::Cancel { by: "source".into() },
+        Control::Keepalive,
     ]
     .iter()
     .map(tag)
     .collect();
-    assert_eq!(tags, ["hello", "welcome", "refuse", "round_done", "finish", "done", "abort"]);
+    assert_eq!(tags, ["hello", "welcome", "refuse", "round_done", "finish", "done", "abort", "cancel", "keepalive"]);
 }
