@@ -1090,7 +1090,7 @@ fn evil_postcopy(method: Method) -> (Evil, TcpStream) {
     let addr = listener.local_addr().unwrap().to_string();
     let recorder = Recorder::default();
     let (tx, dest) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, io_timeout: IO, require_verify: false, ..Default::default() };
+    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, stall_timeout: IO, require_verify: false, ..Default::default() };
     {
         let (memory, recorder) = (memory.clone(), recorder.clone());
         std::thread::spawn(move || {
