@@ -136,7 +136,7 @@ struct WriterRun {
 
 #[derive(clap::Args)]
 struct ImageArgs {
-    /// Content: silesia-like (Silesia-corpus-like mix), zero, random.
+    /// Content: silesia-like (Silesia-corpus-like mix), zero, random, mixed (~50% zero pages, ~9% random, the rest silesia-like).
     #[arg(long, default_value = "silesia-like")]
     kind: String,
     /// Size (1G, 256M, bytes; a multiple of 4096).

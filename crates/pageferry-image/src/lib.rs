@@ -20,6 +20,9 @@
 //!   noisy 16-bit x-ray rows. About 1% of the pages are zero (free memory) and about 1.2%
 //!   are random (already compressed data).
 //! * [`ImageKind::Zero`]: all zero. [`ImageKind::Random`]: SplitMix64 output, incompressible.
+//! * [`ImageKind::Mixed`]: a half-idle guest: ~50% zero pages (whole free 2 MiB segments and
+//!   scattered 64 KiB chunks), ~9% random (already compressed) chunks, the rest SilesiaLike
+//!   (see `mixed.rs`).
 //!
 //! # How it is built
 //! A pool of 32 distinct 2 MiB segments (64 MiB; 128 blocks of 512 KiB, one content type per
@@ -81,6 +84,7 @@ use std::io::Write;
 use std::path::Path;
 
 mod fmt;
+mod mixed;
 mod models;
 mod pool;
 mod random;
@@ -118,11 +122,13 @@ pub enum ImageKind {
     Zero,
     /// Pseudo-random, incompressible bytes.
     Random,
+    /// ~50% zero pages, ~9% random, the rest SilesiaLike (a half-idle guest).
+    Mixed,
 }
 
 /// Error of `ImageKind::from_str`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown image kind {0:?} (valid kinds: silesia-like, zero, random)")]
+#[error("unknown image kind {0:?} (valid kinds: silesia-like, zero, random, mixed)")]
 pub struct ParseImageKindError(pub String);
 
 impl std::str::FromStr for ImageKind {
@@ -132,6 +138,7 @@ impl std::str::FromStr for ImageKind {
             "silesia-like" | "silesia_like" | "silesialike" => Ok(ImageKind::SilesiaLike),
             "zero" => Ok(ImageKind::Zero),
             "random" => Ok(ImageKind::Random),
+            "mixed" => Ok(ImageKind::Mixed),
             _ => Err(ParseImageKindError(s.to_string())),
         }
     }
@@ -144,6 +151,7 @@ impl ImageKind {
             ImageKind::SilesiaLike => "silesia-like",
             ImageKind::Zero => "zero",
             ImageKind::Random => "random",
+            ImageKind::Mixed => "mixed",
         }
     }
 }
@@ -164,6 +172,7 @@ pub fn fill(kind: ImageKind, seed: u64, offset: u64, out: &mut [u8]) {
     match kind {
         ImageKind::Zero => out.fill(0),
         ImageKind::Random => fill_random(seed, offset, out),
+        ImageKind::Mixed => mixed::fill_mixed(seed, offset, out),
         ImageKind::SilesiaLike => {
             let pool = pool_for(seed);
             fill_from_pool(&pool, seed, offset, out);
@@ -190,7 +199,7 @@ pub fn write_image(
     if size == 0 {
         return Ok(());
     }
-    if kind == ImageKind::SilesiaLike {
+    if matches!(kind, ImageKind::SilesiaLike | ImageKind::Mixed) {
         // Build the pool before the threads start, so the generator does not stall the writer.
         drop(pool_for(seed));
     }

@@ -69,7 +69,7 @@ fn generated_bytes_are_pinned() {
 
 #[test]
 fn kind_parsing() {
-    for k in [ImageKind::SilesiaLike, ImageKind::Zero, ImageKind::Random] {
+    for k in [ImageKind::SilesiaLike, ImageKind::Zero, ImageKind::Random, ImageKind::Mixed] {
         assert_eq!(k.name().parse::<ImageKind>().unwrap(), k);
         assert_eq!(k.to_string(), k.name());
     }
@@ -80,7 +80,7 @@ fn kind_parsing() {
     let err = "silesia".parse::<ImageKind>().unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("\"silesia\""), "{msg}");
-    for name in ["silesia-like", "zero", "random"] {
+    for name in ["silesia-like", "zero", "random", "mixed"] {
         assert!(msg.contains(name), "{msg}");
     }
 }
@@ -93,7 +93,7 @@ fn zero_kind_is_zero() {
 
 #[test]
 fn chunking_does_not_change_bytes() {
-    for kind in [ImageKind::SilesiaLike, ImageKind::Random] {
+    for kind in [ImageKind::SilesiaLike, ImageKind::Random, ImageKind::Mixed] {
         // 6 MiB crossing segment boundaries, starting in the middle of a block.
         let base = (3 << 20) - 12 * PAGE as u64;
         let whole = image(kind, DEFAULT_SEED, base, 6 << 20);
@@ -287,4 +287,31 @@ fn write_sample_image() {
         "Wrote {out}: {mb} MiB in {s:.2} s ({:.0} MB/s)",
         (mb << 20) as f64 / s / 1e6
     );
+}
+
+#[test]
+fn mixed_is_half_zero_with_some_random_and_silesia_content_elsewhere() {
+    use crate::mixed::{content_of, Content, CHUNK};
+    let len = 128usize << 20;
+    let v = image(ImageKind::Mixed, DEFAULT_SEED, 0, len);
+    let zero_pages = v.chunks(PAGE).filter(|p| p.iter().all(|&b| b == 0)).count();
+    let share = zero_pages as f64 / (len / PAGE) as f64;
+    assert!((0.40..0.60).contains(&share), "zero pages {share:.3}");
+    let mut random = 0;
+    for (i, c) in v.chunks(CHUNK).enumerate() {
+        let pos = (i * CHUNK) as u64;
+        match content_of(DEFAULT_SEED, i as u64) {
+            Content::Zero => assert!(c.iter().all(|&b| b == 0), "chunk {i}"),
+            Content::Random => {
+                random += 1;
+                assert_eq!(c, &image(ImageKind::Random, DEFAULT_SEED, pos, CHUNK)[..], "chunk {i}");
+            }
+            Content::Silesia => assert_eq!(c, &image(ImageKind::SilesiaLike, DEFAULT_SEED, pos, CHUNK)[..], "chunk {i}"),
+        }
+    }
+    let random_share = random as f64 / (len / CHUNK) as f64;
+    assert!((0.05..0.15).contains(&random_share), "random chunks {random_share:.3}");
+    // Zero segments come in whole 2 MiB runs, not only scattered chunks.
+    let zero_segments = v.chunks(SEGMENT_BYTES).filter(|s| s.iter().all(|&b| b == 0)).count();
+    assert!(zero_segments * 4 > len / SEGMENT_BYTES, "{zero_segments} free segments");
 }

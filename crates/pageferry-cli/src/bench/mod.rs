@@ -65,7 +65,7 @@ pub struct ImageOpts {
     /// multiple of 4096 is zero-padded to the next multiple).
     #[arg(long)]
     pub image: Option<PathBuf>,
-    /// Generated image content: silesia-like, zero, random.
+    /// Generated image content: silesia-like, zero, random, mixed (~50% zero pages, ~9% random).
     #[arg(long, default_value = "silesia-like")]
     pub kind: String,
     /// Image size (1G, 256M, bytes; a multiple of 4096). Default: 1G (256M with --quick, 256M
