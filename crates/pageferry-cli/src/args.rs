@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use pageferry::codec::{qatzip::QatzipOptions, CodecSpec, Method};
 use pageferry::engine::ratelimit::parse_bandwidth;
+use pageferry::engine::policy::{AutoConfig, Candidate};
 use pageferry::engine::{AutoConverge, PostcopyConfig, SourceConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +12,8 @@ use std::time::Duration;
 /// Method and level flags (both sides).
 #[derive(Args, Clone, Debug)]
 pub struct MethodArgs {
-    /// Compression method: none, zlib, zstd, qatzip.
+    /// Compression method: none, zlib, zstd, qatzip; on the source also auto (the engine
+    /// picks method and level per window from the measured link, CPU and ratio).
     #[arg(long = "multifd-compression", default_value = "none")]
     pub method: String,
     #[command(flatten)]
@@ -114,6 +116,14 @@ pub struct SourceArgs {
     /// Cap on wire bytes/s across all channels: bytes, or with a unit (125MB, 1gbit, 100MiB).
     #[arg(long = "max-bandwidth")]
     pub max_bandwidth: Option<String>,
+    /// With --multifd-compression auto: cores the compression workers may use together
+    /// (default: one per channel and pipeline slot).
+    #[arg(long = "max-cpu")]
+    pub max_cpu: Option<f64>,
+    /// With --multifd-compression auto: the candidates, comma-separated METHOD[:LEVEL]
+    /// (default: none,zstd:-5,zstd:-1,zstd:1,zstd:3,zlib:1, plus qatzip:1 with a QAT device).
+    #[arg(long = "auto-candidates")]
+    pub auto_candidates: Option<String>,
     /// Skip the end-to-end memory digest comparison.
     #[arg(long = "no-verify")]
     pub no_verify: bool,
@@ -171,11 +181,33 @@ impl SourceArgs {
             bail!("--postcopy-after-rounds must be at least 1 (round 0 sends all memory)");
         }
         let postcopy = (self.postcopy || self.postcopy_after_rounds.is_some()).then_some(PostcopyConfig { after_rounds: self.postcopy_after_rounds });
+        let auto_on = self.method.method.trim() == "auto";
+        if !auto_on && (self.max_cpu.is_some() || self.auto_candidates.is_some()) {
+            bail!("--max-cpu and --auto-candidates need --multifd-compression auto");
+        }
+        let auto = if auto_on {
+            let mut c = AutoConfig::default();
+            if let Some(m) = self.max_cpu {
+                if !(m > 0.0 && m.is_finite()) {
+                    bail!("--max-cpu must be a positive number of cores, got {m}");
+                }
+                c.max_cpu = Some(m);
+            }
+            if let Some(list) = &self.auto_candidates {
+                c.candidates = list.split(',').map(|x| x.trim().parse::<Candidate>().map_err(anyhow::Error::msg)).collect::<Result<_>>().context("--auto-candidates")?;
+            }
+            Some(c)
+        } else {
+            None
+        };
+        // With auto, the method flag's options (qatzip provider, library) still apply.
+        let codec = if auto_on { MethodArgs { method: "none".into(), ..self.method.clone() }.spec()? } else { self.method.spec()? };
         Ok(SourceConfig {
             auto_converge,
             postcopy,
             channels: self.channels,
-            codec: self.method.spec()?,
+            codec,
+            auto,
             pipeline_depth: self.pipeline_depth,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             max_rounds: self.max_rounds.max(1),

@@ -1,12 +1,15 @@
 //! SVG charts of the matrix (plotters, SVG backend only), per link:
 //! * `time-<link>.svg`: migration time by channel count, one line per method;
 //! * `cpu-<link>.svg`: CPU-seconds per GiB by channel count, one colour per method, the
-//!   source solid with dots, the destination dashed with triangles.
+//!   source solid with dots, the destination dashed with triangles;
+//! * `time-by-link-<N>ch.svg` (with two links or more): migration time by link at N
+//!   channels, one line per method — where `auto` sits against the fixed methods.
 //!
 //! Points are medians over the runs of a case; cases that failed or were skipped are absent.
 
 use super::link::Link;
 use super::matrix::{CaseResult, Status};
+use super::BenchMethod;
 use super::metrics::Getter;
 use anyhow::{anyhow, Result};
 use pageferry::codec::Method;
@@ -24,11 +27,15 @@ pub(super) struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-fn method_color(m: Method, nth_level: usize) -> RGBColor {
+fn method_color(m: BenchMethod, nth_level: usize) -> RGBColor {
     // One color per method, in registry order (none grey, zlib blue, zstd green, qatzip red).
     const PALETTE: [RGBColor; 6] =
         [RGBColor(110, 110, 110), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(255, 127, 14)];
-    let base = PALETTE[Method::all().position(|x| x == m).unwrap_or(0) % PALETTE.len()];
+    // auto: near-black, apart from every method.
+    let base = match m {
+        BenchMethod::Fixed(m) => PALETTE[Method::all().position(|x| x == m).unwrap_or(0) % PALETTE.len()],
+        BenchMethod::Auto => RGBColor(20, 20, 20),
+    };
     if nth_level == 0 {
         base
     } else {
@@ -48,18 +55,18 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     let mut written = Vec::new();
-    for link in links {
+    for &link in &links {
         let on_link: Vec<&CaseResult> = ok.iter().copied().filter(|r| r.case.link == *link).collect();
         let mut channels: Vec<usize> = on_link.iter().map(|r| r.case.channels).collect();
         channels.sort_unstable();
         channels.dedup();
-        let mut keys: Vec<(Method, u8)> = Vec::new();
+        let mut keys: Vec<(BenchMethod, u8)> = Vec::new();
         for r in &on_link {
             if !keys.contains(&(r.case.method, r.case.level)) {
                 keys.push((r.case.method, r.case.level));
             }
         }
-        let several_levels = |m: Method| keys.iter().filter(|k| k.0 == m).count() > 1;
+        let several_levels = |m: BenchMethod| keys.iter().filter(|k| k.0 == m).count() > 1;
         let series_of = |get: Getter, side: &str, dashed: bool| -> Vec<Series> {
             keys.iter()
                 .map(|&(m, l)| {
@@ -84,20 +91,61 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
         let labels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
 
         let p = dir.join(format!("time-{}.svg", link.slug()));
-        line_chart(&p, &format!("Migration time, link {link}"), "time (s)", &labels, &series_of(|m| m.time_s, "", false))?;
+        line_chart(&p, &format!("Migration time, link {link}"), "channels", "time (s)", &labels, &series_of(|m| m.time_s, "", false))?;
         written.push(p);
 
         let mut cpu = series_of(|m| m.send_cpu_s_per_gib, " send", false);
         cpu.extend(series_of(|m| m.recv_cpu_s_per_gib, " recv", true));
         let p = dir.join(format!("cpu-{}.svg", link.slug()));
-        line_chart(&p, &format!("CPU-seconds per GiB, link {link}"), "CPU-s per GiB", &labels, &cpu)?;
+        line_chart(&p, &format!("CPU-seconds per GiB, link {link}"), "channels", "CPU-s per GiB", &labels, &cpu)?;
+        written.push(p);
+    }
+    if links.len() >= 2 {
+        written.extend(time_by_link(&ok, &links, dir)?);
+    }
+    Ok(written)
+}
+
+/// Migration time by link (in the matrix's link order), one chart per channel count.
+fn time_by_link(ok: &[&CaseResult], links: &[&Link], dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut channels: Vec<usize> = ok.iter().map(|r| r.case.channels).collect();
+    channels.sort_unstable();
+    channels.dedup();
+    let mut written = Vec::new();
+    for ch in channels {
+        let at: Vec<&CaseResult> = ok.iter().copied().filter(|r| r.case.channels == ch).collect();
+        let mut keys: Vec<(BenchMethod, u8)> = Vec::new();
+        for r in &at {
+            if !keys.contains(&(r.case.method, r.case.level)) {
+                keys.push((r.case.method, r.case.level));
+            }
+        }
+        let series: Vec<Series> = keys
+            .iter()
+            .map(|&(m, l)| {
+                let nth = keys.iter().filter(|k| k.0 == m).position(|k| k.1 == l).unwrap_or(0);
+                let label = if keys.iter().filter(|k| k.0 == m).count() > 1 { format!("{m} {l}") } else { m.to_string() };
+                let points = links
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(x, link)| {
+                        let r = at.iter().find(|r| r.case.link == **link && (r.case.method, r.case.level) == (m, l))?;
+                        Some((x as f64, r.summary()?.median.time_s))
+                    })
+                    .collect();
+                Series { label, color: method_color(m, nth), dashed: false, markers: true, points }
+            })
+            .collect();
+        let labels: Vec<String> = links.iter().map(|l| l.to_string()).collect();
+        let p = dir.join(format!("time-by-link-{ch}ch.svg"));
+        line_chart(&p, &format!("Migration time by link, {ch} channels"), "link", "time (s)", &labels, &series)?;
         written.push(p);
     }
     Ok(written)
 }
 
 /// A line chart over evenly spaced channel counts (`x_labels`), legend in the upper right.
-pub(super) fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
+pub(super) fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, x_labels: &[String], series: &[Series]) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("chart {}: {e}", path.display());
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
     // Headroom above the highest point for the legend box: about 16 px a series plus its
@@ -127,7 +175,7 @@ pub(super) fn line_chart(path: &Path, title: &str, y_desc: &str, x_labels: &[Str
         .x_labels(x_labels.len())
         .x_label_formatter(&fmt_x)
         .disable_x_mesh()
-        .x_desc("channels")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .draw()
         .map_err(|e| err(&e))?;
@@ -183,7 +231,7 @@ mod tests {
         for (m, l) in [("none", 0), ("zstd", 1), ("zstd", 3)].map(|(n, l)| (n.parse::<Method>().unwrap(), l)) {
             for ch in [1, 2, 4] {
                 results.push(CaseResult {
-                    case: Case { method: m, level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() } },
+                    case: Case { method: m.into(), level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() } },
                     status: Status::Ok,
                     reason: None,
                     runs: vec![rec(10.0 / ch as f64)],
@@ -199,5 +247,25 @@ mod tests {
             assert!(s.contains("zstd 3"));
         }
         assert!(std::fs::read_to_string(&files[1]).unwrap().contains("none recv"));
+    }
+
+    #[test]
+    fn time_by_link_with_auto() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |t: f64| {
+            let report = MigrationReport { total_time_s: t, raw_bytes: 1 << 30, wire_bytes: 1 << 29, ..Default::default() };
+            RunRecord { metrics: Metrics::from_report(&report), verified: true, file_check: "match".into(), wall_s: t, report }
+        };
+        let links = [Link::Cap { bytes_per_s: 12_500_000, text: "100mbit".into() }, Link::Unlimited];
+        let mut results = Vec::new();
+        for link in &links {
+            for m in [BenchMethod::Auto, "none".parse::<Method>().unwrap().into(), "zstd".parse::<Method>().unwrap().into()] {
+                results.push(CaseResult { case: Case { method: m, level: 0, channels: 2, link: link.clone() }, status: Status::Ok, reason: None, runs: vec![rec(3.0)] });
+            }
+        }
+        let files = write_all(&results, dir.path()).unwrap();
+        let by_link = files.iter().find(|p| p.ends_with("time-by-link-2ch.svg")).expect("time-by-link chart");
+        let s = std::fs::read_to_string(by_link).unwrap();
+        assert!(s.contains("auto") && s.contains("cap:100mbit") && s.contains("unlimited"));
     }
 }

@@ -5,7 +5,7 @@
 
 use super::link::{self, Link, TcNet};
 use super::metrics::{Metrics, Summary};
-use super::{charts, render, ImageOpts, PreparedImage};
+use super::{charts, render, BenchMethod, ImageOpts, PreparedImage};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pageferry::codec::Method;
@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct MatrixArgs {
-    /// Compression methods (comma-separated).
+    /// Compression methods (comma-separated): none, zlib, zstd, qatzip, and auto (the engine
+    /// chooses per window among what the destination decodes).
     #[arg(long, default_value = "none,zlib,zstd,qatzip")]
     methods: String,
     /// Levels to run each compressing method at (comma-separated; default: each method's
@@ -65,7 +66,7 @@ pub struct MatrixArgs {
 /// One cell of the matrix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
-    pub method: Method,
+    pub method: BenchMethod,
     pub level: u8,
     pub channels: usize,
     pub link: Link,
@@ -212,10 +213,20 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
     let method = case.method.name();
     let level_flag = format!("--multifd-{method}-level");
     let level = case.level.to_string();
-    let method_flags = |c: &mut Command, provider: &str| {
-        c.args(["--multifd-compression", method, "--qatzip-provider", provider]);
-        if case.method.compresses() {
-            c.args([level_flag.as_str(), level.as_str()]);
+    // The destination of an auto case gets no method: by default it accepts any it decodes.
+    let method_flags = |c: &mut Command, provider: &str, source: bool| {
+        c.args(["--qatzip-provider", provider]);
+        match case.method {
+            BenchMethod::Auto if !source => {}
+            BenchMethod::Auto => {
+                c.args(["--multifd-compression", "auto"]);
+            }
+            BenchMethod::Fixed(m) => {
+                c.args(["--multifd-compression", method]);
+                if m.compresses() {
+                    c.args([level_flag.as_str(), level.as_str()]);
+                }
+            }
         }
     };
 
@@ -234,7 +245,7 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
         _ => Command::new(&env.exe),
     };
     recv_cmd.args(["recv", "--json", "--listen", &format!("{listen_ip}:0"), "--image"]).arg(&env.dst);
-    method_flags(&mut recv_cmd, &env.qatzip_provider);
+    method_flags(&mut recv_cmd, &env.qatzip_provider, false);
     if env.no_engine_verify {
         recv_cmd.arg("--no-verify");
     }
@@ -257,7 +268,7 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
         .args(["send", "--json", "--quiet", "--connect", &addr, "--multifd-channels", &case.channels.to_string(), "--timeout", "3600"])
         .arg("--image")
         .arg(env.src);
-    method_flags(&mut send_cmd, extras.qatzip_provider.as_deref().unwrap_or(&env.qatzip_provider));
+    method_flags(&mut send_cmd, extras.qatzip_provider.as_deref().unwrap_or(&env.qatzip_provider), true);
     send_cmd.args(&extras.args).envs(extras.env.iter().map(|(k, v)| (k, v)));
     if let Link::Cap { text, .. } = &case.link {
         send_cmd.args(["--max-bandwidth", text]);
@@ -337,7 +348,7 @@ pub fn is_setup_failure(msg: &str) -> bool {
 }
 
 /// The cases in run order: link, then method and level, then channels.
-pub fn plan(links: &[Link], method_levels: &[(Method, u8)], channels: &[usize]) -> Vec<Case> {
+pub fn plan(links: &[Link], method_levels: &[(BenchMethod, u8)], channels: &[usize]) -> Vec<Case> {
     let mut v = Vec::new();
     for l in links {
         for &(method, level) in method_levels {
@@ -391,11 +402,11 @@ fn fmt_secs(s: f64) -> String {
 }
 
 pub fn run(a: MatrixArgs) -> Result<()> {
-    let methods = super::parse_methods(&a.methods)?;
     let levels = match &a.levels {
         Some(s) => super::parse_levels(s)?,
         None => Vec::new(),
     };
+    let methods = super::matrix_methods(&a.methods, &levels)?;
     let channels = super::parse_channels(a.channels.as_deref().unwrap_or(if a.quick { "1,2,4" } else { "1,2,4,8,16" }))?;
     let mut links = link::parse_links(&a.links)?;
     if a.reps == 0 {
@@ -408,8 +419,12 @@ pub fn run(a: MatrixArgs) -> Result<()> {
 
     // Methods that cannot even open here are skipped before anything runs.
     let mut mls = Vec::new();
-    for (m, l) in super::method_levels(&methods, &levels) {
-        match super::spec_for(m, l, &a.qatzip_provider).and_then(|s| pageferry::codec::open(&s).map(drop).map_err(Into::into)) {
+    for (m, l) in methods {
+        let Some(fixed) = m.fixed() else {
+            mls.push((m, l));
+            continue;
+        };
+        match super::spec_for(fixed, l, &a.qatzip_provider).and_then(|s| pageferry::codec::open(&s).map(drop).map_err(Into::into)) {
             Ok(()) => mls.push((m, l)),
             Err(e) => {
                 eprintln!("pageferry bench: skipping method {m} level {l}: {e:#}");
@@ -468,8 +483,8 @@ pub fn run(a: MatrixArgs) -> Result<()> {
     let mut results: Vec<CaseResult> = Vec::new();
     let mut shaped: Option<Link> = None;
     let mut dead_link: Option<(Link, String)> = None;
-    let mut method_ok: Vec<(Method, u8)> = Vec::new();
-    let mut method_dead: Vec<((Method, u8), String)> = Vec::new();
+    let mut method_ok: Vec<(BenchMethod, u8)> = Vec::new();
+    let mut method_dead: Vec<((BenchMethod, u8), String)> = Vec::new();
     let mut runs_done = 0usize;
     for (ci, case) in cases.iter().enumerate() {
         let mut res = CaseResult { case: case.clone(), status: Status::Ok, reason: None, runs: Vec::new() };
@@ -583,7 +598,7 @@ mod tests {
     #[test]
     fn plan_order() {
         let links = vec![Link::Unlimited, Link::Cap { bytes_per_s: 1, text: "8bit".into() }];
-        let cases = plan(&links, &[(named("none"), 0), (named("zstd"), 1)], &[1, 4]);
+        let cases = plan(&links, &[(named("none").into(), 0), (named("zstd").into(), 1)], &[1, 4]);
         assert_eq!(cases.len(), 8);
         assert_eq!(cases[0].name(), "none L0 1ch unlimited");
         assert_eq!(cases[3].name(), "zstd L1 4ch unlimited");
@@ -592,7 +607,7 @@ mod tests {
 
     #[test]
     fn eta_uses_nearest_measured() {
-        let case = |c| Case { method: named("zstd"), level: 1, channels: c, link: Link::Unlimited };
+        let case = |c| Case { method: named("zstd").into(), level: 1, channels: c, link: Link::Unlimited };
         let mut eta = Eta { bytes: 1 << 30, done: vec![] };
         let prior = eta.estimate(&case(4));
         assert!(prior > 1.0);
@@ -600,7 +615,7 @@ mod tests {
         eta.done.push((case(8), 3.0));
         assert_eq!(eta.estimate(&case(2)), 10.0);
         assert_eq!(eta.estimate(&case(16)), 3.0);
-        let other = Case { method: named("zlib"), ..case(2) };
+        let other = Case { method: named("zlib").into(), ..case(2) };
         assert_eq!(eta.estimate(&other), prior_secs(&other, 1 << 30));
     }
 

@@ -182,6 +182,62 @@ fn split_list<'a>(flag: &str, s: &'a str) -> Result<Vec<&'a str>> {
     Ok(items)
 }
 
+/// A matrix's method: a fixed one, or `auto` (the source's engine chooses per window; the
+/// destination accepts whatever it decodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BenchMethod {
+    Fixed(Method),
+    Auto,
+}
+
+impl BenchMethod {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BenchMethod::Fixed(m) => m.name(),
+            BenchMethod::Auto => "auto",
+        }
+    }
+    /// Auto may compress.
+    pub fn compresses(&self) -> bool {
+        self.fixed().is_none_or(|m| m.compresses())
+    }
+    pub fn fixed(&self) -> Option<Method> {
+        match self {
+            BenchMethod::Fixed(m) => Some(*m),
+            BenchMethod::Auto => None,
+        }
+    }
+}
+
+impl From<Method> for BenchMethod {
+    fn from(m: Method) -> Self {
+        BenchMethod::Fixed(m)
+    }
+}
+
+impl std::fmt::Display for BenchMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The matrix's `--methods auto,none,zlib,zstd,qatzip`; each fixed method at the given
+/// levels (see [`method_levels`]), auto once (level shown as 0).
+pub fn matrix_methods(s: &str, levels: &[u8]) -> Result<Vec<(BenchMethod, u8)>> {
+    let items = split_list("--methods", s)?;
+    let auto = items.contains(&"auto");
+    let fixed: Vec<&str> = items.into_iter().filter(|i| *i != "auto").collect();
+    let mut out = Vec::new();
+    if auto {
+        out.push((BenchMethod::Auto, 0));
+    }
+    if !fixed.is_empty() {
+        let methods = parse_methods(&fixed.join(","))?;
+        out.extend(method_levels(&methods, levels).into_iter().map(|(m, l)| (BenchMethod::Fixed(m), l)));
+    }
+    Ok(out)
+}
+
 /// `--methods none,zlib,zstd,qatzip`.
 pub fn parse_methods(s: &str) -> Result<Vec<Method>> {
     let mut out = Vec::new();
@@ -288,6 +344,15 @@ mod tests {
         assert!(e.contains("'two' is not a number"), "{e}");
         let e = parse_levels("x").unwrap_err().to_string();
         assert!(e.contains("--levels"), "{e}");
+    }
+
+    #[test]
+    fn matrix_methods_take_auto() {
+        let v = matrix_methods("auto,none,zstd", &[1, 3]).unwrap();
+        let (none, zstd): (Method, Method) = ("none".parse().unwrap(), "zstd".parse().unwrap());
+        assert_eq!(v, [(BenchMethod::Auto, 0), (none.into(), 0), (zstd.into(), 1), (zstd.into(), 3)]);
+        assert_eq!(v[0].0.to_string(), "auto");
+        assert!(matrix_methods("auto,lz4", &[]).is_err());
     }
 
     #[test]

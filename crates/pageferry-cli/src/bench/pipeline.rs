@@ -355,7 +355,7 @@ pub fn write_chart(path: &Path, results: &[PipeResult], channels: &[usize], dept
     }
     let labels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
     let title = format!("qatzip on a simulated device: {} x {} us per 64 KiB", dev.instances, dev.latency_us);
-    super::charts::line_chart(path, &title, "MB/s of guest memory", &labels, &series)
+    super::charts::line_chart(path, &title, "channels", "MB/s of guest memory", &labels, &series)
 }
 
 pub fn run(a: PipelineArgs) -> Result<()> {
@@ -393,7 +393,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let mut results = Vec::new();
     for &d in &depths {
         for &c in &channels {
-            let case = Case { method: "qatzip".parse::<Method>()?, level: 1, channels: c, link: Link::Unlimited };
+            let case = Case { method: "qatzip".parse::<Method>()?.into(), level: 1, channels: c, link: Link::Unlimited };
             let extras = SourceExtras {
                 qatzip_provider: Some("qat".into()),
                 args: vec!["--qatzip-lib".into(), lib.display().to_string(), "--pipeline-depth".into(), d.to_string()],

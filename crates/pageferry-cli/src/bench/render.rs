@@ -1,6 +1,7 @@
 //! The matrix as a markdown table (shaped like the seed's, with more columns) and as JSON
 //! lines (one object per case, every run included).
 
+use super::BenchMethod;
 use super::matrix::{CaseResult, Status};
 use super::metrics::{Getter, Summary};
 use anyhow::Result;
@@ -121,11 +122,60 @@ pub fn markdown(results: &[CaseResult], meta: &Meta) -> String {
         }
         s.push_str(&format!("| {} |\n", row.join(" | ")));
     }
+    s.push_str(&auto_versus_fixed(results));
     if !meta.skipped.is_empty() {
         s.push('\n');
         for (what, why) in &meta.skipped {
             s.push_str(&format!("Skipped {what}: {why}\n"));
         }
+    }
+    s
+}
+
+/// For every (link, channels) with an `auto` case: its median time against the best fixed
+/// method's and `none`'s, and the shares of batches auto sent with each candidate (from its
+/// median run). Empty without auto cases.
+pub fn auto_versus_fixed(results: &[CaseResult]) -> String {
+    let ok = |r: &&CaseResult| r.status == Status::Ok && !r.runs.is_empty();
+    let mut s = String::new();
+    for a in results.iter().filter(ok).filter(|r| r.case.method == BenchMethod::Auto) {
+        let Some(t_auto) = a.summary().map(|x| x.median.time_s) else { continue };
+        let same = |r: &&CaseResult| r.case.link == a.case.link && r.case.channels == a.case.channels;
+        let fixed: Vec<(String, f64)> = results
+            .iter()
+            .filter(ok)
+            .filter(same)
+            .filter(|r| r.case.method != BenchMethod::Auto)
+            .filter_map(|r| Some((format!("{} {}", r.case.method, r.case.level), r.summary()?.median.time_s)))
+            .collect();
+        let best = fixed.iter().min_by(|x, y| x.1.total_cmp(&y.1));
+        let none = results
+            .iter()
+            .filter(ok)
+            .filter(same)
+            .find(|r| r.case.method == BenchMethod::Fixed(pageferry::codec::Method::default()))
+            .and_then(|r| r.summary())
+            .map(|x| x.median.time_s);
+        // The run whose time is the median (or nearest to it).
+        let run = a.runs.iter().min_by(|x, y| (x.metrics.time_s - t_auto).abs().total_cmp(&(y.metrics.time_s - t_auto).abs()));
+        let shares = run.and_then(|r| r.report.auto.as_ref()).map(|x| x.summary()).unwrap_or_default();
+        if s.is_empty() {
+            s.push_str("\n**auto against the fixed methods** (median times; auto/best ≤ 1.10 and auto/none ≤ 1.00 are the targets):\n\n");
+            s.push_str("| link | channels | auto (s) | best fixed | best (s) | auto/best | none (s) | auto/none | auto's batches |\n|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+        }
+        let dash = || "—".to_string();
+        s.push_str(&format!(
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            a.case.link,
+            a.case.channels,
+            t_auto,
+            best.map_or_else(dash, |b| b.0.clone()),
+            best.map_or_else(dash, |b| format!("{:.2}", b.1)),
+            best.map_or_else(dash, |b| format!("{:.2}", t_auto / b.1)),
+            none.map_or_else(dash, |n| format!("{n:.2}")),
+            none.map_or_else(dash, |n| format!("{:.2}", t_auto / n)),
+            shares
+        ));
     }
     s
 }
@@ -167,6 +217,7 @@ mod tests {
     use crate::bench::link::Link;
     use crate::bench::matrix::{Case, RunRecord};
     use crate::bench::metrics::Metrics;
+    use crate::bench::BenchMethod;
     use pageferry::codec::Method;
 
     fn named(name: &str) -> Method {
@@ -180,7 +231,7 @@ mod tests {
     }
 
     fn results() -> Vec<CaseResult> {
-        let case = |m, ch| Case { method: m, level: if m.compresses() { 1 } else { 0 }, channels: ch, link: Link::Unlimited };
+        let case = |m, ch| Case { method: BenchMethod::Fixed(m), level: if m.compresses() { 1 } else { 0 }, channels: ch, link: Link::Unlimited };
         vec![
             CaseResult { case: case(named("none"), 2), status: Status::Ok, reason: None, runs: vec![run(2.0), run(4.0), run(3.0)] },
             CaseResult { case: case(named("zstd"), 2), status: Status::Failed, reason: Some("source failed: boom".into()), runs: vec![] },
@@ -203,6 +254,30 @@ mod tests {
         assert!(rows[2].contains("| none | 0 | 2 | unlimited | 3.00 (2.00–4.00) |"), "{}", rows[2]);
         assert!(rows[3].contains("FAILED: source failed: boom"), "{}", rows[3]);
         assert!(t.contains("Skipped method qatzip level 1: no device"));
+    }
+
+    #[test]
+    fn auto_is_compared_with_the_best_fixed_method_and_none() {
+        let link = Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() };
+        let case = |m: BenchMethod, l| Case { method: m, level: l, channels: 2, link: link.clone() };
+        let mut auto_run = run(5.0);
+        auto_run.report.auto = Some(pageferry::engine::policy::AutoReport {
+            shares: vec![
+                pageferry::engine::policy::AutoShare { candidate: "zstd:1".into(), batches: 90, ..Default::default() },
+                pageferry::engine::policy::AutoShare { candidate: "none".into(), batches: 10, ..Default::default() },
+            ],
+            ..Default::default()
+        });
+        let rs = vec![
+            CaseResult { case: case(BenchMethod::Auto, 0), status: Status::Ok, reason: None, runs: vec![auto_run] },
+            CaseResult { case: case(named("none").into(), 0), status: Status::Ok, reason: None, runs: vec![run(8.5)] },
+            CaseResult { case: case(named("zstd").into(), 1), status: Status::Ok, reason: None, runs: vec![run(4.7)] },
+            CaseResult { case: case(named("zlib").into(), 1), status: Status::Ok, reason: None, runs: vec![run(4.6)] },
+        ];
+        let t = auto_versus_fixed(&rs);
+        let row = t.lines().find(|l| l.starts_with("| cap:1gbit")).unwrap_or_else(|| panic!("{t}"));
+        assert_eq!(row, "| cap:1gbit | 2 | 5.00 | zlib 1 | 4.60 | 1.09 | 8.50 | 0.59 | zstd:1 90%, none 10% |");
+        assert_eq!(auto_versus_fixed(&rs[1..]), "");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! `pipeline_depth` compression (or decompression) stages on the source (destination: one
 //! reader that decompresses in place). See `source.rs` and `destination.rs`.
 
+mod auto;
 mod cancel;
 mod channel;
 mod converge;
@@ -93,8 +94,12 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SourceConfig {
     /// Data channels [`--multifd-channels`, default 2].
     pub channels: usize,
-    /// Method and level [`--multifd-compression`, `--multifd-<method>-level`].
+    /// Method and level [`--multifd-compression`, `--multifd-<method>-level`]; with `auto`
+    /// set, only its local options count (the qatzip provider and library).
     pub codec: CodecSpec,
+    /// [`--multifd-compression auto`]: choose the method and level per window among these
+    /// candidates and what the destination decodes (see [`policy`]).
+    pub auto: Option<policy::AutoConfig>,
     /// Batches in flight to the compressor per channel [`--pipeline-depth`]; `None` picks the
     /// codec's default.
     pub pipeline_depth: Option<usize>,
@@ -136,6 +141,7 @@ impl Default for SourceConfig {
         Self {
             channels: 2,
             codec: CodecSpec::default(),
+            auto: None,
             pipeline_depth: None,
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,

@@ -200,6 +200,9 @@ pub struct MigrationReport {
     pub send_peak_rss_anon_bytes: u64,
     /// Peak anonymous RSS of the destination process.
     pub recv_peak_rss_anon_bytes: u64,
+    /// `--multifd-compression auto`: what it chose, how often, and why.
+    #[serde(default)]
+    pub auto: Option<super::policy::AutoReport>,
 }
 
 impl MigrationReport {
@@ -211,6 +214,10 @@ impl MigrationReport {
         let mut line = |k: &str, v: String| s.push_str(&format!("{k:<22} {v}\n"));
         line("status:", self.status.clone());
         line("method:", format!("{} level {} ({}; destination: {})", self.method, self.level, self.provider, self.recv_provider));
+        if let Some(a) = &self.auto {
+            line("auto batches:", format!("{} ({} decisions, {} switches, {} cores)", a.summary(), a.decisions, a.switches, a.cores));
+            line("auto last reason:", a.last_reason.clone());
+        }
         line("channels:", format!("{} (pipeline depth {})", self.channels, self.pipeline_depth));
         line("dirty tracking:", self.dirty_tracker.clone());
         line("memory:", format!("{} bytes ({:.2} GiB)", self.memory_bytes, gib));
