@@ -12,10 +12,11 @@ use std::time::Duration;
 /// Method and level flags (both sides).
 #[derive(Args, Clone, Debug)]
 pub struct MethodArgs {
-    /// Compression method: none, zlib, zstd, qatzip; on the source also auto (the engine
-    /// picks method and level per window from the measured link, CPU and ratio).
-    #[arg(long = "multifd-compression", default_value = "none")]
-    pub method: String,
+    /// Compression method: none, zlib, zstd, qatzip, or auto. Source: the method to use
+    /// (default none); auto picks method and level per window from the measured link, CPU
+    /// and ratio. Destination: accept only this method (default, and auto: any it decodes).
+    #[arg(long = "multifd-compression")]
+    pub method: Option<String>,
     #[command(flatten)]
     pub levels: LevelArgs,
     /// qatzip provider: auto (QATzip library if present, else cpu), qat, cpu.
@@ -27,8 +28,18 @@ pub struct MethodArgs {
 }
 
 impl MethodArgs {
+    /// `--multifd-compression auto`.
+    pub fn is_auto(&self) -> bool {
+        self.method.as_deref().map(str::trim) == Some("auto")
+    }
+    /// A destination accepts only the given method (not auto, not left out).
+    pub fn restricts(&self) -> bool {
+        self.method.is_some() && !self.is_auto()
+    }
+    /// The method's spec (none when not given or auto: then only the local options count).
     pub fn spec(&self) -> Result<CodecSpec> {
-        let method: Method = self.method.parse()?;
+        let name = if self.is_auto() { "none" } else { self.method.as_deref().unwrap_or("none") };
+        let method: Method = name.parse()?;
         let mut spec = CodecSpec::with_level(method, self.levels.level(method))?;
         spec.qatzip = QatzipOptions { provider: self.qatzip_provider.parse()?, lib_path: self.qatzip_lib.clone() };
         Ok(spec)
@@ -121,7 +132,7 @@ pub struct SourceArgs {
     #[arg(long = "max-cpu")]
     pub max_cpu: Option<f64>,
     /// With --multifd-compression auto: the candidates, comma-separated METHOD[:LEVEL]
-    /// (default: none,zstd:-5,zstd:-1,zstd:1,zstd:3,zlib:1, plus qatzip:1 with a QAT device).
+    /// (default: none,zstd:1,zstd:3,zlib:1).
     #[arg(long = "auto-candidates")]
     pub auto_candidates: Option<String>,
     /// Skip the end-to-end memory digest comparison.
@@ -181,7 +192,7 @@ impl SourceArgs {
             bail!("--postcopy-after-rounds must be at least 1 (round 0 sends all memory)");
         }
         let postcopy = (self.postcopy || self.postcopy_after_rounds.is_some()).then_some(PostcopyConfig { after_rounds: self.postcopy_after_rounds });
-        let auto_on = self.method.method.trim() == "auto";
+        let auto_on = self.method.is_auto();
         if !auto_on && (self.max_cpu.is_some() || self.auto_candidates.is_some()) {
             bail!("--max-cpu and --auto-candidates need --multifd-compression auto");
         }
@@ -201,7 +212,7 @@ impl SourceArgs {
             None
         };
         // With auto, the method flag's options (qatzip provider, library) still apply.
-        let codec = if auto_on { MethodArgs { method: "none".into(), ..self.method.clone() }.spec()? } else { self.method.spec()? };
+        let codec = self.method.spec()?;
         Ok(SourceConfig {
             auto_converge,
             postcopy,

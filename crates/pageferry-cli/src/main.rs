@@ -254,6 +254,7 @@ fn incomplete_path(image: &std::path::Path) -> PathBuf {
 fn recv(a: RecvArgs) -> Result<()> {
     let config = DestinationConfig {
         codec: a.method.spec()?,
+        only: a.method.restricts(),
         accept_timeout: Duration::from_secs(a.accept_timeout_s),
         zero_copy: !a.no_zero_copy,
         require_verify: !a.no_verify,

@@ -176,6 +176,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
     let ram = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) as u64 * libc::sysconf(libc::_SC_PAGESIZE) as u64 };
     let config = DestinationConfig {
         codec: a.method.spec()?,
+        only: a.method.restricts(),
         require_verify: !a.no_verify,
         max_memory: Some(ram),
         postcopy_kernel_faults: true,

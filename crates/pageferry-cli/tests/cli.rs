@@ -90,6 +90,31 @@ fn each_method_migrates_an_image_byte_identical() {
 }
 
 #[test]
+fn a_destination_told_no_method_decodes_what_the_source_sends_and_auto_reports_its_choices() {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "24M");
+    for method in [&["--multifd-compression", "zstd"][..], &["--multifd-compression", "auto", "--max-bandwidth", "200mbit", "--max-cpu", "1"]] {
+        let (recv, addr, out) = start_recv(&dst, &[]);
+        let s = send(&addr, &src, method);
+        let (ok, _, err) = finish_recv(recv, out);
+        assert!(ok, "{method:?}: recv failed: {err}");
+        assert!(same_file(&src, &dst), "{method:?}: destination differs");
+        let r = report(&s);
+        assert_eq!(r["method"], method[1]);
+        if method[1] == "auto" {
+            let shares = r["auto"]["shares"].as_array().unwrap();
+            let batches: u64 = shares.iter().map(|s| s["batches"].as_u64().unwrap()).sum();
+            assert_eq!(batches, 48, "every 512 KiB batch of 24 MiB was planned by auto: {shares:?}");
+            assert!(r["auto"]["last_reason"].as_str().unwrap().contains("link"), "{}", r["auto"]);
+        }
+    }
+    // auto's flags need auto.
+    let out = bin().args(["send", "--connect", "x:1", "--image", "/nonexistent", "--max-cpu", "2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need --multifd-compression auto"));
+}
+
+#[test]
 fn dirtied_source_ends_equal_on_the_destination() {
     let dir = shm_dir();
     let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));

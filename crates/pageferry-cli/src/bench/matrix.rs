@@ -8,7 +8,6 @@ use super::metrics::{Metrics, Summary};
 use super::{charts, render, BenchMethod, ImageOpts, PreparedImage};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pageferry::codec::Method;
 use pageferry::engine::MigrationReport;
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Read};
@@ -591,7 +590,7 @@ pub fn run(a: MatrixArgs) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn named(name: &str) -> Method {
+    fn named(name: &str) -> pageferry::codec::Method {
         name.parse().unwrap()
     }
 

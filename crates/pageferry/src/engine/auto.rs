@@ -10,6 +10,7 @@
 use super::policy::{AutoConfig, AutoReport, Candidate, Choice, LinkSample, Policy};
 use super::ratelimit::RateLimiter;
 use crate::codec::{self, Codec, CodecError, CodecSpec};
+use crate::wire::MethodCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,10 +58,6 @@ impl AutoSelector {
         Self { state: Mutex::new(State { policy, at: t0, wire, busy_ns }), meter, limiter, writers, t0 }
     }
 
-    pub fn candidates(&self) -> Vec<Candidate> {
-        self.state.lock().unwrap().policy.candidates().to_vec()
-    }
-
     /// The plan for the next batch (deciding first when the window is over).
     pub fn choose(&self) -> Choice {
         let mut s = self.state.lock().unwrap();
@@ -95,13 +92,23 @@ impl AutoSelector {
 /// One worker's codecs, one per candidate, opened on first use.
 pub struct Encoders {
     specs: Vec<CodecSpec>,
+    /// The method code each candidate's packets carry (`none`'s raw packets carry the label
+    /// the destination accepts, see the source).
+    codes: Vec<MethodCode>,
     codecs: Vec<Option<Box<dyn Codec>>>,
 }
 
 impl Encoders {
-    pub fn new(specs: Vec<CodecSpec>) -> Self {
+    pub fn new(specs: Vec<CodecSpec>, codes: Vec<MethodCode>) -> Self {
         let codecs = specs.iter().map(|_| None).collect();
-        Self { specs, codecs }
+        Self { specs, codes, codecs }
+    }
+    pub fn code(&self, index: usize) -> MethodCode {
+        self.codes[index]
+    }
+    /// The codec for candidate `index`, opened by an earlier [`Encoders::get`].
+    pub fn opened(&mut self, index: usize) -> &mut dyn Codec {
+        self.codecs[index].as_deref_mut().expect("opened by get")
     }
     /// The codec for candidate `index`.
     pub fn get(&mut self, index: usize) -> Result<&mut dyn Codec, CodecError> {

@@ -9,6 +9,8 @@
 //! CRC and the send, so raw pages of memory the guest may write are copied first; pages of
 //! static memory are written to the socket straight from guest memory.
 
+use super::auto::{AutoSelector, Encoders, LinkMeter};
+use super::policy::Choice;
 use super::ratelimit::RateLimiter;
 use super::stats::Counters;
 use crate::codec::{Codec, CodecError, MAX_BATCH_BYTES};
@@ -159,10 +161,25 @@ const MAX_SPLIT_RUNS: usize = 4;
 /// Buffers come back from the socket writer once written; at most this many per worker.
 const POOL: usize = 3;
 
+/// How a worker encodes: one codec, or `auto`'s choice per batch.
+pub enum Coder {
+    /// One codec; its packets carry `code` (its method's, or an auto session's label for raw).
+    Fixed(Box<dyn Codec>, MethodCode),
+    Auto { selector: Arc<AutoSelector>, encoders: Encoders },
+}
+
+/// The codec for this batch (`choice`: auto's; already opened by `Worker::select`).
+fn codec_of(coder: &mut Coder, choice: Option<Choice>) -> &mut dyn Codec {
+    match coder {
+        Coder::Fixed(c, _) => c.as_mut(),
+        Coder::Auto { encoders, .. } => encoders.opened(choice.expect("auto chose").index),
+    }
+}
+
 /// A compression worker: batches in, packets out to its channel's socket writer. Each batch
 /// goes plan (zero pages, runs) → payload (compress, gather or raw) → packet.
-pub fn run_worker(ctx: Arc<WorkerContext>, codec: Box<dyn Codec>, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
-    let mut w = Worker::new(ctx, codec, to_socket);
+pub fn run_worker(ctx: Arc<WorkerContext>, coder: Coder, batches: Receiver<Batch>, to_socket: Sender<ToSocket>) {
+    let mut w = Worker::new(ctx, coder, to_socket);
     let mut plan = Plan::default();
     for batch in batches.iter() {
         if !w.ctx.failure.is_set() {
@@ -274,8 +291,13 @@ enum Compressed {
 
 struct Worker {
     ctx: Arc<WorkerContext>,
-    codec: Box<dyn Codec>,
+    coder: Coder,
+    /// This batch's: auto's choice, the method code its packets carry, whether it compresses.
+    choice: Option<Choice>,
     method: MethodCode,
+    compresses: bool,
+    /// What auto learns from this batch: raw and payload bytes, seconds in the codec.
+    learned: (u64, u64, f64),
     /// Compress a stable copy, not guest memory in place (see `Codec::tolerates_changing_input`).
     copy_for_codec: bool,
     pool: Pool,
@@ -285,26 +307,45 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: Arc<WorkerContext>, codec: Box<dyn Codec>, to_socket: Sender<ToSocket>) -> Self {
-        let buf_len = codec.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES);
+    fn new(ctx: Arc<WorkerContext>, coder: Coder, to_socket: Sender<ToSocket>) -> Self {
+        // Big enough for the codec's bound on one batch (auto: for any; one is grown if not).
+        let buf_len = match &coder {
+            Coder::Fixed(c, _) => c.max_compressed_len(MAX_BATCH_BYTES).max(MAX_BATCH_BYTES),
+            Coder::Auto { .. } => MAX_BATCH_BYTES + (64 << 10),
+        };
         let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let mut pool = Pool { tx, rx, allocated: 0, buf_len };
         let scratch = pool.get();
-        Self {
-            method: codec.info().method.code(),
-            copy_for_codec: (ctx.live && !codec.tolerates_changing_input()) || !ctx.zero_copy,
-            ctx,
-            codec,
-            pool,
-            scratch,
-            to_socket,
+        let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), copy_for_codec: false, pool, scratch, to_socket };
+        if let Coder::Fixed(c, code) = &w.coder {
+            (w.method, w.compresses) = (*code, c.compresses());
+            w.copy_for_codec = (w.ctx.live && !c.tolerates_changing_input()) || !w.ctx.zero_copy;
         }
+        w
+    }
+
+    /// auto: the candidate for this batch (maybe a probe), its codec opened.
+    fn select(&mut self) -> Result<(), CodecError> {
+        self.learned = (0, 0, 0.0);
+        if let Coder::Auto { selector, encoders } = &mut self.coder {
+            let ch = selector.choose();
+            let c = encoders.get(ch.index)?;
+            self.compresses = c.compresses();
+            self.copy_for_codec = (self.ctx.live && !c.tolerates_changing_input()) || !self.ctx.zero_copy;
+            self.method = encoders.code(ch.index);
+            self.choice = Some(ch);
+        }
+        Ok(())
     }
 
     fn batch(&mut self, batch: &Batch, plan: &mut Plan) {
+        if let Err(e) = self.select() {
+            self.ctx.failure.set(format!("compression worker: {e}"));
+            return;
+        }
         let view = RegionView::new(&self.ctx.memory, batch.region);
         plan.make(&view, &batch.pages);
-        let split = self.codec.compresses() && !self.copy_for_codec;
+        let split = self.compresses && !self.copy_for_codec;
         for (runs, zero) in plan.packets(split) {
             let n_pages: usize = runs.iter().map(|&(_, n)| n as usize).sum();
             match self.payload(&view, runs, n_pages) {
@@ -315,6 +356,9 @@ impl Worker {
                 }
             }
         }
+        if let (Some(ch), Coder::Auto { selector, .. }) = (&self.choice, &self.coder) {
+            selector.record(ch, self.learned.0, self.learned.1, self.learned.2);
+        }
     }
 
     /// The payload of `runs` and whether it is raw: compressed when the method compresses and
@@ -324,7 +368,7 @@ impl Worker {
             return Ok((Payload::None, false));
         }
         let n_bytes = n_pages * PAGE_SIZE;
-        let gathered = match self.codec.compresses() {
+        let gathered = match self.compresses {
             true => match self.compress(view, runs, n_bytes)? {
                 Compressed::Shrunk(p) => return Ok((p, false)),
                 Compressed::Raw { gathered } => gathered,
@@ -341,8 +385,16 @@ impl Worker {
             view.gather(runs, &mut self.scratch);
         }
         let mut out = self.pool.get();
+        let codec = codec_of(&mut self.coder, self.choice);
+        let need = codec.max_compressed_len(n_bytes);
+        if out.len() < need {
+            out.resize(need, 0);
+        }
         let input: &[u8] = if gathered { &self.scratch[..n_bytes] } else { view.run(runs[0]) };
-        match self.codec.compress(input, &mut out) {
+        let t = std::time::Instant::now();
+        let r = codec.compress(input, &mut out);
+        self.learned.2 += t.elapsed().as_secs_f64();
+        match r {
             Ok(Some(n)) if n < n_bytes => Ok(Compressed::Shrunk(Payload::Owned(out, n))),
             Ok(_) => {
                 self.pool.recycle(out);
@@ -372,7 +424,9 @@ impl Worker {
 
     /// Offsets, header and body CRC; counted and queued to the socket writer (which numbers
     /// the packet and finishes the CRC).
-    fn packet(&self, batch: &Batch, runs: &[(u32, u32)], zero: &[u32], n_pages: usize, payload: Payload, raw: bool) {
+    fn packet(&mut self, batch: &Batch, runs: &[(u32, u32)], zero: &[u32], n_pages: usize, payload: Payload, raw: bool) {
+        self.learned.0 += (n_pages * PAGE_SIZE) as u64;
+        self.learned.1 += payload.len() as u64;
         let mut offsets = Vec::with_capacity((n_pages + zero.len()) * 4);
         encode_offsets(runs, zero, &mut offsets);
         let header = PacketHeader {
@@ -388,7 +442,7 @@ impl Worker {
         };
         let body_crc = payload.slices().iter().fold(PacketCrc::new().body(&offsets), |c, s| c.body(s)).value();
         let c = &self.ctx.counters;
-        if raw && self.codec.compresses() {
+        if raw && self.compresses {
             // A fallback: the compressor gave up on this batch. (Method none sends every page
             // raw by design; those are just normal pages, as QEMU counts them.)
             Counters::add(&c.raw_pages, n_pages as u64);
@@ -411,6 +465,7 @@ pub fn run_writer(
     limiter: Option<Arc<RateLimiter>>,
     counters: Arc<Counters>,
     failure: Arc<Failure>,
+    meter: Option<Arc<LinkMeter>>,
 ) -> TcpStream {
     let mut packet_num = 0u64;
     for msg in rx.iter() {
@@ -430,6 +485,8 @@ pub fn run_writer(
         let hdr = header.encode();
         let crc = PacketCrc::resume(body_crc).finish(&hdr).to_le_bytes();
         let total = header.wire_len();
+        // Busy from here (waiting for the limiter, then for the socket) to the end of the write.
+        let busy_from = std::time::Instant::now();
         if let Some(l) = &limiter {
             l.acquire(total as u64);
         }
@@ -449,6 +506,9 @@ pub fn run_writer(
             }
         } else {
             Counters::add(&counters.wire_bytes, total as u64);
+            if let Some(m) = &meter {
+                m.add(total as u64, busy_from.elapsed());
+            }
             Counters::add(&counters.packets, 1);
         }
         if let (Payload::Owned(buf, _), Some(r)) = (payload, recycle) {

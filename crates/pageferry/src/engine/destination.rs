@@ -12,7 +12,7 @@
 use super::postcopy::Placer;
 use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
 use super::{DestinationConfig, DestinationWorkload, MigrationError, Side};
-use crate::codec::{self, Codec, Method, MAX_BATCH_BYTES};
+use crate::codec::{self, Codec, CodecSpec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, MemoryRegion, PAGE_SIZE};
 use crate::wire::{
     self, PostcopyStats, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
@@ -32,7 +32,29 @@ pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, 
 /// only M (at any of its levels); postcopy (whether the memory a source offers can take it is
 /// checked when it asks: a refusal says why).
 fn capabilities(config: &DestinationConfig) -> Capabilities {
-    Capabilities { methods: vec![config.codec.method.caps()], features: Features { postcopy: true, ..Features::default() } }
+    let methods = if config.only { vec![config.codec.method.caps()] } else { Method::all().map(Method::caps).collect() };
+    Capabilities { methods, features: Features { postcopy: true, auto: true, ..Features::default() } }
+}
+
+/// The decoder for a compressed packet of method `code` (one of `accepted`), opened at its
+/// first packet with the destination's local options (`spec`: qatzip provider and library).
+fn decoder<'c>(
+    codecs: &'c mut [Option<Box<dyn Codec>>],
+    accepted: &[Method],
+    spec: &CodecSpec,
+    code: MethodCode,
+    channel: impl Fn() -> String,
+) -> Result<&'c mut dyn Codec, PacketError> {
+    let i = accepted.iter().position(|m| m.code() == code).ok_or_else(|| WireError::malformed("packet", format!("method {}", method_name(code))))?;
+    let method = accepted[i];
+    if !method.compresses() {
+        return Err(WireError::malformed("packet", "compressed payload with method none").into());
+    }
+    if codecs[i].is_none() {
+        let spec = CodecSpec { method, level: method.default_level(), qatzip: spec.qatzip.clone() };
+        codecs[i] = Some(codec::open(&spec).map_err(|cause| PacketError::Other(MigrationError::Codec { channel: channel(), cause }))?);
+    }
+    Ok(codecs[i].as_deref_mut().expect("opened above"))
 }
 
 /// A method code's name for messages.
@@ -51,11 +73,20 @@ fn negotiate(versions: VersionRange) -> Result<u16, String> {
 /// the refusal both sides print.
 fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<(GuestMemory, u16), String> {
     let version = negotiate(h.versions)?;
-    if h.method != config.codec.method.code() {
-        return Err(format!("compression method mismatch: source uses {}, destination expects {}", method_name(h.method), config.codec.method));
-    }
     let caps = capabilities(config);
-    caps.check(h.method, &method_name(h.method), h.level, &h.wants)?;
+    if h.wants.auto {
+        // The source picks per packet among what the Welcome announces; each packet's method
+        // is checked as it arrives.
+        let missing = caps.features.missing(&h.wants);
+        if !missing.is_empty() {
+            return Err(format!("the destination does not support {}", missing.join(", ")));
+        }
+    } else {
+        if config.only && h.method != config.codec.method.code() {
+            return Err(format!("compression method mismatch: source uses {}, destination expects {}", method_name(h.method), config.codec.method));
+        }
+        caps.check(h.method, &method_name(h.method), h.level, &h.wants)?;
+    }
     if h.channels == 0 || h.channels > 256 {
         return Err(format!("bad channel count {}", h.channels));
     }
@@ -317,8 +348,12 @@ struct Reader<'a> {
     idx: usize,
     sock: TcpStream,
     memory: &'a GuestMemory,
-    method: Method,
-    codec: Option<Box<dyn Codec>>,
+    /// Methods packets may name: the session's one, or (auto) every announced method.
+    accepted: Vec<Method>,
+    /// A decoder per accepted method, opened at its first compressed packet.
+    codecs: Vec<Option<Box<dyn Codec>>>,
+    /// Options for opening them (qatzip provider and library).
+    spec: &'a CodecSpec,
     gate: &'a Gate,
     counters: &'a Counters,
     fresh: &'a [bool],
@@ -408,8 +443,12 @@ impl Reader<'_> {
     /// the next packet number, the current round (or postcopy's, whose placer is returned).
     fn validate(&mut self, hdr: &[u8; PACKET_HEADER_LEN]) -> Result<(PacketHeader, Option<Arc<Placer>>), PacketError> {
         let h = PacketHeader::decode(hdr)?;
-        if h.method != self.method.code() {
-            return Err(WireError::malformed("packet", format!("method {} on a {} migration", method_name(h.method), self.method)).into());
+        if !self.accepted.iter().any(|m| m.code() == h.method) {
+            let detail = match &self.accepted[..] {
+                [one] => format!("method {} on a {one} migration", method_name(h.method)),
+                all => format!("method {}, which the destination did not announce (it decodes {})", method_name(h.method), all.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")),
+            };
+            return Err(WireError::malformed("packet", detail).into());
         }
         if h.packet_num != self.next_num {
             return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, self.next_num)).into());
@@ -521,7 +560,7 @@ impl Reader<'_> {
         }
         let (idx, round) = (self.idx, h.round);
         let decode_err = |cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {idx} in round {round}"), cause });
-        let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
+        let codec = decoder(&mut self.codecs, &self.accepted, self.spec, h.method, || format!("channel {idx} in round {round}"))?;
         if runs.len() == 1 && self.zero_copy {
             codec.decompress(payload, runs[0]).map_err(decode_err)?;
         } else {
@@ -589,7 +628,7 @@ impl Reader<'_> {
             &payload[..len]
         } else {
             let idx = self.idx;
-            let codec = self.codec.as_mut().ok_or_else(|| WireError::malformed("packet", "compressed payload on a method-none migration"))?;
+            let codec = decoder(&mut self.codecs, &self.accepted, self.spec, h.method, || format!("channel {idx} in postcopy"))?;
             codec
                 .decompress(&payload[..len], &mut self.bounce[..n_bytes])
                 .map_err(|cause| PacketError::Other(MigrationError::Codec { channel: format!("channel {idx} in postcopy"), cause }))?;
@@ -673,15 +712,31 @@ pub fn run_destination_with(
     config: &DestinationConfig,
 ) -> Result<(DestinationReport, GuestMemory), MigrationError> {
     let cpu = CpuMeter::start();
-    let info = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info();
-    if let Some(note) = info.note {
-        config.events.emit(Note::CodecNote { method: info.method.to_string(), note });
+    if config.only {
+        // A restricted destination checks its one decoder before accepting anyone.
+        codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?;
     }
-    let provider = info.provider;
     let Session { control, data, urgent, hello, memory, version } = accept_session(listener, provide, config)?;
     // Every read and write on every channel is bounded by the stall timeout; the source sends
     // keepalives on control, so a silent control channel is a dead one.
     control.set_read_timeout(Some(config.stall_timeout)).ok();
+    // Methods the packets may name, and who decodes them (for the report).
+    let accepted: Vec<Method> = if hello.wants.auto {
+        capabilities(config).methods.iter().filter_map(|c| Method::from_code(c.code)).collect()
+    } else {
+        Method::from_code(hello.method).into_iter().collect()
+    };
+    let mut providers = Vec::new();
+    for &m in accepted.iter().filter(|m| m.compresses()) {
+        let spec = CodecSpec { method: m, level: m.default_level(), qatzip: config.codec.qatzip.clone() };
+        let info = codec::open(&spec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?.info();
+        // (An auto session lists every method; notes only for the one a session uses.)
+        if let (Some(note), false) = (info.note, hello.wants.auto) {
+            config.events.emit(Note::CodecNote { method: info.method.to_string(), note });
+        }
+        providers.push(info.provider);
+    }
+    let provider = if providers.is_empty() { "none".to_string() } else { providers.join(", ") };
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
@@ -721,16 +776,13 @@ pub fn run_destination_with(
             // The urgent channel may stay silent for the whole pre-copy phase.
             sock.set_read_timeout(if urgent { None } else { Some(config.stall_timeout) }).ok();
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
-            let codec = match config.codec.method.compresses() {
-                false => None,
-                true => Some(codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {idx}"), cause: source })?),
-            };
             let reader = Reader {
                 idx,
                 sock,
                 memory,
-                method: config.codec.method,
-                codec,
+                accepted: accepted.clone(),
+                codecs: accepted.iter().map(|_| None).collect(),
+                spec: &config.codec,
                 gate: &gate,
                 counters: &counters,
                 fresh: &fresh,

@@ -210,8 +210,13 @@ pub struct PostcopyConfig {
 /// Destination settings.
 #[derive(Clone, Debug)]
 pub struct DestinationConfig {
-    /// The method this destination expects; a source offering another is refused.
+    /// Options for opening decoders (the qatzip provider and library). Its method is the only
+    /// one accepted when `only` is set; otherwise the method and level are not used.
     pub codec: CodecSpec,
+    /// Accept only `codec.method` [`recv --multifd-compression M`]. Off (the default): the
+    /// destination announces and decodes every method of this build, per packet, so a source
+    /// may use any of them or choose per batch (`auto`).
+    pub only: bool,
     /// How long to wait for the source to connect all channels.
     pub accept_timeout: Duration,
     /// A channel (data or control) silent for this long has failed [`--stall-timeout`,
@@ -242,6 +247,7 @@ impl Default for DestinationConfig {
     fn default() -> Self {
         Self {
             codec: CodecSpec::default(),
+            only: false,
             accept_timeout: Duration::from_secs(60),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             cancel: CancelToken::default(),

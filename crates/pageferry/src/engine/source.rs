@@ -11,16 +11,18 @@
 //! leaves it untouched; a workload paused for the switchover is resumed on failure.
 
 use super::channel::{self, Batch, Failure, Outstanding, ToSocket, WorkerContext};
+use super::auto::{AutoSelector, Encoders, LinkMeter};
+use super::policy::{AutoConfig, Candidate};
 use super::ratelimit::RateLimiter;
 use super::stats::{cpu_percent, mbps, Counters, CpuMeter, DestinationReport, Event, MigrationReport, MigrationStatus, Progress, ProgressSink, RoundStats};
 use super::converge::Throttler;
 use super::postcopy::UrgentServer;
 use super::link::{is_timeout, secs, ControlLink};
 use super::{MigrationError, Side, SourceConfig, SourceWorkload};
-use crate::codec::{self, CodecInfo, MAX_BATCH_PAGES};
+use crate::codec::{self, CodecInfo, CodecSpec, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::wire::{self, Capabilities, Control, Features, Hello, Role, SessionId, VersionRange, WireError};
+use crate::wire::{self, Capabilities, Control, Features, Hello, MethodCode, Role, SessionId, VersionRange, WireError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,11 +105,50 @@ pub(crate) fn switchover_estimate(remaining: f64, raw_rate: f64) -> Duration {
 /// tell the destination (Abort) and fail with the reason.
 fn check_capabilities(sock: &mut TcpStream, welcome: &Welcome, config: &SourceConfig, wants: &Features) -> Result<(), MigrationError> {
     let m = config.codec.method;
-    if let Err(reason) = welcome.capabilities.check(m.code(), m.name(), config.codec.level, wants) {
+    let checked = if wants.auto {
+        let missing = welcome.capabilities.features.missing(wants);
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("the destination does not support {} (a pageferry too old for --multifd-compression auto?)", missing.join(", ")))
+        }
+    } else {
+        welcome.capabilities.check(m.code(), m.name(), config.codec.level, wants)
+    };
+    if let Err(reason) = checked {
         let _ = wire::write_frame(sock, welcome.version, &Control::Abort { reason: reason.clone() }, &[]);
         return Err(MigrationError::Refused(reason));
     }
     Ok(())
+}
+
+/// `auto`'s candidates: those of `auto` that the destination decodes (method and level, as
+/// its Welcome announced) and that open here, with their codec specs and the method code their
+/// packets carry. `none` is always one: raw packets, labelled `none` when the destination
+/// decodes it and else with the first method it decodes (a raw packet needs no decoder).
+/// Returns the candidates, specs, codes, and the code for sync packets.
+fn auto_candidates(auto: &AutoConfig, caps: &Capabilities, local: &CodecSpec) -> (Vec<Candidate>, Vec<CodecSpec>, Vec<MethodCode>, MethodCode) {
+    let none = Candidate::none();
+    let label = if caps.methods.iter().any(|m| m.code == none.method.code()) { none.method.code() } else { caps.methods.first().map_or(none.method.code(), |m| m.code) };
+    let (mut cands, mut specs, mut codes) = (vec![none], vec![CodecSpec { qatzip: local.qatzip.clone(), ..CodecSpec::new(none.method) }], vec![label]);
+    for &c in &auto.candidates {
+        if !c.compresses() || cands.contains(&c) {
+            continue;
+        }
+        let Ok(level) = u8::try_from(c.level) else { continue };
+        if !caps.methods.iter().any(|m| m.code == c.method.code() && (m.min_level..=m.max_level).contains(&level)) {
+            continue;
+        }
+        let Ok(mut spec) = CodecSpec::with_level(c.method, level) else { continue };
+        spec.qatzip = local.qatzip.clone();
+        if codec::open(&spec).is_err() {
+            continue;
+        }
+        cands.push(c);
+        specs.push(spec);
+        codes.push(c.method.code());
+    }
+    (cands, specs, codes, label)
 }
 
 /// Migrate `memory` to the destination listening at `addr`.
@@ -149,7 +190,7 @@ fn source_session(
     let mut session = open_session(addr, memory, config)?;
     tracker.start(memory)?;
     let setup_time = t0.elapsed();
-    let shared = Shared::new(memory, tracker.guest_may_write(), config);
+    let shared = Shared::new(memory, tracker.guest_may_write(), config, &session.capabilities, depth);
     // Postcopy's urgent channel: requested pages skip the queue of background batches.
     let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
     let urgent_outstanding = Arc::new(Outstanding::default());
@@ -213,12 +254,14 @@ struct Session {
     urgent: Option<TcpStream>,
     /// The protocol version agreed in the handshake.
     version: u16,
+    /// What the destination decodes (auto chooses among it).
+    capabilities: Capabilities,
 }
 
 /// Connect the control channel and every data channel and shake hands on each.
 fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Result<Session, MigrationError> {
     let session = SessionId::random();
-    let wants = Features { postcopy: config.postcopy.is_some(), ..Features::default() };
+    let wants = Features { postcopy: config.postcopy.is_some(), auto: config.auto.is_some(), ..Features::default() };
     let hello = |role, channel| Hello {
         versions: VersionRange::SUPPORTED,
         session,
@@ -268,7 +311,7 @@ fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Resu
         }
         None => None,
     };
-    Ok(Session { control, data, urgent, version })
+    Ok(Session { control, data, urgent, version, capabilities: welcome.capabilities })
 }
 
 type ControlRx = Receiver<Result<(Control, Vec<u8>), WireError>>;
@@ -304,6 +347,15 @@ fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<Urg
     Ok(ctl_rx)
 }
 
+/// `--multifd-compression auto`: one selector for all workers over the candidates both sides
+/// can use, each candidate's codec spec and packet method code, the code of raw/sync packets.
+struct Auto {
+    selector: Arc<AutoSelector>,
+    specs: Vec<CodecSpec>,
+    codes: Vec<MethodCode>,
+    label: MethodCode,
+}
+
 /// State shared by the control thread and the channel threads.
 struct Shared {
     counters: Arc<Counters>,
@@ -311,10 +363,13 @@ struct Shared {
     outstanding: Arc<Outstanding>,
     limiter: Option<Arc<RateLimiter>>,
     ctx: Arc<WorkerContext>,
+    /// The writers measure the link for auto.
+    meter: Arc<LinkMeter>,
+    auto: Option<Auto>,
 }
 
 impl Shared {
-    fn new(memory: &GuestMemory, live: bool, config: &SourceConfig) -> Self {
+    fn new(memory: &GuestMemory, live: bool, config: &SourceConfig, caps: &Capabilities, depth: usize) -> Self {
         let counters = Arc::new(Counters::default());
         let failure = Arc::new(Failure::default());
         let outstanding = Arc::new(Outstanding::default());
@@ -327,7 +382,17 @@ impl Shared {
             outstanding: outstanding.clone(),
             failure: failure.clone(),
         });
-        Self { counters, failure, outstanding, limiter, ctx }
+        let meter = Arc::new(LinkMeter::default());
+        let auto = config.auto.as_ref().map(|a| {
+            let (cands, specs, codes, label) = auto_candidates(a, caps, &config.codec);
+            let selector = Arc::new(AutoSelector::new(&cands, a.clone(), config.channels * depth, config.channels, meter.clone(), limiter.clone()));
+            Auto { selector, specs, codes, label }
+        });
+        Self { counters, failure, outstanding, limiter, ctx, meter, auto }
+    }
+    /// The method code of sync packets (and raw ones under auto).
+    fn sync_code(&self, config: &SourceConfig) -> MethodCode {
+        self.auto.as_ref().map_or(config.codec.method.code(), |a| a.label)
     }
 }
 
@@ -352,13 +417,20 @@ fn spawn_channels<'scope>(
     for (i, sock) in data.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
         for w in 0..depth {
-            let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), cause: source })?;
+            let coder = match &shared.auto {
+                Some(a) => channel::Coder::Auto { selector: a.selector.clone(), encoders: Encoders::new(a.specs.clone(), a.codes.clone()) },
+                None => {
+                    let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: format!("channel {i}"), cause: source })?;
+                    channel::Coder::Fixed(codec, config.codec.method.code())
+                }
+            };
             let (ctx, work_rx, tx) = (shared.ctx.clone(), work_rx.clone(), tx.clone());
-            std::thread::Builder::new().name(format!("pf-c{i}-w{w}")).spawn_scoped(scope, move || channel::run_worker(ctx, codec, work_rx, tx)).map_err(spawn_err)?;
+            std::thread::Builder::new().name(format!("pf-c{i}-w{w}")).spawn_scoped(scope, move || channel::run_worker(ctx, coder, work_rx, tx)).map_err(spawn_err)?;
         }
         let (counters, failure, limiter) = (shared.counters.clone(), shared.failure.clone(), shared.limiter.clone());
-        let method = config.codec.method.code();
-        let writer = move || channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure);
+        let method = shared.sync_code(config);
+        let meter = shared.auto.is_some().then(|| shared.meter.clone());
+        let writer = move || channel::run_writer(format!("channel {i}"), sock, method, rx, limiter, counters, failure, meter);
         ch.writers.push(std::thread::Builder::new().name(format!("pf-c{i}-tx")).spawn_scoped(scope, writer).map_err(spawn_err)?);
         ch.to_sockets.push(tx);
     }
@@ -378,11 +450,14 @@ fn spawn_urgent<'scope>(
     let spawn_err = |e: std::io::Error| MigrationError::Other(format!("spawn: {e}"));
     let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
     let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "urgent channel".into(), cause: source })?;
+    // (Under auto: the configured method; its raw packets under the session's label.)
+    let code = if config.codec.method.compresses() { config.codec.method.code() } else { shared.sync_code(config) };
+    let coder = channel::Coder::Fixed(codec, code);
     let uctx = Arc::new(WorkerContext { outstanding: urgent_outstanding, ..WorkerContext::clone(&shared.ctx) });
-    std::thread::Builder::new().name("pf-urgent-w".into()).spawn_scoped(scope, move || channel::run_worker(uctx, codec, urgent_rx, tx)).map_err(spawn_err)?;
+    std::thread::Builder::new().name("pf-urgent-w".into()).spawn_scoped(scope, move || channel::run_worker(uctx, coder, urgent_rx, tx)).map_err(spawn_err)?;
     let (counters, failure) = (shared.counters.clone(), shared.failure.clone());
-    let method = config.codec.method.code();
-    let writer = move || channel::run_writer("urgent channel".into(), sock, method, rx, None, counters, failure);
+    let method = shared.sync_code(config);
+    let writer = move || channel::run_writer("urgent channel".into(), sock, method, rx, None, counters, failure, None);
     std::thread::Builder::new().name("pf-urgent-tx".into()).spawn_scoped(scope, writer).map_err(spawn_err)
 }
 
@@ -409,8 +484,9 @@ fn completed_report(i: ReportInputs) -> MigrationReport {
     let (cpu_s, wall_s) = i.cpu;
     MigrationReport {
         status: "completed".into(),
-        method: i.info.method.name().into(),
-        level: i.info.level,
+        method: if i.shared.auto.is_some() { "auto".into() } else { i.info.method.name().into() },
+        level: if i.shared.auto.is_some() { 0 } else { i.info.level },
+        auto: i.shared.auto.as_ref().map(|a| a.selector.report()),
         provider: i.info.provider,
         channels: i.config.channels,
         pipeline_depth: i.depth,

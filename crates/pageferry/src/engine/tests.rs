@@ -659,3 +659,78 @@ fn a_destination_requiring_digests_refuses_a_postcopy_source() {
         assert!(e.contains("postcopy") && e.contains("--no-verify"), "{e}");
     }
 }
+
+/// `n` pages of compressible text in one region.
+fn text_memory(pages: u64) -> GuestMemory {
+    let region = MmapRegion::anonymous("ram0", pages * PAGE_SIZE as u64).unwrap();
+    let text = conformance::sample_text(region.len() as usize, 9);
+    unsafe { std::slice::from_raw_parts_mut(region.host_ptr(), region.len() as usize) }.copy_from_slice(&text[..region.len() as usize]);
+    GuestMemory::single(region).unwrap()
+}
+
+/// Lowers the rate limiter's cap once the migration has moved `after` guest bytes.
+struct CapChanger {
+    limiter: Arc<ratelimit::RateLimiter>,
+    after: u64,
+    to: u64,
+}
+
+impl ProgressSink for CapChanger {
+    fn update(&self, p: &Progress) {
+        if p.bytes_done >= self.after && self.limiter.rate() != self.to {
+            self.limiter.set_rate(self.to);
+        }
+    }
+}
+
+#[test]
+fn auto_changes_its_choice_when_the_link_slows_down_mid_migration() {
+    // Compression is planned with a tenth of a core, so at 100 MB/s sending raw is faster;
+    // at 4 MB/s compressing text (ratio ~4) is. The test lowers the cap after 8 MiB.
+    let src = text_memory(8192);
+    let dst = empty_like(&src);
+    let limiter = Arc::new(ratelimit::RateLimiter::new(100_000_000));
+    let auto = policy::AutoConfig { candidates: vec!["zstd:1".parse().unwrap()], max_cpu: Some(0.1), ..Default::default() };
+    let cfg = SourceConfig { auto: Some(auto), limiter: Some(limiter.clone()), ..Default::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let changer = CapChanger { limiter: limiter.clone(), after: 8 << 20, to: 4_000_000 };
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &DestinationConfig::default()));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &changer);
+        (r, d.join().unwrap())
+    });
+    let r = r.unwrap();
+    d.unwrap();
+    assert_eq!(src.digest(), dst.digest());
+    assert_eq!(limiter.rate(), 4_000_000, "the cap was changed during the migration");
+    let a = r.auto.clone().expect("auto report");
+    assert_eq!(r.method, "auto");
+    let log: Vec<&str> = a.switch_log.iter().map(|(_, c, _)| c.as_str()).collect();
+    let to_none = log.iter().position(|c| *c == "none").unwrap_or_else(|| panic!("never chose none on the fast link: {log:?}\n{}", r.render()));
+    assert!(log[to_none..].contains(&"zstd:1"), "never went back to zstd after the cap dropped: {log:?}\n{}", r.render());
+    assert!(a.share_of("none") > 0.1 && a.share_of("zstd:1") > 0.1, "{}", a.summary());
+    assert!(r.render().contains("auto batches:"), "{}", r.render());
+}
+
+#[test]
+fn auto_against_a_destination_restricted_to_one_method_uses_only_that_method() {
+    let src = test_memory([2048, 256]);
+    let dst = empty_like(&src);
+    let cfg = SourceConfig { auto: Some(policy::AutoConfig::default()), ..Default::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { codec: crate::codec::CodecSpec::new(named("zlib")), only: true, ..Default::default() };
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    let r = r.unwrap();
+    d.unwrap();
+    assert_eq!(src.digest(), dst.digest());
+    let a = r.auto.expect("auto report");
+    let names: Vec<&str> = a.shares.iter().map(|s| s.candidate.as_str()).collect();
+    assert_eq!(names, ["none", "zlib:1"], "candidates against a zlib-only destination");
+    assert!(a.shares[1].batches > 0, "{}", a.summary());
+}

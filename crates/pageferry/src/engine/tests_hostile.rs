@@ -128,10 +128,11 @@ impl DestinationWorkload for Recorder {
 
 type DestResult = Result<DestinationReport, MigrationError>;
 
-/// Run a real destination on its own thread; its result arrives on the receiver.
+/// Run a real destination that accepts only `method` on its own thread; its result arrives
+/// on the receiver.
 fn spawn_destination(listener: TcpListener, memory: GuestMemory, method: Method, recorder: Recorder) -> Receiver<DestResult> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, stall_timeout: IO, ..Default::default() };
+    let config = DestinationConfig { codec: CodecSpec::new(method), only: true, accept_timeout: IO, stall_timeout: IO, ..Default::default() };
     std::thread::Builder::new()
         .name("pf-test-dst".into())
         .spawn(move || {
@@ -789,7 +790,7 @@ fn a_newer_source_is_answered_in_the_highest_common_version() {
             assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(capabilities.methods, vec![named("none").caps()]);
             // Postcopy is offered (the memory is checked when a source asks for it).
-            assert_eq!(capabilities.features, wire::Features { postcopy: true, ..wire::Features::default() });
+            assert_eq!(capabilities.features, wire::Features { postcopy: true, auto: true, ..wire::Features::default() });
         }
         other => panic!("expected Welcome, got {other:?}"),
     }

@@ -197,10 +197,19 @@
 //! # Capabilities
 //!
 //! The destination announces in its Welcome the methods (with level ranges) it decodes and
-//! the optional [`Features`] it supports (`tls`, `postcopy`, `auto`; `postcopy` is on, the
-//! others reserved and off in this version). It also checks the Hello itself and refuses a method, level or wanted
-//! feature it lacks; the source checks the Welcome's capabilities against what it will send
-//! and fails with a clear message (sending Abort) instead of a mismatch later.
+//! the optional [`Features`] it supports (`tls`: reserved, off; `postcopy` and `auto`: on). It
+//! also checks the Hello itself and refuses a method, level or wanted feature it lacks; the
+//! source checks the Welcome's capabilities against what it will send and fails with a clear
+//! message (sending Abort) instead of a mismatch later.
+//!
+//! `auto` (per-packet method choice): a source that wants it (`Hello.wants.auto`; its
+//! `method`/`level` are then not checked) may send each packet with any method the Welcome
+//! announced, at any announced level — the packet's method byte says which, and levels do
+//! not matter to decoders. Raw packets (uncompressed batches) carry `none`, or the first
+//! announced method when `none` is not announced; so do sync packets. A packet naming a method
+//! the Welcome did not announce is a protocol error. Without `auto`, every packet carries the
+//! Hello's method. A destination announces every method of its build, or only M when
+//! restricted (`recv --multifd-compression M`).
 
 mod control;
 mod packet;
