@@ -273,9 +273,10 @@ impl Policy {
             }
         }
         let cores = cfg.max_cpu.unwrap_or(workers as f64).min(workers.max(1) as f64).max(0.01);
-        // Start with the cheapest compressing candidate listed: a safe middle until the first
-        // window has measured the link.
-        let current = if cands.len() > 1 { 1 } else { 0 };
+        // Start with none until the first window (every candidate probed once, a dozen batches)
+        // has measured the link: on a slow link that costs those few batches' compression; on
+        // a fast one compressing them would cost more (measured on this project's bench).
+        let current = 0;
         let n = cands.len();
         let shares = cands.iter().map(|c| AutoShare { candidate: c.to_string(), ..Default::default() }).collect();
         Self {

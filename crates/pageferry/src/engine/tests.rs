@@ -706,9 +706,9 @@ fn auto_changes_its_choice_when_the_link_slows_down_mid_migration() {
     assert_eq!(limiter.rate(), 4_000_000, "the cap was changed during the migration");
     let a = r.auto.clone().expect("auto report");
     assert_eq!(r.method, "auto");
+    // It starts with none and keeps it on the fast link, then compresses on the slow one.
     let log: Vec<&str> = a.switch_log.iter().map(|(_, c, _)| c.as_str()).collect();
-    let to_none = log.iter().position(|c| *c == "none").unwrap_or_else(|| panic!("never chose none on the fast link: {log:?}\n{}", r.render()));
-    assert!(log[to_none..].contains(&"zstd:1"), "never went back to zstd after the cap dropped: {log:?}\n{}", r.render());
+    assert_eq!(log.last(), Some(&"zstd:1"), "never switched to zstd after the cap dropped: {log:?}\n{}", r.render());
     assert!(a.share_of("none") > 0.1 && a.share_of("zstd:1") > 0.1, "{}", a.summary());
     assert!(r.render().contains("auto batches:"), "{}", r.render());
 }
