@@ -168,6 +168,8 @@ pub struct SourceArgs {
     /// Copy every batch before compressing/sending (measures what zero copy saves).
     #[arg(long = "no-zero-copy")]
     pub no_zero_copy: bool,
+    #[command(flatten)]
+    pub tls: crate::tls::SendTlsArgs,
 }
 
 impl SourceArgs {
@@ -228,6 +230,7 @@ impl SourceArgs {
             stall_timeout: Duration::from_secs(self.stall_timeout_s),
             cancel: crate::cancel_token(),
             zero_copy: !self.no_zero_copy,
+            tls: self.tls.client_config()?,
             ..Default::default()
         })
     }

@@ -41,6 +41,9 @@ pub struct DemoArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Migrate over TLS 1.3 (mutual x509 authentication) with throwaway credentials.
+    #[arg(long)]
+    tls: bool,
 }
 
 fn digest_file(path: &std::path::Path) -> Result<u128> {
@@ -60,10 +63,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
         .with_context(|| format!("writing {}", src.display()))?;
     bar.finish_and_clear();
 
+    let creds = if a.tls { Some(crate::tls::Throwaway::new()?) } else { None };
+    let tls_args: Vec<&std::ffi::OsStr> = match &creds {
+        Some(c) => vec!["--tls-creds".as_ref(), c.path().as_os_str()],
+        None => vec![],
+    };
     let mut recv = Command::new(&exe)
         .args(["recv", "--listen", "127.0.0.1:0", "--json", "--no-verify", "--multifd-compression", &a.method])
         .arg("--image")
         .arg(&dst)
+        .args(&tls_args)
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the destination process")?;
@@ -82,6 +91,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     send.args(["send", "--connect", addr, "--json", "--no-verify", "--multifd-compression", &a.method, "--multifd-channels", &a.channels.to_string()])
         .arg("--image")
         .arg(&src)
+        .args(&tls_args)
         .stdout(Stdio::piped());
     if let Some(b) = &a.max_bandwidth {
         send.args(["--max-bandwidth", b]);

@@ -8,6 +8,7 @@ mod demo;
 mod events;
 mod exit;
 mod progress;
+mod tls;
 mod vm;
 mod workload;
 
@@ -117,6 +118,8 @@ struct RecvArgs {
     /// completed, then stop it and report where it started and stopped.
     #[arg(long = "run-after-ms", default_value_t = 0)]
     run_after_ms: u64,
+    #[command(flatten)]
+    tls: tls::RecvTlsArgs,
 }
 
 /// What `recv --json` prints: the destination's report, and where a resumed writer started
@@ -261,6 +264,7 @@ fn recv(a: RecvArgs) -> Result<()> {
         events: progress::stderr_events(),
         stall_timeout: Duration::from_secs(a.stall_timeout_s),
         cancel: cancel_token(),
+        tls: a.tls.server_config(&a.listen)?,
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;

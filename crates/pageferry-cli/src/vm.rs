@@ -32,6 +32,8 @@ pub struct VmRecvArgs {
     mem: Option<u64>,
     #[command(flatten)]
     method: MethodArgs,
+    #[command(flatten)]
+    tls: crate::tls::RecvTlsArgs,
     /// How long the resumed guest runs before the stamp check.
     #[arg(long = "run-after-ms", default_value_t = 300)]
     run_after_ms: u64,
@@ -96,6 +98,9 @@ pub struct VmDemoArgs {
     /// Throttle the vCPU when pre-copy does not converge.
     #[arg(long = "auto-converge")]
     auto_converge: bool,
+    /// Migrate over TLS 1.3 (mutual x509 authentication) with throwaway credentials.
+    #[arg(long)]
+    tls: bool,
     #[arg(long)]
     json: bool,
 }
@@ -183,6 +188,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         events: crate::progress::stderr_events(),
         stall_timeout: Duration::from_secs(a.stall_timeout_s),
         cancel: crate::cancel_token(),
+        tls: a.tls.server_config(&a.listen)?,
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
@@ -236,9 +242,15 @@ fn demo(a: VmDemoArgs) -> Result<()> {
         bail!("--postcopy cannot be combined with --verify: postcopy has no memory digest (the guest runs on the destination before all memory has arrived)");
     }
     let exe = std::env::current_exe()?;
+    let creds = if a.tls { Some(crate::tls::Throwaway::new()?) } else { None };
+    let tls_args: Vec<&std::ffi::OsStr> = match &creds {
+        Some(c) => vec!["--tls-creds".as_ref(), c.path().as_os_str()],
+        None => vec![],
+    };
     let mut recv = Command::new(&exe)
         .args(["vm", "recv", "--listen", "127.0.0.1:0", "--json", "--multifd-compression", &a.method])
         .args(if a.verify { &[][..] } else { &["--no-verify"][..] })
+        .args(&tls_args)
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the destination")?;
@@ -252,6 +264,7 @@ fn demo(a: VmDemoArgs) -> Result<()> {
     send.args(["vm", "send", "--json", "--connect", addr, "--multifd-compression", &a.method])
         .args(["--multifd-channels", &a.channels.to_string(), "--downtime-limit", &a.downtime_limit.to_string()])
         .args(["--mem", &a.guest.mem.to_string(), "--working-set", &a.guest.working_set.to_string(), "--guest-dirty-rate", &a.guest.guest_dirty_rate])
+        .args(&tls_args)
         .stdout(Stdio::piped());
     if !a.verify {
         send.arg("--no-verify");

@@ -64,3 +64,4 @@ pub mod dirty;
 pub mod engine;
 pub mod memory;
 pub mod wire;
+pub mod transport;

@@ -60,24 +60,27 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
         let mut channels: Vec<usize> = on_link.iter().map(|r| r.case.channels).collect();
         channels.sort_unstable();
         channels.dedup();
-        let mut keys: Vec<(BenchMethod, u8)> = Vec::new();
+        let mut keys: Vec<(BenchMethod, u8, bool)> = Vec::new();
         for r in &on_link {
-            if !keys.contains(&(r.case.method, r.case.level)) {
-                keys.push((r.case.method, r.case.level));
+            if !keys.contains(&(r.case.method, r.case.level, r.case.tls)) {
+                keys.push((r.case.method, r.case.level, r.case.tls));
             }
         }
-        let several_levels = |m: BenchMethod| keys.iter().filter(|k| k.0 == m).count() > 1;
+        let several_levels = |m: BenchMethod| keys.iter().filter(|k| k.0 == m && !k.2).count() > 1 || keys.iter().filter(|k| k.0 == m && k.2).count() > 1;
         let series_of = |get: Getter, side: &str, dashed: bool| -> Vec<Series> {
             keys.iter()
-                .map(|&(m, l)| {
-                    let nth = keys.iter().filter(|k| k.0 == m).position(|k| k.1 == l).unwrap_or(0);
+                .map(|&(m, l, tls)| {
+                    let nth = keys.iter().filter(|k| k.0 == m).position(|k| (k.1, k.2) == (l, tls)).unwrap_or(0);
                     let mut label = if several_levels(m) { format!("{m} {l}") } else { m.to_string() };
+                    if tls {
+                        label.push_str(" TLS");
+                    }
                     if !side.is_empty() {
                         label.push_str(side);
                     }
                     let mut points: Vec<(f64, f64)> = on_link
                         .iter()
-                        .filter(|r| (r.case.method, r.case.level) == (m, l))
+                        .filter(|r| (r.case.method, r.case.level, r.case.tls) == (m, l, tls))
                         .filter_map(|r| {
                             let x = channels.iter().position(|&c| c == r.case.channels)? as f64;
                             Some((x, get(&r.summary()?.median)))
@@ -231,7 +234,7 @@ mod tests {
         for (m, l) in [("none", 0), ("zstd", 1), ("zstd", 3)].map(|(n, l)| (n.parse::<Method>().unwrap(), l)) {
             for ch in [1, 2, 4] {
                 results.push(CaseResult {
-                    case: Case { method: m.into(), level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() } },
+                    case: Case { method: m.into(), level: l, channels: ch, link: Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() }, tls: false },
                     status: Status::Ok,
                     reason: None,
                     runs: vec![rec(10.0 / ch as f64)],
@@ -260,7 +263,7 @@ mod tests {
         let mut results = Vec::new();
         for link in &links {
             for m in [BenchMethod::Auto, "none".parse::<Method>().unwrap().into(), "zstd".parse::<Method>().unwrap().into()] {
-                results.push(CaseResult { case: Case { method: m, level: 0, channels: 2, link: link.clone() }, status: Status::Ok, reason: None, runs: vec![rec(3.0)] });
+                results.push(CaseResult { case: Case { method: m, level: 0, channels: 2, link: link.clone(), tls: false }, status: Status::Ok, reason: None, runs: vec![rec(3.0)] });
             }
         }
         let files = write_all(&results, dir.path()).unwrap();

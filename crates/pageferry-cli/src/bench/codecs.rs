@@ -266,6 +266,7 @@ pub fn run(a: CodecsArgs) -> Result<()> {
         qatzip_provider: a.qatzip_provider.clone(),
         no_engine_verify: true,
         file_check: true,
+        tls_creds: None,
     };
 
     let mut rows = Vec::new();
@@ -283,7 +284,7 @@ pub fn run(a: CodecsArgs) -> Result<()> {
             (None, None)
         } else {
             eprintln!("pageferry bench codecs: {m} level {l}: engine migration, {} channels, unlimited link ...", a.channels);
-            let case = Case { method: m.into(), level: l, channels: a.channels, link: Link::Unlimited };
+            let case = Case { method: m.into(), level: l, channels: a.channels, link: Link::Unlimited, tls: false };
             match matrix::run_once(&env, &case, &|_| {}) {
                 Ok(r) if r.file_check == "match" => (Some(r), None),
                 Ok(r) => (None, Some(format!("destination file differs from the source (file check: {})", r.file_check))),

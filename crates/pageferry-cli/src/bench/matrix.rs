@@ -60,6 +60,10 @@ pub struct MatrixArgs {
     /// two image files after each run.
     #[arg(long = "no-file-check")]
     no_file_check: bool,
+    /// TLS 1.3 on every channel (mutual x509 with throwaway credentials): off, on, or both
+    /// (each case plain and over TLS, next to each other).
+    #[arg(long, value_name = "off|on|both", default_value = "off", default_missing_value = "on", num_args = 0..=1)]
+    tls: String,
 }
 
 /// One cell of the matrix.
@@ -69,11 +73,13 @@ pub struct Case {
     pub level: u8,
     pub channels: usize,
     pub link: Link,
+    /// Every channel over TLS 1.3 (mutual x509, throwaway credentials).
+    pub tls: bool,
 }
 
 impl Case {
     pub fn name(&self) -> String {
-        format!("{} L{} {}ch {}", self.method, self.level, self.channels, self.link)
+        format!("{} L{} {}ch {}{}", self.method, self.level, self.channels, self.link, if self.tls { " tls" } else { "" })
     }
 }
 
@@ -130,6 +136,8 @@ pub struct RunEnv<'a> {
     /// Pass `--no-verify` to both sides (the file comparison still checks the result).
     pub no_engine_verify: bool,
     pub file_check: bool,
+    /// Credentials for the cases that run over TLS.
+    pub tls_creds: Option<PathBuf>,
 }
 
 /// Last few non-empty lines of a process's stderr, for error messages.
@@ -248,6 +256,20 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
     if env.no_engine_verify {
         recv_cmd.arg("--no-verify");
     }
+    let tls_creds = match (case.tls, &env.tls_creds) {
+        (true, Some(dir)) => Some(dir),
+        (true, None) => bail!("a TLS case without credentials"),
+        (false, _) => None,
+    };
+    match tls_creds {
+        Some(dir) => {
+            recv_cmd.arg("--tls-creds").arg(dir);
+        }
+        // A plaintext benchmark on a namespace's address: the operator asked for it.
+        None => {
+            recv_cmd.arg("--insecure");
+        }
+    }
     recv_cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut recv = Proc::spawn(&mut recv_cmd, "destination")?;
     let recv_err = drain(recv.child().stderr.take().expect("piped"));
@@ -268,6 +290,10 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
         .arg("--image")
         .arg(env.src);
     method_flags(&mut send_cmd, extras.qatzip_provider.as_deref().unwrap_or(&env.qatzip_provider), true);
+    if let Some(dir) = tls_creds {
+        // The throwaway server certificate names localhost, whatever address the link uses.
+        send_cmd.arg("--tls-creds").arg(dir).args(["--tls-hostname", "localhost"]);
+    }
     send_cmd.args(&extras.args).envs(extras.env.iter().map(|(k, v)| (k, v)));
     if let Link::Cap { text, .. } = &case.link {
         send_cmd.args(["--max-bandwidth", text]);
@@ -347,12 +373,14 @@ pub fn is_setup_failure(msg: &str) -> bool {
 }
 
 /// The cases in run order: link, then method and level, then channels.
-pub fn plan(links: &[Link], method_levels: &[(BenchMethod, u8)], channels: &[usize]) -> Vec<Case> {
+pub fn plan(links: &[Link], method_levels: &[(BenchMethod, u8)], channels: &[usize], tls: &[bool]) -> Vec<Case> {
     let mut v = Vec::new();
     for l in links {
         for &(method, level) in method_levels {
             for &c in channels {
-                v.push(Case { method, level, channels: c, link: l.clone() });
+                for &tls in tls {
+                    v.push(Case { method, level, channels: c, link: l.clone(), tls });
+                }
             }
         }
     }
@@ -411,6 +439,13 @@ pub fn run(a: MatrixArgs) -> Result<()> {
     if a.reps == 0 {
         bail!("--reps must be at least 1");
     }
+    let tls_modes: Vec<bool> = match a.tls.as_str() {
+        "off" => vec![false],
+        "on" => vec![true],
+        "both" => vec![false, true],
+        other => bail!("--tls takes off, on or both, not {other:?}"),
+    };
+    let tls_creds = if tls_modes.contains(&true) { Some(crate::tls::Throwaway::new()?) } else { None };
     if let Some(r) = &a.dirty_rate {
         pageferry::engine::ratelimit::parse_bandwidth(r).map_err(anyhow::Error::msg).context("--dirty-rate")?;
     }
@@ -465,9 +500,10 @@ pub fn run(a: MatrixArgs) -> Result<()> {
         // CPU figures.
         no_engine_verify: !a.no_file_check,
         file_check: !a.no_file_check,
+        tls_creds: tls_creds.as_ref().map(|t| t.path().to_path_buf()),
     };
 
-    let cases = plan(&links, &mls, &channels);
+    let cases = plan(&links, &mls, &channels, &tls_modes);
     let total_runs = cases.len() * a.reps;
     let mut eta = Eta { bytes: img.bytes, done: Vec::new() };
     let prior_total: f64 = cases.iter().map(|c| prior_secs(c, img.bytes) * a.reps as f64).sum();
@@ -597,7 +633,7 @@ mod tests {
     #[test]
     fn plan_order() {
         let links = vec![Link::Unlimited, Link::Cap { bytes_per_s: 1, text: "8bit".into() }];
-        let cases = plan(&links, &[(named("none").into(), 0), (named("zstd").into(), 1)], &[1, 4]);
+        let cases = plan(&links, &[(named("none").into(), 0), (named("zstd").into(), 1)], &[1, 4], &[false]);
         assert_eq!(cases.len(), 8);
         assert_eq!(cases[0].name(), "none L0 1ch unlimited");
         assert_eq!(cases[3].name(), "zstd L1 4ch unlimited");
@@ -606,7 +642,7 @@ mod tests {
 
     #[test]
     fn eta_uses_nearest_measured() {
-        let case = |c| Case { method: named("zstd").into(), level: 1, channels: c, link: Link::Unlimited };
+        let case = |c| Case { method: named("zstd").into(), level: 1, channels: c, link: Link::Unlimited, tls: false };
         let mut eta = Eta { bytes: 1 << 30, done: vec![] };
         let prior = eta.estimate(&case(4));
         assert!(prior > 1.0);

@@ -378,6 +378,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
         qatzip_provider: "cpu".into(),
         no_engine_verify: true,
         file_check: true,
+        tls_creds: None,
     };
     let guess: f64 = depths.iter().flat_map(|&d| channels.iter().map(move |&c| img.bytes as f64 / dev.ideal(c * d) + 0.5)).sum();
     eprintln!(
@@ -393,7 +394,7 @@ pub fn run(a: PipelineArgs) -> Result<()> {
     let mut results = Vec::new();
     for &d in &depths {
         for &c in &channels {
-            let case = Case { method: "qatzip".parse::<Method>()?.into(), level: 1, channels: c, link: Link::Unlimited };
+            let case = Case { method: "qatzip".parse::<Method>()?.into(), level: 1, channels: c, link: Link::Unlimited, tls: false };
             let extras = SourceExtras {
                 qatzip_provider: Some("qat".into()),
                 args: vec!["--qatzip-lib".into(), lib.display().to_string(), "--pipeline-depth".into(), d.to_string()],

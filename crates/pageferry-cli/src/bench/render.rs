@@ -105,13 +105,21 @@ fn cell(s: &Summary, runs: usize, get: Getter, decimals: usize) -> String {
 /// The markdown table: one row per case that ran (failed ones say why), then the skipped
 /// methods and links.
 pub fn markdown(results: &[CaseResult], meta: &Meta) -> String {
+    // The transport column appears when some case ran over TLS.
+    let show_tls = results.iter().any(|r| r.case.tls);
     let mut head = vec!["method", "level", "channels", "link"];
+    if show_tls {
+        head.push("transport");
+    }
     head.extend(COLUMNS.iter().map(|c| c.0));
     let mut s = format!("| {} |\n", head.join(" | "));
-    s.push_str(&format!("|{}\n", ["---|"; 4].concat() + &["---:|"; COLUMNS.len()].concat()));
+    s.push_str(&format!("|{}\n", ["---|"; 4].concat() + if show_tls { "---|" } else { "" } + &["---:|"; COLUMNS.len()].concat()));
     for r in results.iter().filter(|r| r.status != Status::Skipped) {
         let c = &r.case;
         let mut row = vec![c.method.to_string(), c.level.to_string(), c.channels.to_string(), c.link.to_string()];
+        if show_tls {
+            row.push(if c.tls { "TLS 1.3" } else { "TCP" }.to_string());
+        }
         match (&r.status, r.summary()) {
             (Status::Ok, Some(sum)) => row.extend(COLUMNS.iter().map(|(_, g, d)| cell(&sum, r.runs.len(), *g, *d))),
             _ => {
@@ -190,6 +198,7 @@ pub fn case_json(r: &CaseResult) -> Result<serde_json::Value> {
         "level": c.level,
         "channels": c.channels,
         "link": c.link.name(),
+        "tls": c.tls,
         "link_bytes_per_s": c.link.rate(),
         "status": r.status,
         "reason": r.reason,
@@ -231,7 +240,7 @@ mod tests {
     }
 
     fn results() -> Vec<CaseResult> {
-        let case = |m, ch| Case { method: BenchMethod::Fixed(m), level: if m.compresses() { 1 } else { 0 }, channels: ch, link: Link::Unlimited };
+        let case = |m, ch| Case { method: BenchMethod::Fixed(m), level: if m.compresses() { 1 } else { 0 }, channels: ch, link: Link::Unlimited, tls: false };
         vec![
             CaseResult { case: case(named("none"), 2), status: Status::Ok, reason: None, runs: vec![run(2.0), run(4.0), run(3.0)] },
             CaseResult { case: case(named("zstd"), 2), status: Status::Failed, reason: Some("source failed: boom".into()), runs: vec![] },
@@ -259,7 +268,7 @@ mod tests {
     #[test]
     fn auto_is_compared_with_the_best_fixed_method_and_none() {
         let link = Link::Cap { bytes_per_s: 125_000_000, text: "1gbit".into() };
-        let case = |m: BenchMethod, l| Case { method: m, level: l, channels: 2, link: link.clone() };
+        let case = |m: BenchMethod, l| Case { method: m, level: l, channels: 2, link: link.clone(), tls: false };
         let mut auto_run = run(5.0);
         auto_run.report.auto = Some(pageferry::engine::policy::AutoReport {
             shares: vec![

@@ -18,7 +18,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::wire::{encode_offsets, page_runs, MethodCode, PacketCrc, PacketHeader, PacketKind};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{IoSlice, Write};
-use std::net::TcpStream;
+use crate::transport::Stream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -459,14 +459,14 @@ impl Worker {
 /// The socket writer of one channel: paces, numbers, checksums and writes packets.
 pub fn run_writer(
     name: String,
-    mut sock: TcpStream,
+    mut sock: Stream,
     method: MethodCode,
     rx: Receiver<ToSocket>,
     limiter: Option<Arc<RateLimiter>>,
     counters: Arc<Counters>,
     failure: Arc<Failure>,
     meter: Option<Arc<LinkMeter>>,
-) -> TcpStream {
+) -> Stream {
     let mut packet_num = 0u64;
     for msg in rx.iter() {
         let (mut header, offsets, payload, body_crc, recycle) = match msg {

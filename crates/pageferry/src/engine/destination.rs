@@ -20,7 +20,8 @@ use crate::wire::{
 };
 use crossbeam_channel::Sender;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use crate::transport::{self, PeerIdentity, Stream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, 
 /// checked when it asks: a refusal says why).
 fn capabilities(config: &DestinationConfig) -> Capabilities {
     let methods = if config.only { vec![config.codec.method.caps()] } else { Method::all().map(Method::caps).collect() };
-    Capabilities { methods, features: Features { postcopy: true, auto: true, ..Features::default() } }
+    Capabilities { methods, features: Features { postcopy: true, auto: true, tls: config.tls.is_some(), ..Features::default() } }
 }
 
 /// The decoder for a compressed packet of method `code` (one of `accepted`), opened at its
@@ -148,48 +149,116 @@ fn ctl_write_err(e: WireError, config: &DestinationConfig) -> MigrationError {
     MigrationError::Wire { channel: "control channel".into(), cause: e }
 }
 
-fn refuse(sock: &mut TcpStream, reason: &str) {
+fn refuse(sock: &mut Stream, reason: &str) {
     let _ = wire::write_frame(sock, PROTOCOL_VERSION, &Control::Refuse { reason: reason.to_string() }, &[]);
 }
 
 /// A connection that is not (or no longer) part of the session: told to the events sink.
-fn dropped(config: &DestinationConfig, peer: std::net::SocketAddr, reason: String) {
+fn dropped(config: &DestinationConfig, peer: SocketAddr, reason: String) {
     config.events.emit(Note::ConnectionDropped { peer: peer.to_string(), reason });
 }
 
-fn welcome(sock: &mut TcpStream, version: u16, fresh: bool, config: &DestinationConfig) -> Result<(), WireError> {
+/// A peer refused by authentication (TLS handshake, credentials, channel binding).
+fn refused(config: &DestinationConfig, peer: SocketAddr, reason: String) {
+    config.events.emit(Note::ConnectionRefused { peer: peer.to_string(), reason });
+}
+
+fn welcome(sock: &mut Stream, version: u16, fresh: bool, config: &DestinationConfig) -> Result<(), WireError> {
     wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities: capabilities(config) }, &[])
 }
 
 /// The connections of one session.
 struct Session {
-    control: TcpStream,
-    data: Vec<TcpStream>,
+    control: Stream,
+    data: Vec<Stream>,
     /// Postcopy's urgent channel (when the source wants postcopy).
-    urgent: Option<TcpStream>,
+    urgent: Option<Stream>,
     hello: Hello,
     memory: GuestMemory,
     /// The protocol version agreed on.
     version: u16,
 }
 
+/// A connection that completed its TLS handshake (when configured) and sent a Hello.
+struct Arrival {
+    sock: Stream,
+    peer: SocketAddr,
+    hello: Hello,
+    identity: PeerIdentity,
+}
+
+/// Why a connection was dropped during its handshakes.
+enum Dropped {
+    /// Refused by TLS (credentials, version, a plaintext peer): reported, and the destination
+    /// keeps listening.
+    Refused(String),
+    /// Silent, garbage, not a pageferry peer: reported, and the destination keeps listening.
+    Reason(String),
+    /// A Hello of a protocol version we cannot parse (already refused on the connection):
+    /// ends the destination when no session has started, as a refused control Hello does.
+    Version(String),
+}
+
+/// Run one accepted connection's handshakes (TLS, then pageferry's Hello) within `timeout`.
+fn handshake_one(sock: TcpStream, tls: Option<&Arc<rustls::ServerConfig>>, timeout: Duration) -> Result<(Stream, Hello), Dropped> {
+    let started = Instant::now();
+    sock.set_nonblocking(false).ok();
+    sock.set_nodelay(true).ok();
+    let mut sock = match tls {
+        None => Stream::Plain(sock),
+        Some(cfg) => transport::server_handshake(sock, cfg, timeout).map_err(|e| Dropped::Refused(e.to_string()))?,
+    };
+    // A real source speaks at once; a silent connection is dropped at the deadline.
+    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+    sock.set_read_timeout(Some(left)).ok();
+    sock.set_write_timeout(Some(timeout)).ok();
+    match wire::read_frame_limited(&mut sock, wire::MAX_HANDSHAKE_BODY) {
+        Ok(Frame { msg: Control::Hello(h), .. }) => Ok((sock, h)),
+        Err(WireError::Version { peer, .. }) => {
+            // A peer of a version whose Hello we cannot parse (1): tell it why.
+            let reason = format!("protocol version mismatch: source speaks {peer}, destination speaks {}", VersionRange::SUPPORTED);
+            refuse(&mut sock, &reason);
+            Err(Dropped::Version(reason))
+        }
+        Ok(Frame { msg: other, .. }) => Err(Dropped::Reason(format!("expected a handshake, got {other:?}"))),
+        Err(WireError::BadMagic { found }) if tls.is_none() && found & 0xffff == 0x0316 => {
+            Err(Dropped::Refused("a TLS client connected, but this destination has no TLS credentials (--tls-creds DIR or --tls-psk FILE)".into()))
+        }
+        Err(WireError::Io(e)) if e.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => Err(Dropped::Refused(transport::explain(&e, "source", "", timeout))),
+        Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(Dropped::Reason(format!("no handshake within {timeout:?}")))
+        }
+        Err(e) => Err(Dropped::Reason(e.to_string())),
+    }
+}
+
 /// Accept the control channel and all data channels of one session.
+///
+/// Every accepted connection gets its own thread for the TLS and pageferry handshakes, with
+/// a deadline ([`DestinationConfig::handshake_timeout`]) and a cap on how many may be pending
+/// at once (more wait in the listen backlog), so a silent, slow, plaintext or
+/// wrongly-credentialed peer is reported (an [`Event`](super::Event) on
+/// [`DestinationConfig::events`]) and dropped while the listener keeps waiting for the right
+/// source until the accept timeout. Data (and urgent) channels must come from the same
+/// authenticated identity as the control channel.
 fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<Session, MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
-    let mut control: Option<(TcpStream, Hello, GuestMemory)> = None;
+    let (tx, rx) = crossbeam_channel::unbounded::<Result<Arrival, (SocketAddr, Dropped)>>();
+    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut control: Option<(Stream, Hello, GuestMemory, PeerIdentity)> = None;
     let mut version = PROTOCOL_VERSION;
-    let mut data: Vec<Option<TcpStream>> = Vec::new();
-    let mut urgent: Option<TcpStream> = None;
+    let mut data: Vec<Option<Stream>> = Vec::new();
+    let mut urgent: Option<Stream> = None;
     let mut fresh = false;
     loop {
-        let want_urgent = control.as_ref().is_some_and(|(_, h, _)| h.wants.postcopy);
-        if control.is_some() && data.iter().all(|d| d.is_some()) && (!want_urgent || urgent.is_some()) {
-            let (control, hello, memory) = control.take().unwrap();
-            return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
-        }
         if config.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled { by: Side::Destination });
+        }
+        let want_urgent = control.as_ref().is_some_and(|(_, h, _, _)| h.wants.postcopy);
+        if control.is_some() && data.iter().all(|d| d.is_some()) && (!want_urgent || urgent.is_some()) {
+            let (control, hello, memory, _) = control.take().unwrap();
+            return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
         }
         if Instant::now() >= deadline {
             return Err(MigrationError::Other(format!(
@@ -199,36 +268,60 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                 data.len()
             )));
         }
-        let (mut sock, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+        // At the cap, further connections wait in the kernel's backlog until a pending
+        // handshake completes or reaches its deadline.
+        while pending.load(Relaxed) < config.max_pending_handshakes.max(1) {
+            match listener.accept() {
+                Ok((sock, peer)) => {
+                    pending.fetch_add(1, Relaxed);
+                    let (tx, counter, tls, timeout) = (tx.clone(), pending.clone(), config.tls.clone(), config.handshake_timeout);
+                    let spawned = std::thread::Builder::new().name("pf-dst-accept".into()).spawn(move || {
+                        let r = handshake_one(sock, tls.as_ref(), timeout);
+                        counter.fetch_sub(1, Relaxed);
+                        let _ = tx.send(match r {
+                            Ok((sock, hello)) => Ok(Arrival { identity: sock.peer_identity(), sock, peer, hello }),
+                            Err(why) => Err((peer, why)),
+                        });
+                    });
+                    if let Err(e) = spawned {
+                        pending.fetch_sub(1, Relaxed);
+                        dropped(config, peer, format!("cannot start its handshake: {e}"));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(MigrationError::Other(format!("accept: {e}"))),
+            }
+        }
+        let Arrival { mut sock, peer, hello, identity } = match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(Ok(a)) => a,
+            Ok(Err((_, Dropped::Version(reason)))) if control.is_none() => return Err(MigrationError::Refused(reason)),
+            Ok(Err((peer, Dropped::Refused(msg)))) => {
+                refused(config, peer, msg);
                 continue;
             }
-            Err(e) => return Err(MigrationError::Other(format!("accept: {e}"))),
+            Ok(Err((peer, Dropped::Reason(msg) | Dropped::Version(msg)))) => {
+                dropped(config, peer, msg);
+                continue;
+            }
+            Err(_) => continue,
         };
-        sock.set_nonblocking(false).ok();
-        sock.set_nodelay(true).ok();
-        // A real source speaks at once; a silent connection must not hold up the others long.
-        sock.set_read_timeout(Some(Duration::from_secs(3))).ok();
-        let hello = match wire::read_frame_limited(&mut sock, wire::MAX_HANDSHAKE_BODY) {
-            Ok(Frame { msg: Control::Hello(h), .. }) => h,
-            Err(WireError::Version { peer, .. }) if control.is_none() => {
-                // A peer of a version whose Hello we cannot parse (1): tell it why.
-                let reason = format!("protocol version mismatch: source speaks {peer}, destination speaks {}", VersionRange::SUPPORTED);
+        let session = control.as_ref().map(|(_, h, _, _)| h.session);
+        if let (Some(s), Some((_, _, _, control_identity))) = (session, &control) {
+            if s == hello.session && identity != *control_identity {
+                // Channel binding: a session's channels all come from one authenticated peer.
+                let reason = format!(
+                    "{:?} channel {} is authenticated as {}, the control channel as {}",
+                    hello.role,
+                    hello.channel,
+                    identity.describe(),
+                    control_identity.describe()
+                );
+                refused(config, peer, reason.clone());
                 refuse(&mut sock, &reason);
-                return Err(MigrationError::Refused(reason));
-            }
-            Ok(Frame { msg: other, .. }) => {
-                dropped(config, peer, format!("expected a handshake, got {other:?}"));
                 continue;
             }
-            Err(e) => {
-                dropped(config, peer, e.to_string());
-                continue;
-            }
-        };
-        let session = control.as_ref().map(|(_, h, _)| h.session);
+        }
         match (hello.role, session) {
             (Role::Control, None) => {
                 let memory = match check_hello(&hello, provide, config) {
@@ -243,15 +336,18 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                 };
                 fresh = memory.regions().iter().all(|r| r.is_fresh_zeroed());
                 sock.set_read_timeout(None).ok();
+                sock.set_write_timeout(None).ok();
                 welcome(&mut sock, version, fresh, config).map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
                 data = (0..hello.channels).map(|_| None).collect();
-                control = Some((sock, hello, memory));
+                control = Some((sock, hello, memory, identity));
             }
             (Role::Urgent, Some(s)) if s == hello.session => {
                 if !want_urgent || urgent.is_some() || !hello.versions.contains(version) {
                     refuse(&mut sock, "unexpected or duplicate urgent connection");
                     continue;
                 }
+                sock.set_read_timeout(None).ok();
+                sock.set_write_timeout(None).ok();
                 if let Err(e) = welcome(&mut sock, version, fresh, config) {
                     dropped(config, peer, format!("urgent channel: {e}"));
                     continue;
@@ -268,6 +364,8 @@ fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &
                     refuse(&mut sock, &format!("protocol version mismatch: channel {idx} speaks {}, the session runs version {version}", hello.versions));
                     continue;
                 }
+                sock.set_read_timeout(None).ok();
+                sock.set_write_timeout(None).ok();
                 if let Err(e) = welcome(&mut sock, version, fresh, config) {
                     dropped(config, peer, format!("channel {idx}: {e}"));
                     continue;
@@ -346,7 +444,7 @@ impl Gate {
 
 struct Reader<'a> {
     idx: usize,
-    sock: TcpStream,
+    sock: Stream,
     memory: &'a GuestMemory,
     /// Methods packets may name: the session's one, or (auto) every announced method.
     accepted: Vec<Method>,
@@ -851,7 +949,7 @@ impl Drop for PostcopyRun {
     }
 }
 
-fn send_ctl(ctl: &Mutex<TcpStream>, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
+fn send_ctl(ctl: &Mutex<Stream>, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
     wire::write_frame(&mut *ctl.lock().unwrap(), version, msg, blob)
 }
 
@@ -863,7 +961,7 @@ fn start_postcopy(
     round: u32,
     discard: &[(u16, u32, u32)],
     state: &[u8],
-    ctl: &Arc<Mutex<TcpStream>>,
+    ctl: &Arc<Mutex<Stream>>,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,
     gate: &Gate,
@@ -893,7 +991,7 @@ fn start_postcopy(
 #[allow(clippy::too_many_arguments)]
 fn control_loop(
     events: &crossbeam_channel::Receiver<Event>,
-    ctl: &Arc<Mutex<TcpStream>>,
+    ctl: &Arc<Mutex<Stream>>,
     version: u16,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,

@@ -2,7 +2,7 @@
 //! idle, and the names of stalls.
 
 use crate::wire::{self, Control, WireError};
-use std::net::TcpStream;
+use crate::transport::Stream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 /// nothing else was sent for a quarter of the stall timeout, so the peer can tell a silent
 /// control channel from an idle one.
 pub(crate) struct ControlLink {
-    sock: Arc<Mutex<TcpStream>>,
+    sock: Arc<Mutex<Stream>>,
     /// A clone for `shutdown`, usable while a writer holds `sock`.
-    shut: TcpStream,
+    shut: Stream,
     last: Mutex<Instant>,
     stop: AtomicBool,
     /// The protocol version agreed in the handshake; every frame is written in it.
@@ -22,12 +22,12 @@ pub(crate) struct ControlLink {
 }
 
 impl ControlLink {
-    pub fn new(sock: TcpStream, stall: Duration, version: u16) -> std::io::Result<Arc<Self>> {
+    pub fn new(sock: Stream, stall: Duration, version: u16) -> std::io::Result<Arc<Self>> {
         Self::shared(Arc::new(Mutex::new(sock)), stall, version)
     }
 
     /// Over a socket other threads write too (under the same lock): frames never interleave.
-    pub fn shared(sock: Arc<Mutex<TcpStream>>, stall: Duration, version: u16) -> std::io::Result<Arc<Self>> {
+    pub fn shared(sock: Arc<Mutex<Stream>>, stall: Duration, version: u16) -> std::io::Result<Arc<Self>> {
         let shut = {
             let s = sock.lock().unwrap();
             s.set_write_timeout(Some(stall))?;

@@ -30,6 +30,8 @@ mod fault_proxy;
 mod tests_faults;
 #[cfg(test)]
 mod tests_hostile;
+#[cfg(test)]
+mod tests_tls;
 
 pub use cancel::{CancelToken, Side};
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
@@ -134,6 +136,8 @@ pub struct SourceConfig {
     /// Compress (static) guest memory in place and write raw pages from it; `false` copies
     /// every batch first — only useful to measure what zero copy saves.
     pub zero_copy: bool,
+    /// TLS 1.3 on every channel [`--tls-creds`, `--tls-psk`]; `None`: plain TCP.
+    pub tls: Option<crate::transport::TlsClient>,
 }
 
 impl Default for SourceConfig {
@@ -155,6 +159,7 @@ impl Default for SourceConfig {
             auto_converge: None,
             postcopy: None,
             zero_copy: true,
+            tls: None,
         }
     }
 }
@@ -208,7 +213,7 @@ pub struct PostcopyConfig {
 }
 
 /// Destination settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DestinationConfig {
     /// Options for opening decoders (the qatzip provider and library). Its method is the only
     /// one accepted when `only` is set; otherwise the method and level are not used.
@@ -241,6 +246,16 @@ pub struct DestinationConfig {
     /// `vm.unprivileged_userfaultfd=1`), and a source asking for postcopy is refused where
     /// there is none, instead of the guest failing on its first missing page.
     pub postcopy_kernel_faults: bool,
+    /// TLS 1.3 on every channel: the source must complete a handshake with this configuration
+    /// (and, when it verifies clients, present an accepted certificate) before it is heard.
+    /// `None`: plain TCP.
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// A connection must complete its TLS handshake and send its pageferry handshake within
+    /// this time, or it is dropped (the destination keeps listening).
+    pub handshake_timeout: Duration,
+    /// At most this many connections may be in their handshake at once; more wait in the
+    /// listen backlog (so unauthenticated peers cannot exhaust threads or memory).
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for DestinationConfig {
@@ -256,6 +271,9 @@ impl Default for DestinationConfig {
             max_memory: None,
             events: EventSink::default(),
             postcopy_kernel_faults: false,
+            tls: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 16,
         }
     }
 }

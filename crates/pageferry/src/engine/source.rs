@@ -22,6 +22,7 @@ use super::{MigrationError, Side, SourceConfig, SourceWorkload};
 use crate::codec::{self, CodecInfo, CodecSpec, MAX_BATCH_PAGES};
 use crate::dirty::{DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use crate::transport::{self, Stream};
 use crate::wire::{self, Capabilities, Control, Features, Hello, MethodCode, Role, SessionId, VersionRange, WireError};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -67,14 +68,37 @@ struct Welcome {
 /// the source offered.
 /// The reply must come within `stall` (the stall timeout, plus time for the destination to
 /// reserve memory on the control channel).
-fn handshake(sock: &mut TcpStream, hello: Hello, name: &str, stall: Duration) -> Result<Welcome, MigrationError> {
+fn handshake(sock: &mut Stream, hello: Hello, name: &str, stall: Duration, tls_name: &str) -> Result<Welcome, MigrationError> {
     sock.set_read_timeout(Some(stall)).ok();
     sock.set_write_timeout(Some(stall)).ok();
     let offered = hello.versions;
-    wire::write_frame(sock, offered.max, &Control::Hello(hello), &[]).map_err(wire_err(name))?;
-    let reply = wire::read_frame(sock).map_err(|e| match e {
+    let tls = sock.is_tls();
+    // Errors here in the operator's terms: a TLS alert from the destination (it refused our
+    // certificate), a TLS destination answering a plaintext source, a closed connection.
+    let tls_err = |e: WireError| match e {
+        WireError::Io(io) if io.get_ref().is_some_and(|i| i.is::<rustls::Error>()) => {
+            Err(MigrationError::Refused(format!("{name}: {}", transport::explain(&io, "destination", tls_name, stall))))
+        }
+        WireError::BadMagic { found } if !tls && found & 0xffff == 0x0315 => Err(MigrationError::Refused(format!(
+            "{name}: the destination answered with a TLS alert: it requires TLS (use --tls-creds DIR or --tls-psk FILE)"
+        ))),
+        e => Ok(e),
+    };
+    wire::write_frame(sock, offered.max, &Control::Hello(hello), &[]).map_err(|e| match tls_err(e) {
+        Err(m) => m,
+        Ok(e) => MigrationError::Wire { channel: name.into(), cause: e },
+    })?;
+    let reply = match wire::read_frame(sock) {
+        Ok(r) => Ok(r),
+        Err(e) => match tls_err(e) {
+            Err(m) => return Err(m),
+            Ok(e) => Err(e),
+        },
+    };
+    let reply = reply.map_err(|e| match e {
         WireError::Closed(_) => MigrationError::Refused(format!(
-            "the destination closed the {name} during the handshake (a pageferry speaking only protocol version 1 does that; this source speaks {offered})"
+            "the destination closed the {name} during the handshake (its own output says why: {}a pageferry speaking only protocol version 1 does that too; this source speaks {offered})",
+            if tls { "" } else { "does it require TLS? then use --tls-creds DIR or --tls-psk FILE; " }
         )),
         e if is_timeout(&e) => {
             MigrationError::Stalled(format!("no handshake reply from the destination on the {name} for {} (is it busy with another migration?)", secs(stall)))
@@ -103,7 +127,7 @@ pub(crate) fn switchover_estimate(remaining: f64, raw_rate: f64) -> Duration {
 
 /// Check the destination's capabilities against what this source will send; on a mismatch
 /// tell the destination (Abort) and fail with the reason.
-fn check_capabilities(sock: &mut TcpStream, welcome: &Welcome, config: &SourceConfig, wants: &Features) -> Result<(), MigrationError> {
+fn check_capabilities(sock: &mut Stream, welcome: &Welcome, config: &SourceConfig, wants: &Features) -> Result<(), MigrationError> {
     let m = config.codec.method;
     let checked = if wants.auto {
         let missing = welcome.capabilities.features.missing(wants);
@@ -190,6 +214,7 @@ fn source_session(
     let mut session = open_session(addr, memory, config)?;
     tracker.start(memory)?;
     let setup_time = t0.elapsed();
+    let transport = session.control.describe();
     let shared = Shared::new(memory, tracker.guest_may_write(), config, &session.capabilities, depth);
     // Postcopy's urgent channel: requested pages skip the queue of background batches.
     let (urgent_tx, urgent_rx) = crossbeam_channel::unbounded::<Batch>();
@@ -218,10 +243,11 @@ fn source_session(
         run.finish(workload, outcome, writers)
     });
     tracker.stop();
+    session.control.close_notify();
     link.shutdown();
     let _ = session.control.shutdown(std::net::Shutdown::Both);
     let (run, dest) = result?;
-    Ok(completed_report(ReportInputs { config, info, depth, tracker: tracker.name(), memory, setup_time, cpu: cpu.read(), shared: &shared, run, dest }))
+    Ok(completed_report(ReportInputs { config, info, depth, tracker: tracker.name(), memory, setup_time, transport, cpu: cpu.read(), shared: &shared, run, dest }))
 }
 
 fn check_config(config: &SourceConfig) -> Result<(), MigrationError> {
@@ -248,10 +274,10 @@ fn probe_codec(config: &SourceConfig, progress: &dyn ProgressSink) -> Result<(Co
 
 /// The connections of one migration after their handshakes.
 struct Session {
-    control: TcpStream,
-    data: Vec<TcpStream>,
+    control: Stream,
+    data: Vec<Stream>,
     /// Postcopy's urgent channel (with --postcopy).
-    urgent: Option<TcpStream>,
+    urgent: Option<Stream>,
     /// The protocol version agreed in the handshake.
     version: u16,
     /// What the destination decodes (auto chooses among it).
@@ -261,7 +287,18 @@ struct Session {
 /// Connect the control channel and every data channel and shake hands on each.
 fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Result<Session, MigrationError> {
     let session = SessionId::random();
-    let wants = Features { postcopy: config.postcopy.is_some(), auto: config.auto.is_some(), ..Features::default() };
+    // TLS wraps the whole connection (the Hello travels inside it); `tls` says so.
+    let wants = Features { postcopy: config.postcopy.is_some(), auto: config.auto.is_some(), tls: config.tls.is_some(), ..Features::default() };
+    let tls_name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| transport::host_of(addr).to_string());
+    // Connect, then the TLS handshake when configured (its own deadline).
+    let open = |what: &str| -> Result<Stream, MigrationError> {
+        let tcp = connect(addr, config.connect_timeout)?;
+        match &config.tls {
+            None => Ok(Stream::Plain(tcp)),
+            Some(tls) => transport::client_handshake(tcp, tls, addr, config.stall_timeout.max(Duration::from_secs(5)))
+                .map_err(|e| MigrationError::Refused(format!("{what}: {e}"))),
+        }
+    };
     let hello = |role, channel| Hello {
         versions: VersionRange::SUPPORTED,
         session,
@@ -274,12 +311,12 @@ fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Resu
         wants,
         verify: config.verify,
     };
-    let mut control = connect(addr, config.connect_timeout)?;
+    let mut control = open("control channel")?;
     let stall = config.stall_timeout;
     // The destination reserves the guest's memory before it answers (fallocate on tmpfs
     // zeroes it, ~1 GB/s): allow a second per GiB on top of the stall timeout.
     let reserve = Duration::from_secs(memory.total_bytes() >> 30);
-    let welcome = handshake(&mut control, hello(Role::Control, 0), "control channel", stall + reserve)?;
+    let welcome = handshake(&mut control, hello(Role::Control, 0), "control channel", stall + reserve, &tls_name)?;
     check_capabilities(&mut control, &welcome, config, &wants)?;
     let version = welcome.version;
     let mut data = Vec::with_capacity(config.channels);
@@ -288,8 +325,8 @@ fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Resu
             return Err(MigrationError::Cancelled { by: Side::Source });
         }
         let name = format!("channel {i}");
-        let mut s = connect(addr, config.connect_timeout)?;
-        let w = handshake(&mut s, hello(Role::Data, i as u16), &name, stall)?;
+        let mut s = open(&name)?;
+        let w = handshake(&mut s, hello(Role::Data, i as u16), &name, stall, &tls_name)?;
         if w.version != version {
             let e = WireError::malformed("handshake reply", format!("version {} on {name}, {version} on the control channel", w.version));
             return Err(MigrationError::Wire { channel: name, cause: e });
@@ -301,8 +338,8 @@ fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Resu
     // Postcopy's urgent channel: requested pages skip the queue of background batches.
     let urgent = match config.postcopy {
         Some(_) => {
-            let mut s = connect(addr, config.connect_timeout)?;
-            let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel", stall)?;
+            let mut s = open("urgent channel")?;
+            let w = handshake(&mut s, hello(Role::Urgent, 0), "urgent channel", stall, &tls_name)?;
             if w.version != version {
                 let e = WireError::malformed("handshake reply", format!("version {} on the urgent channel, {version} on the control channel", w.version));
                 return Err(MigrationError::Wire { channel: "urgent channel".into(), cause: e });
@@ -318,7 +355,7 @@ type ControlRx = Receiver<Result<(Control, Vec<u8>), WireError>>;
 
 /// The control reader: page requests (postcopy's return path) go straight to the urgent
 /// channel's worker; everything else (of the session's version) to the control thread.
-fn spawn_control_reader(control: &TcpStream, version: u16, serve: Option<Arc<UrgentServer>>, watch: Arc<Watch>, stall: Duration) -> Result<ControlRx, MigrationError> {
+fn spawn_control_reader(control: &Stream, version: u16, serve: Option<Arc<UrgentServer>>, watch: Arc<Watch>, stall: Duration) -> Result<ControlRx, MigrationError> {
     // The destination sends keepalives: control silent for the stall timeout is a failure.
     control.set_read_timeout(Some(stall)).ok();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
@@ -400,7 +437,7 @@ impl Shared {
 struct Channels<'scope> {
     work_tx: Option<Sender<Batch>>,
     to_sockets: Vec<Sender<ToSocket>>,
-    writers: Vec<std::thread::ScopedJoinHandle<'scope, TcpStream>>,
+    writers: Vec<std::thread::ScopedJoinHandle<'scope, Stream>>,
 }
 
 /// Per data channel `depth` compression workers and one socket writer.
@@ -408,7 +445,7 @@ fn spawn_channels<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     config: &SourceConfig,
     shared: &Shared,
-    data: Vec<TcpStream>,
+    data: Vec<Stream>,
     depth: usize,
 ) -> Result<Channels<'scope>, MigrationError> {
     let (work_tx, work_rx) = crossbeam_channel::bounded::<Batch>(2 * config.channels * depth);
@@ -443,10 +480,10 @@ fn spawn_urgent<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     config: &SourceConfig,
     shared: &Shared,
-    sock: TcpStream,
+    sock: Stream,
     urgent_rx: Receiver<Batch>,
     urgent_outstanding: Arc<Outstanding>,
-) -> Result<std::thread::ScopedJoinHandle<'scope, TcpStream>, MigrationError> {
+) -> Result<std::thread::ScopedJoinHandle<'scope, Stream>, MigrationError> {
     let spawn_err = |e: std::io::Error| MigrationError::Other(format!("spawn: {e}"));
     let (tx, rx) = crossbeam_channel::bounded::<ToSocket>(2);
     let codec = codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "urgent channel".into(), cause: source })?;
@@ -469,6 +506,8 @@ struct ReportInputs<'a> {
     tracker: &'a str,
     memory: &'a GuestMemory,
     setup_time: Duration,
+    /// "plain TCP" or the TLS version and cipher suite.
+    transport: String,
     /// (cpu seconds, wall seconds) of the whole migration.
     cpu: (f64, f64),
     shared: &'a Shared,
@@ -490,6 +529,7 @@ fn completed_report(i: ReportInputs) -> MigrationReport {
         provider: i.info.provider,
         channels: i.config.channels,
         pipeline_depth: i.depth,
+        transport: i.transport,
         dirty_tracker: i.tracker.into(),
         memory_bytes: i.memory.total_bytes(),
         total_time_s: total,
@@ -637,7 +677,7 @@ impl<'a> SourceRun<'a> {
         mut self,
         workload: &mut dyn SourceWorkload,
         mut outcome: Result<(RunSummary, DestinationReport), MigrationError>,
-        writers: Vec<std::thread::ScopedJoinHandle<'_, TcpStream>>,
+        writers: Vec<std::thread::ScopedJoinHandle<'_, Stream>>,
     ) -> Result<(RunSummary, DestinationReport), MigrationError> {
         // Success or failure: the workload (stopped, or running here) is not left throttled.
         // (After success the source is stopped for good, so a failure to unthrottle it is moot.)
@@ -1168,7 +1208,7 @@ impl PeerEnd {
 /// Shared by the control thread, the control reader and the watchdog.
 struct Watch {
     /// Clones of the data sockets, to close them all at once.
-    data: Vec<TcpStream>,
+    data: Vec<Stream>,
     peer_end: Mutex<Option<PeerEnd>>,
     /// Finish is on the wire: from here on only the destination decides.
     committed: AtomicBool,

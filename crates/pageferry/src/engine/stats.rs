@@ -116,6 +116,9 @@ pub struct MigrationReport {
     pub channels: usize,
     /// Batches in flight to each channel's compressor.
     pub pipeline_depth: usize,
+    /// "plain TCP", or the TLS version and cipher suite every channel negotiated.
+    #[serde(default)]
+    pub transport: String,
     /// The dirty tracker's name.
     pub dirty_tracker: String,
     /// Guest memory size.
@@ -219,6 +222,7 @@ impl MigrationReport {
             line("auto last reason:", a.last_reason.clone());
         }
         line("channels:", format!("{} (pipeline depth {})", self.channels, self.pipeline_depth));
+        line("transport:", self.transport.clone());
         line("dirty tracking:", self.dirty_tracker.clone());
         line("memory:", format!("{} bytes ({:.2} GiB)", self.memory_bytes, gib));
         line("total time:", format!("{:.3} s", self.total_time_s));
@@ -292,6 +296,16 @@ pub enum Event {
         /// The peer's address.
         peer: String,
         /// Why it was dropped.
+        reason: String,
+    },
+    /// The destination refused a connection that failed authentication: its TLS handshake
+    /// (a plaintext peer, wrong CA, expired certificate, wrong pre-shared key, outside
+    /// `--tls-authz`, TLS below 1.3) or channel binding. Nothing it sent reached memory; the
+    /// destination keeps waiting for the right source.
+    ConnectionRefused {
+        /// The peer's address.
+        peer: String,
+        /// Why it was refused.
         reason: String,
     },
     /// A codec's note on its setup, e.g. qatzip's `auto` provider fell back to `cpu`, and why.
@@ -390,6 +404,7 @@ impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Event::ConnectionDropped { peer, reason } => write!(f, "dropping connection from {peer}: {reason}"),
+            Event::ConnectionRefused { peer, reason } => write!(f, "refused connection from {peer}: {reason}"),
             Event::CodecNote { note, .. } => f.write_str(note),
             Event::Status(s) => write!(f, "migration status: {}", s.name()),
             Event::RoundStarted { round, pages } => write!(f, "round {round}: sending {pages} pages"),

@@ -59,7 +59,8 @@ pub enum Role {
 }
 
 /// Optional features. In a Hello: what the source will use; in a Welcome: what the
-/// destination supports. Reserved now, switched on by the features that need them.
+/// destination supports. `tls` is set when channels run over TLS (see the module doc); the
+/// others are reserved, switched on by the features that need them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Features {
     /// Channels run over TLS.

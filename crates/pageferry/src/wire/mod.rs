@@ -143,6 +143,11 @@
 //! `Refuse {reason}` has the same frame and body in every version, so any peer can read why.
 //! New optional JSON fields (with defaults) do not bump the version.
 //!
+//! Transport: with TLS configured, every connection (control and data) first completes a TLS
+//! 1.3 handshake and everything below travels inside TLS records (see `crate::transport`);
+//! a data channel's Hello is accepted only from the identity that opened the session's control
+//! channel (its peer certificate, or the one derived from its pre-shared key).
+//!
 //! # Data packets (data channels, after the handshake)
 //!
 //! ```text
@@ -197,7 +202,7 @@
 //! # Capabilities
 //!
 //! The destination announces in its Welcome the methods (with level ranges) it decodes and
-//! the optional [`Features`] it supports (`tls`: reserved, off; `postcopy` and `auto`: on). It
+//! the optional [`Features`] it supports (`tls`, `postcopy`, `auto`: on; `tls` is informational — TLS wraps the whole connection, so a Hello that arrives at all came over the transport the destination requires — and set by both sides when their channels run over TLS). It
 //! also checks the Hello itself and refuses a method, level or wanted feature it lacks; the
 //! source checks the Welcome's capabilities against what it will send and fails with a clear
 //! message (sending Abort) instead of a mismatch later.
