@@ -332,10 +332,10 @@ pub enum Event {
 }
 
 impl Event {
-    /// True for the notes an operator should read (dropped connections, codec notes); false
+    /// True for the notes an operator should read (dropped or refused connections, codec notes); false
     /// for the lifecycle events (status, rounds) that machine interfaces consume.
     pub fn is_note(&self) -> bool {
-        matches!(self, Event::ConnectionDropped { .. } | Event::CodecNote { .. })
+        matches!(self, Event::ConnectionDropped { .. } | Event::ConnectionRefused { .. } | Event::CodecNote { .. })
     }
 }
 
