@@ -182,8 +182,8 @@
 //! | packet kind (byte 4) | pages 0, sync 1 |
 //! | packet flags (byte 5) | raw 0x01 |
 //! | method (byte 6, `Hello.method`, `MethodCaps.code`) | none 0, zlib 1, zstd 2, qatzip 3 (declared by each codec file) |
-//! | role (JSON) | `"control"`, `"data"` |
-//! | control message (JSON `"type"`) | `hello`, `welcome`, `refuse`, `round_done`, `finish`, `done`, `abort` |
+//! | role (JSON) | `"control"`, `"data"`, `"urgent"` (postcopy) |
+//! | control message (JSON `"type"`) | `hello`, `welcome`, `refuse`, `round_done`, `finish`, `postcopy`, `postcopy_running`, `page_request`, `done`, `abort` |
 //!
 //! # Versions
 //!

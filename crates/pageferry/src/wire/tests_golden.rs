@@ -132,6 +132,21 @@ fn golden_done() {
     );
 }
 
+#[test]
+fn golden_postcopy_messages() {
+    check_frame(
+        Control::Postcopy { round: 3, discard: vec![(0, 5, 2), (1, 0, 1)] },
+        b"st",
+        golden_frame("50464354 0200 39000000 02000000", r#"{"type":"postcopy","round":3,"discard":[[0,5,2],[1,0,1]]}"#, "7374", "e710b354"),
+    );
+    check_frame(Control::PostcopyRunning, &[], golden_frame("50464354 0200 1b000000 00000000", r#"{"type":"postcopy_running"}"#, "", "3df648c6"));
+    check_frame(
+        Control::PageRequest { region: 1, pages: vec![7, 9] },
+        &[],
+        golden_frame("50464354 0200 30000000 00000000", r#"{"type":"page_request","region":1,"pages":[7,9]}"#, "", "13a87c02"),
+    );
+}
+
 fn check_packet(h: PacketHeader, normal: &[u32], zero: &[u32], payload: &[u8], expected: Vec<u8>) {
     let runs: Vec<(u32, u32)> = page_runs(normal).collect();
     let mut offsets = Vec::new();
@@ -211,6 +226,7 @@ fn wire_codes_are_pinned() {
     assert_eq!(VersionRange::SUPPORTED, VersionRange { min: 2, max: 2 });
     assert_eq!(serde_json::to_string(&Role::Control).unwrap(), r#""control""#);
     assert_eq!(serde_json::to_string(&Role::Data).unwrap(), r#""data""#);
+    assert_eq!(serde_json::to_string(&Role::Urgent).unwrap(), r#""urgent""#);
     assert_eq!(serde_json::to_string(&MethodCode(3)).unwrap(), "3");
     let tag = |m: &Control| serde_json::to_value(m).unwrap()["type"].as_str().unwrap().to_string();
     let tags: Vec<String> = [
@@ -230,6 +246,9 @@ fn wire_codes_are_pinned() {
         Control::Refuse { reason: String::new() },
         Control::RoundDone { round: 0, pages: 0 },
         Control::Finish { round: 0, digest: None },
+        Control::Postcopy { round: 0, discard: vec![] },
+        Control::PostcopyRunning,
+        Control::PageRequest { region: 0, pages: vec![] },
         Control::Done { report: DestinationReport::default() },
         Control::Abort { reason: String::new() },
         Control::Cancel { by: "source".into() },
@@ -238,5 +257,6 @@ fn wire_codes_are_pinned() {
     .iter()
     .map(tag)
     .collect();
-    assert_eq!(tags, ["hello", "welcome", "refuse", "round_done", "finish", "done", "abort", "cancel", "keepalive"]);
+    assert_eq!(tags, ["hello", "welcome", "refuse", "round_done", "finish", "postcopy", "postcopy_running", "page_request", "done", "abort", "cancel", "keepalive"]);
 }
+
