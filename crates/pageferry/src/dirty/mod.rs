@@ -6,7 +6,7 @@
 //! - [`StaticTracker`]: everything once, then nothing — for paused guests and image files;
 //! - [`UffdTracker`]: userfaultfd asynchronous write-protect + `PAGEMAP_SCAN` for memory in this
 //!   process (Linux 6.7+);
-//! - [`AtomicBitmapTracker`] (feature `vm-memory`): pages written through rust-vmm vm-memory's
+//! - `AtomicBitmapTracker` (feature `vm-memory`): pages written through rust-vmm vm-memory's
 //!   accessors, from its per-region `AtomicBitmap`;
 //! - [`UnionTracker`]: two trackers as one (a KVM VMM: the dirty log for vCPU writes plus the
 //!   vm-memory bitmap for the VMM's own);

@@ -1,10 +1,10 @@
 //! The migration engine: pre-copy rounds over a control channel and N data channels.
 //!
 //! Source side ([`run_source`]): round 0 sends every page, each later round the pages the
-//! [`DirtyTracker`] reports, until the rest fits the downtime budget; then it pauses the
+//! [`DirtyTracker`](crate::dirty::DirtyTracker) reports, until the rest fits the downtime budget; then it pauses the
 //! [`SourceWorkload`], sends the last dirty set and the workload's device state, and the
 //! destination resumes its [`DestinationWorkload`]. Destination side ([`run_destination`]):
-//! accepts the channels, writes pages straight into its [`GuestMemory`], enforces the
+//! accepts the channels, writes pages straight into its [`GuestMemory`](crate::memory::GuestMemory), enforces the
 //! per-round ordering rule, verifies and resumes.
 //!
 //! Threads per side: one control thread (the caller's); per channel one socket thread and
@@ -94,25 +94,25 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Source settings (CLI names in brackets).
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
-    /// Data channels [`--multifd-channels`, default 2].
+    /// Data channels \[`--multifd-channels`, default 2\].
     pub channels: usize,
-    /// Method and level [`--multifd-compression`, `--multifd-<method>-level`]; with `auto`
+    /// Method and level \[`--multifd-compression`, `--multifd-<method>-level`\]; with `auto`
     /// set, only its local options count (the qatzip provider and library).
     pub codec: CodecSpec,
-    /// [`--multifd-compression auto`]: choose the method and level per window among these
+    /// \[`--multifd-compression auto`\]: choose the method and level per window among these
     /// candidates and what the destination decodes (see [`policy`]).
     pub auto: Option<policy::AutoConfig>,
-    /// Batches in flight to the compressor per channel [`--pipeline-depth`]; `None` picks the
+    /// Batches in flight to the compressor per channel \[`--pipeline-depth`\]; `None` picks the
     /// codec's default.
     pub pipeline_depth: Option<usize>,
     /// Switch over when the remaining dirty pages fit this at the measured rate
-    /// [`--downtime-limit`, ms, default 300].
+    /// \[`--downtime-limit`, ms, default 300\].
     pub downtime_limit: Duration,
-    /// Give up (source untouched) after this many rounds [`--max-rounds`, default 30].
+    /// Give up (source untouched) after this many rounds \[`--max-rounds`, default 30\].
     pub max_rounds: u32,
-    /// Give up (source untouched) after this long [`--timeout`, default 600 s].
+    /// Give up (source untouched) after this long \[`--timeout`, default 600 s\].
     pub timeout: Duration,
-    /// Cap on wire bytes per second across all channels [`--max-bandwidth`].
+    /// Cap on wire bytes per second across all channels \[`--max-bandwidth`\].
     pub max_bandwidth: Option<u64>,
     /// A limiter to use instead of one made from `max_bandwidth`: its cap can be changed
     /// while the migration runs ([`ratelimit::RateLimiter::set_rate`]).
@@ -122,21 +122,21 @@ pub struct SourceConfig {
     /// Keep retrying a refused connection this long (the destination may still be starting).
     pub connect_timeout: Duration,
     /// A channel (data or control) on which nothing moves for this long has failed
-    /// [`--stall-timeout`, default 30 s]. Each channel counts on its own: data flowing on
+    /// \[`--stall-timeout`, default 30 s\]. Each channel counts on its own: data flowing on
     /// another does not excuse a silent one. Both sides send keepalives on the control channel
     /// at a quarter of it.
     pub stall_timeout: Duration,
     /// Ends the migration from outside (see [`CancelToken`]).
     pub cancel: CancelToken,
-    /// Throttle the workload when pre-copy does not converge [`--auto-converge`]; `None`
+    /// Throttle the workload when pre-copy does not converge \[`--auto-converge`\]; `None`
     /// leaves it at full speed.
     pub auto_converge: Option<AutoConverge>,
-    /// May switch to postcopy [`--postcopy`]; `None`: pre-copy only.
+    /// May switch to postcopy \[`--postcopy`\]; `None`: pre-copy only.
     pub postcopy: Option<PostcopyConfig>,
     /// Compress (static) guest memory in place and write raw pages from it; `false` copies
     /// every batch first — only useful to measure what zero copy saves.
     pub zero_copy: bool,
-    /// TLS 1.3 on every channel [`--tls-creds`, `--tls-psk`]; `None`: plain TCP.
+    /// TLS 1.3 on every channel \[`--tls-creds`, `--tls-psk`\]; `None`: plain TCP.
     pub tls: Option<crate::transport::TlsClient>,
 }
 
@@ -170,13 +170,13 @@ impl Default for SourceConfig {
 /// up to `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoConverge {
-    /// [`--cpu-throttle-initial`, default 20]
+    /// \[`--cpu-throttle-initial`, default 20\]
     pub initial: u8,
-    /// [`--cpu-throttle-increment`, default 10]
+    /// \[`--cpu-throttle-increment`, default 10\]
     pub increment: u8,
-    /// [`--max-cpu-throttle`, default 99]
+    /// \[`--max-cpu-throttle`, default 99\]
     pub max: u8,
-    /// [`--throttle-trigger-threshold`, default 50]
+    /// \[`--throttle-trigger-threshold`, default 50\]
     pub trigger_threshold: u8,
 }
 
@@ -207,7 +207,7 @@ impl AutoConverge {
 /// Postcopy settings (QEMU: capability postcopy-ram, then migrate-start-postcopy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PostcopyConfig {
-    /// Switch after this many pre-copy rounds [`--postcopy-after-rounds`]; without it the
+    /// Switch after this many pre-copy rounds \[`--postcopy-after-rounds`\]; without it the
     /// engine switches only when pre-copy is not converging (see `source.rs`).
     pub after_rounds: Option<u32>,
 }

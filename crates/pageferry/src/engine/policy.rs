@@ -95,7 +95,7 @@ pub struct AutoConfig {
     /// Candidates the source offers (the engine keeps those the destination decodes; `none`
     /// is always one).
     pub candidates: Vec<Candidate>,
-    /// Cores the compression workers may use together [`--max-cpu`]; `None`: one per worker
+    /// Cores the compression workers may use together \[`--max-cpu`\]; `None`: one per worker
     /// (the channels × pipeline depth).
     pub max_cpu: Option<f64>,
     /// Decide after this many batches ...
