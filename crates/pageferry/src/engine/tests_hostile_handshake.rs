@@ -1,0 +1,463 @@
+//! Hostile-input tests, second half: handshakes against the real source and destination
+//! (refusals, versions, limits) and what follows them; the helpers live in `tests_hostile.rs`.
+
+use super::*;
+
+// ---- handshakes with the real source ----
+
+fn source_config(method: Method, channels: usize) -> SourceConfig {
+    SourceConfig { channels, codec: CodecSpec::new(method), connect_timeout: Duration::from_secs(5), ..Default::default() }
+}
+
+/// The real source against the real destination, each with its own memory and method.
+fn migrate_with(src: &GuestMemory, dst: &GuestMemory, scfg: SourceConfig, dst_method: Method) -> (Result<MigrationReport, MigrationError>, DestResult) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), dst_method, Recorder::default());
+    let r = run_source(&addr, src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress);
+    (r, await_destination(&dest))
+}
+
+fn refused_reason(e: &MigrationError) -> &str {
+    match e {
+        MigrationError::Refused(r) => r,
+        other => panic!("expected Refused, got {other:?}: {other}"),
+    }
+}
+
+#[test]
+fn method_mismatch_is_refused_with_the_same_reason_on_both_sides() {
+    let src = super::tests::test_memory([64, 16]);
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (r, d) = migrate_with(&src, &dst, source_config(named("zstd"), 2), named("zlib"));
+    let (se, de) = (r.unwrap_err(), d.unwrap_err());
+    let (sr, dr) = (refused_reason(&se), refused_reason(&de));
+    assert_eq!(sr, dr);
+    for e in [se.to_string(), de.to_string()] {
+        assert!(e.contains("compression method mismatch") && e.contains("zstd") && e.contains("zlib"), "{e}");
+    }
+    Model::canary().check(&dst, &[]);
+}
+
+#[test]
+fn layout_mismatch_is_refused_with_the_same_reason_on_both_sides() {
+    let src = super::tests::test_memory([64, 17]);
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (r, d) = migrate_with(&src, &dst, source_config(named("none"), 1), named("none"));
+    let (se, de) = (r.unwrap_err(), d.unwrap_err());
+    assert_eq!(refused_reason(&se), refused_reason(&de));
+    for e in [se.to_string(), de.to_string()] {
+        assert!(e.contains("memory layout mismatch"), "{e}");
+        assert!(e.contains(&format!("ram1: {} bytes", 17 * PAGE_SIZE)) && e.contains(&format!("ram1: {} bytes", 16 * PAGE_SIZE)), "{e}");
+    }
+    Model::canary().check(&dst, &[]);
+}
+
+/// Send a control Hello offering `versions`; the destination's answer and its result.
+fn hello_with_versions(versions: VersionRange) -> (Control, u16, Receiver<DestResult>) {
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
+    let mut ctl = connect(&addr);
+    let mut h = match hello(SessionId::random(), Role::Control, 0, 1, named("none"), dst.layout()) {
+        Control::Hello(h) => h,
+        _ => unreachable!(),
+    };
+    h.versions = versions;
+    wire::write_frame(&mut ctl, versions.max, &Control::Hello(h), &[]).unwrap();
+    let reply = wire::read_frame(&mut ctl).unwrap();
+    (reply.msg, reply.version, dest)
+}
+
+fn expect_refused(reply: Control, dest: &Receiver<DestResult>, needles: &[&str]) {
+    let reason = match reply {
+        Control::Refuse { reason } => reason,
+        other => panic!("expected Refuse, got {other:?}"),
+    };
+    for n in needles {
+        assert!(reason.contains(n), "'{reason}' does not mention '{n}'");
+    }
+    let de = await_destination(dest).unwrap_err();
+    assert_eq!(refused_reason(&de), reason);
+}
+
+#[test]
+fn protocol_version_mismatch_is_refused() {
+    // A Hello of a later version range with nothing in common, parsed and refused naming both.
+    let (reply, _, dest) = hello_with_versions(VersionRange { min: 98, max: 99 });
+    expect_refused(reply, &dest, &["protocol version mismatch", "source speaks versions 98..=99", &format!("destination speaks version {PROTOCOL_VERSION}")]);
+}
+
+#[test]
+fn a_source_two_versions_behind_is_refused_naming_both() {
+    // N-2 against this build's N = 2 (its Hello frame is of version 0: refused unparsed).
+    let (reply, _, dest) = hello_with_versions(VersionRange { min: 0, max: 0 });
+    expect_refused(reply, &dest, &["protocol version mismatch: source speaks version 0, destination speaks version 2"]);
+}
+
+#[test]
+fn a_newer_source_is_answered_in_the_highest_common_version() {
+    // A build of version N+1 speaks N..=N+1; this destination (N) agrees on N, says so in the
+    // frame header and the Welcome, and announces what it decodes.
+    let (reply, frame_version, _dest) = hello_with_versions(VersionRange { min: PROTOCOL_VERSION, max: PROTOCOL_VERSION + 1 });
+    assert_eq!(frame_version, PROTOCOL_VERSION);
+    match reply {
+        Control::Welcome { version, capabilities, .. } => {
+            assert_eq!(version, PROTOCOL_VERSION);
+            assert_eq!(capabilities.methods, vec![named("none").caps()]);
+            // Postcopy is offered (the memory is checked when a source asks for it).
+            assert_eq!(capabilities.features, wire::Features { postcopy: true, auto: true, ..wire::Features::default() });
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_version_1_source_gets_a_refusal_it_can_read() {
+    // Version 1's Hello: the same frame layout, a version-1 header, a body v2 cannot parse.
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
+    let body = br#"{"type":"hello","version":1,"session":"0123456789abcdef0123456789abcdef","role":"control","channel":0,"channels":1,"method":"none","level":0,"regions":[["ram0",262144],["ram1",65536]]}"#;
+    let mut frame = Vec::new();
+    frame.extend_from_slice(b"PFCT");
+    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(body);
+    let crc = crc32c::crc32c(&frame);
+    frame.extend_from_slice(&crc.to_le_bytes());
+    let mut ctl = connect(&addr);
+    ctl.write_all(&frame).unwrap();
+    // What a v1 peer reads: magic, any version, JSON {"type":"refuse","reason":...}, CRC.
+    let mut hdr = [0u8; 14];
+    std::io::Read::read_exact(&mut ctl, &mut hdr).unwrap();
+    assert_eq!(&hdr[0..4], b"PFCT");
+    let body_len = u32::from_le_bytes(hdr[6..10].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; body_len + 4];
+    std::io::Read::read_exact(&mut ctl, &mut body).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body[..body_len]).unwrap();
+    assert_eq!(v["type"], "refuse");
+    let reason = v["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("source speaks version 1, destination speaks version 2"), "{reason}");
+    let de = await_destination(&dest).unwrap_err();
+    assert_eq!(refused_reason(&de), reason);
+}
+
+/// Relay connections to `upstream`; before relaying the second one (the first data channel,
+/// i.e. after the control handshake), make three stray connections to the destination: a data
+/// channel 0 of another session, a control channel of another session, and a non-pageferry
+/// peer. Each must be dropped without a Welcome. Returns the address to connect to and the
+/// strays' fates.
+fn proxy_with_strays(upstream: String, connections: usize, layout: Vec<(String, u64)>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fates = Arc::new(Mutex::new(Vec::new()));
+    let f = fates.clone();
+    std::thread::spawn(move || {
+        for i in 0..connections {
+            let Ok((down, _)) = listener.accept() else { return };
+            if i == 1 {
+                let stray = SessionId::random();
+                let hellos = [
+                    wire_bytes(&hello(stray, Role::Data, 0, 1, named("zstd"), layout.clone())),
+                    wire_bytes(&hello(stray, Role::Control, 0, 1, named("zstd"), layout.clone())),
+                    b"GET / HTTP/1.1\r\nHost: pageferry\r\n\r\n".to_vec(),
+                ];
+                for bytes in hellos {
+                    let mut s = connect(&upstream);
+                    s.write_all(&bytes).unwrap();
+                    let fate = match wire::read_frame_at(&mut s, PROTOCOL_VERSION) {
+                        Ok((m, _)) => format!("answered {m:?}"),
+                        Err(e) => format!("dropped: {e}"),
+                    };
+                    f.lock().unwrap().push(fate);
+                }
+            }
+            let up = connect(&upstream);
+            down.set_nodelay(true).unwrap();
+            relay(down, up);
+        }
+    });
+    (addr, fates)
+}
+
+fn wire_bytes(msg: &Control) -> Vec<u8> {
+    let mut v = Vec::new();
+    wire::write_frame(&mut v, PROTOCOL_VERSION, msg, &[]).unwrap();
+    v
+}
+
+fn relay(a: TcpStream, b: TcpStream) {
+    for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+        from.set_read_timeout(None).unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+        });
+    }
+}
+
+#[test]
+fn stray_connections_during_setup_are_dropped() {
+    let src = super::tests::test_memory([300, 50]);
+    let dst = memory_filled(&[300, 50], CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest_addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), named("zstd"), Recorder::default());
+    let channels = 2;
+    let (addr, fates) = proxy_with_strays(dest_addr, 1 + channels, src.layout());
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), channels), &NoProgress);
+    let r = r.unwrap_or_else(|e| panic!("source: {e}"));
+    await_destination(&dest).unwrap_or_else(|e| panic!("destination: {e}"));
+    assert!(r.verified);
+    assert_eq!(src.digest(), dst.digest(), "destination differs from the source");
+    let fates = fates.lock().unwrap().clone();
+    assert_eq!(fates.len(), 3, "{fates:?}");
+    for f in &fates {
+        // Closed, or reset when the destination hung up on unread bytes.
+        assert!(f.starts_with("dropped"), "a stray connection was not dropped: {f}");
+    }
+}
+
+#[test]
+fn unreachable_destination_is_a_connect_error() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let src = super::tests::test_memory([64, 16]);
+    let cfg = SourceConfig { connect_timeout: Duration::from_millis(200), ..source_config(named("none"), 1) };
+    let before = src.digest();
+    let e = run_source(&format!("127.0.0.1:{port}"), &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress).unwrap_err();
+    assert!(matches!(e, MigrationError::Connect { .. }), "{e:?}");
+    assert!(e.to_string().contains(&format!("cannot connect to 127.0.0.1:{port}")), "{e}");
+    assert_eq!(src.digest(), before);
+}
+
+/// A source that connects its control channel but never its data channels: the destination
+/// gives up after its accept timeout instead of waiting forever.
+#[test]
+fn missing_data_channels_time_out() {
+    let memory = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let config = DestinationConfig { codec: CodecSpec::new(named("none")), accept_timeout: Duration::from_millis(500), stall_timeout: IO, ..Default::default() };
+    let m = memory.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_destination(&listener, &m, &mut NoWorkload, &config));
+    });
+    let mut ctl = connect(&addr);
+    wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(SessionId::random(), Role::Control, 0, 2, named("none"), memory.layout()), &[]).unwrap();
+    expect_welcome(&mut ctl);
+    let e = await_destination(&rx).unwrap_err().to_string();
+    assert!(e.contains("timed out") && e.contains("0 of 2 data channels"), "{e}");
+}
+
+// ---- verification agreement and announced sizes ----
+
+#[test]
+fn unverified_source_is_refused_unless_the_destination_agrees() {
+    let src = super::tests::test_memory([64, 16]);
+    let scfg = SourceConfig { verify: false, ..source_config(named("zstd"), 2) };
+    // The default destination requires the digest: refused, same reason on both sides.
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (r, d) = migrate_with(&src, &dst, scfg.clone(), named("zstd"));
+    let (se, de) = (r.unwrap_err(), d.unwrap_err());
+    assert_eq!(refused_reason(&se), refused_reason(&de));
+    assert!(se.to_string().contains("--no-verify"), "{se}");
+    Model::canary().check(&dst, &[]);
+    // A destination that agreed to skip it: completes, and says it was not verified.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { codec: CodecSpec::new(named("zstd")), require_verify: false, accept_timeout: IO, ..Default::default() };
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+        (run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress), d.join().unwrap())
+    });
+    assert!(!r.unwrap().verified);
+    assert!(!d.unwrap().verified);
+    assert_eq!(src.digest(), dst.digest());
+}
+
+#[test]
+fn finish_without_digest_after_announcing_verification_fails() {
+    let mut ev = Evil::start(named("none"), 1);
+    let s = ev.sync(0, 0);
+    ev.send(0, &s);
+    ev.expect_round_done(0);
+    ev.finish(0, None, b"state");
+    ev.expect_failure(&["no memory digest", "announced verification"]);
+}
+
+#[test]
+fn oversized_announcements_are_refused_before_anything_is_allocated() {
+    let many: Vec<(String, u64)> = (0..=wire::MAX_REGIONS).map(|i| (format!("r{i}"), 4096)).collect();
+    let cases: Vec<(Vec<(String, u64)>, &str)> = vec![
+        (many, "memory regions"),
+        (vec![("ram0".into(), 1 << 62)], "2^32 pages"),
+        (vec![("ram0".into(), (16u64 << 40) + 4096)], "2^32 pages"),
+        (vec![("ram0".into(), 4095)], "multiple of"),
+        (vec![("ram0".into(), 1 << 40), ("ram1".into(), 1 << 40)], "at most"),
+        (vec![("x".repeat(300), 4096)], "region name"),
+    ];
+    for (regions, needle) in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let provided = std::sync::atomic::AtomicBool::new(false);
+        let dcfg = DestinationConfig { accept_timeout: IO, max_memory: Some(1 << 40), ..Default::default() };
+        let de = std::thread::scope(|s| {
+            let d = s.spawn(|| {
+                let mut provide = |_: &[(String, u64)]| -> Result<GuestMemory, String> {
+                    provided.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Err("must not be called".into())
+                };
+                run_destination_with(&listener, &mut provide, &mut NoWorkload, &dcfg)
+            });
+            let mut ctl = connect(&addr);
+            wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(SessionId::random(), Role::Control, 0, 1, named("none"), regions), &[]).unwrap();
+            match wire::read_frame(&mut ctl).unwrap().msg {
+                Control::Refuse { reason } => assert!(reason.contains(needle), "'{reason}' does not mention '{needle}'"),
+                other => panic!("expected Refuse, got {other:?}"),
+            }
+            d.join().unwrap()
+        });
+        assert!(de.is_err());
+        assert!(!provided.load(std::sync::atomic::Ordering::SeqCst), "memory was provided for a refused announcement ({needle})");
+    }
+}
+
+#[test]
+fn a_handshake_frame_over_the_limit_is_dropped_unread() {
+    // A frame header announcing a 37 MB Hello: dropped without reading (or allocating) the
+    // body; the real source that follows still migrates.
+    let src = super::tests::test_memory([64, 16]);
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
+    let mut evil = connect(&addr);
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(b"PFCT");
+    hdr.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    hdr.extend_from_slice(&(37u32 << 20).to_le_bytes());
+    hdr.extend_from_slice(&0u32.to_le_bytes());
+    evil.write_all(&hdr).unwrap();
+    let mut buf = [0u8; 16];
+    let n = std::io::Read::read(&mut evil, &mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the destination answered an oversized handshake");
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 2), &NoProgress);
+    r.unwrap();
+    await_destination(&dest).unwrap();
+    assert_eq!(src.digest(), dst.digest());
+}
+
+/// Collects events.
+#[derive(Default)]
+struct Events(Mutex<Vec<Event>>);
+
+impl ProgressSink for Events {
+    fn update(&self, _p: &Progress) {}
+    fn event(&self, e: &Event) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+#[test]
+fn dropped_connections_and_codec_notes_are_events_not_prints() {
+    // A non-pageferry peer connects first; the destination drops it, says so through its
+    // events sink, and goes on to complete the migration. The qatzip `auto` fallback note
+    // reaches both sides' sinks.
+    let (src, dst) = (crate::engine::tests::test_memory([64, 16]), memory_filled(&LAYOUT, CANARY));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut spec = CodecSpec::new(named("qatzip"));
+    spec.qatzip.lib_path = Some("/nonexistent/libqatzip.so.3".into());
+    let events = Arc::new(Events::default());
+    let sink = EventSink(events.clone());
+    let config = DestinationConfig { codec: spec.clone(), accept_timeout: IO, stall_timeout: IO, events: sink, ..Default::default() };
+    let dest = std::thread::spawn(move || run_destination(&listener, &dst, &mut NoWorkload, &config));
+    let mut junk = connect(&addr);
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let source_events = Events::default();
+    let scfg = SourceConfig { codec: spec, ..source_config(named("qatzip"), 1) };
+    run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &source_events).unwrap();
+    dest.join().unwrap().unwrap();
+    let got = events.0.lock().unwrap().clone();
+    assert!(
+        got.iter().any(|e| matches!(e, Event::ConnectionDropped { reason, .. } if reason.contains("bad magic"))),
+        "{got:?}"
+    );
+    let note = |list: &[Event]| list.iter().any(|e| matches!(e, Event::CodecNote { method, note } if method == "qatzip" && note.contains("using the cpu provider")));
+    assert!(note(&got), "{got:?}");
+    let src_events = source_events.0.lock().unwrap().clone();
+    assert!(note(&src_events), "{src_events:?}");
+    assert!(got.iter().chain(src_events.iter()).all(|e| !e.to_string().is_empty()));
+}
+
+// ---- postcopy ----
+
+/// A hand-speaking source that announced postcopy (and no digest), with its urgent channel,
+/// against a destination that accepts unverified migrations.
+fn evil_postcopy(method: Method) -> (Evil, TcpStream) {
+    let memory = memory_filled(&LAYOUT, CANARY);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let recorder = Recorder::default();
+    let (tx, dest) = crossbeam_channel::bounded(1);
+    let config = DestinationConfig { codec: CodecSpec::new(method), accept_timeout: IO, stall_timeout: IO, require_verify: false, ..Default::default() };
+    {
+        let (memory, recorder) = (memory.clone(), recorder.clone());
+        std::thread::spawn(move || {
+            let mut w = recorder;
+            let _ = tx.send(run_destination(&listener, &memory, &mut w, &config));
+        });
+    }
+    let session = SessionId::random();
+    let hello_pc = |role, channel| match hello(session, role, channel, 1, method, memory.layout()) {
+        Control::Hello(h) => Control::Hello(Hello { wants: wire::Features { postcopy: true, ..Default::default() }, verify: false, ..h }),
+        _ => unreachable!(),
+    };
+    let mut ctl = connect(&addr);
+    wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello_pc(Role::Control, 0), &[]).unwrap();
+    expect_welcome(&mut ctl);
+    let mut data = connect(&addr);
+    wire::write_frame(&mut data, PROTOCOL_VERSION, &hello_pc(Role::Data, 0), &[]).unwrap();
+    expect_welcome(&mut data);
+    let mut urgent = connect(&addr);
+    wire::write_frame(&mut urgent, PROTOCOL_VERSION, &hello_pc(Role::Urgent, 0), &[]).unwrap();
+    expect_welcome(&mut urgent);
+    let codec = codec::open(&CodecSpec::new(method)).unwrap();
+    (Evil { ctl, data: vec![data, urgent.try_clone().unwrap()], nums: vec![0; 2], method, codec, dest, recorder, memory }, urgent)
+}
+
+#[test]
+fn urgent_pages_before_the_postcopy_switchover_are_rejected() {
+    // Channel 1 of this Evil is the urgent channel.
+    let (mut ev, _urgent) = evil_postcopy(named("none"));
+    let pkt = ev.pages(1, 0, 0, &[0], &[], &page(7));
+    ev.send(1, &pkt);
+    let (_, mem) = ev.expect_failure(&["urgent packet", "outside postcopy"]);
+    Model::canary().check(&mem, &[]);
+}
+
+#[test]
+fn a_postcopy_switchover_out_of_order_or_outside_memory_is_rejected() {
+    // Postcopy must follow the last complete round.
+    let (mut ev, _u) = evil_postcopy(named("none"));
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Postcopy { round: 3, discard: vec![] }, b"").unwrap();
+    let (_, mem) = ev.expect_failure(&["Postcopy", "for round 3"]);
+    Model::canary().check(&mem, &[]);
+    // A discard range outside the region is refused before anything is dropped.
+    let (mut ev, _u) = evil_postcopy(named("none"));
+    let s = ev.sync(0, 0);
+    ev.send(0, &s);
+    ev.expect_round_done(0);
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Postcopy { round: 1, discard: vec![(0, 0, 1), (0, u32::MAX, 2)] }, b"").unwrap();
+    let (e, mem) = ev.expect_failure(&["postcopy failed after the switchover", "outside region 0"]);
+    assert!(!e.contains("panicked"));
+    Model::canary().check(&mem, &[]);
+}
