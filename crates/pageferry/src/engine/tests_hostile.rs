@@ -686,5 +686,18 @@ fn real_source_zero_batches_overwrite_a_non_fresh_destination() {
     }
 }
 
+fn source_config(method: Method, channels: usize) -> SourceConfig {
+    SourceConfig { channels, codec: CodecSpec::new(method), connect_timeout: Duration::from_secs(5), ..Default::default() }
+}
+
+/// The real source against the real destination, each with its own memory and method.
+fn migrate_with(src: &GuestMemory, dst: &GuestMemory, scfg: SourceConfig, dst_method: Method) -> (Result<MigrationReport, MigrationError>, DestResult) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = spawn_destination(listener, dst.clone(), dst_method, Recorder::default());
+    let r = run_source(&addr, src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress);
+    (r, await_destination(&dest))
+}
+
 #[path = "tests_hostile_handshake.rs"]
 mod handshake;
