@@ -752,27 +752,12 @@ fn control_loop(
         *gate.closed.write().unwrap() = true;
         pc.stop_faults().map_err(MigrationError::Postcopy)?;
         pc.placer.finish();
-        let (cpu_s, wall_s) = cpu.read();
         let report = DestinationReport {
-            cpu_s,
-            wall_s,
-            pages: counters.pages(),
-            zero_pages: counters.zero_pages.load(Relaxed),
-            wire_bytes: counters.wire(),
-            verify_ms: 0.0,
-            verified: false,
-            rounds: pc.round + 1,
-            provider: provider.to_string(),
-            peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
             postcopy: Some(PostcopyStats { duration_ms: pc.started.elapsed().as_secs_f64() * 1000.0, ..pc.placer.stats() }),
-            done_not_delivered: false,
+            ..final_report(cpu, counters, provider, peak_rss, pc.round + 1)
         };
-        let mut report = report;
-        if send_ctl(ctl, version, &Control::Done { report: report.clone() }, &[]).is_err() {
-            // All memory is here and the guest runs here; the source only misses the news.
-            report.done_not_delivered = true;
-        }
-        return Ok(report);
+        // All memory is here and the guest runs here; the source only misses the news.
+        return Ok(send_done(ctl, version, report));
     }
     let (round, digest, state) = finish.expect("loop exits with a finish");
     gate.state.lock().unwrap().finished = true;
@@ -795,24 +780,32 @@ fn control_loop(
     // Commit point: every check passed. From here on this side runs the guest; errors no
     // longer end in an Abort (the source must not resume after one) but in a report.
     workload.resume(&state).map_err(|source| MigrationError::Workload { what: "resume", cause: source })?;
+    let report = DestinationReport { verify_ms, verified, ..final_report(cpu, counters, provider, peak_rss, round + 1) };
+    // The guest runs here now; a source without Done stays paused and says so.
+    Ok(send_done(ctl, version, report))
+}
+
+/// The destination's report at completion (pre-copy or postcopy): what every path shares.
+fn final_report(cpu: &CpuMeter, counters: &Counters, provider: &str, peak_rss: u64, rounds: u32) -> DestinationReport {
     let (cpu_s, wall_s) = cpu.read();
-    let report = DestinationReport {
+    DestinationReport {
         cpu_s,
         wall_s,
         pages: counters.pages(),
         zero_pages: counters.zero_pages.load(Relaxed),
         wire_bytes: counters.wire(),
-        verify_ms,
-        verified,
-        rounds: round + 1,
+        rounds,
         provider: provider.to_string(),
         peak_rss_anon_bytes: peak_rss.max(super::stats::rss_anon_bytes()),
         ..Default::default()
-    };
-    let mut report = report;
+    }
+}
+
+/// Send Done with `report`; past the commit point a failed send is noted in the report, not an
+/// error (the guest runs here whatever the source hears).
+fn send_done(ctl: &Mutex<Stream>, version: u16, mut report: DestinationReport) -> DestinationReport {
     if send_ctl(ctl, version, &Control::Done { report: report.clone() }, &[]).is_err() {
-        // The guest runs here now; the source, without Done, stays paused and says so.
         report.done_not_delivered = true;
     }
-    Ok(report)
+    report
 }
