@@ -19,8 +19,13 @@ fn make_image(path: &Path, size: &str) {
 }
 
 fn start_recv(listen: &str, image: &Path, extra: &[&str]) -> (Child, String) {
+    start_recv_for(20, listen, image, extra)
+}
+
+/// `recv` that gives up after `accept_timeout_s` without an accepted source.
+fn start_recv_for(accept_timeout_s: u32, listen: &str, image: &Path, extra: &[&str]) -> (Child, String) {
     let mut child = bin()
-        .args(["recv", "--listen", listen, "--json", "--accept-timeout", "20"])
+        .args(["recv", "--listen", listen, "--json", "--accept-timeout", &accept_timeout_s.to_string()])
         .arg("--image")
         .arg(image)
         .args(extra)
@@ -43,11 +48,17 @@ fn send(addr: &str, image: &Path, extra: &[&str]) -> Output {
     bin().args(["send", "--quiet", "--json", "--connect", addr]).arg("--image").arg(image).args(extra).output().unwrap()
 }
 
-fn finish(mut child: Child) -> (bool, String) {
-    let ok = child.wait().unwrap().success();
+fn finish(child: Child) -> (bool, String) {
+    let (code, err) = finish_code(child);
+    (code == Some(0), err)
+}
+
+/// The exit status and stderr of a finished `recv`.
+fn finish_code(mut child: Child) -> (Option<i32>, String) {
+    let code = child.wait().unwrap().code();
     let mut err = String::new();
     child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    (ok, err)
+    (code, err)
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -183,4 +194,180 @@ fn demo_runs_over_tls() {
     assert_eq!(r["status"], "completed");
     assert!(r["verified_by"].as_str().unwrap().starts_with("yes, by the demo"), "{}", r["verified_by"]);
     assert_eq!(r["transport"], "TLS 1.3 AES_128_GCM_SHA256");
+}
+
+// ------------------------------------------------------------------------------------------
+// Refusals through the binary: a PKI made in the test (rcgen), in the --tls-creds layout.
+
+/// crates/pageferry-cli/src/exit.rs: the peer refused the migration in the handshake.
+const EXIT_REFUSED: i32 = 5;
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+fn test_ca() -> Ca {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "pageferry test CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    Ca { cert: p.self_signed(&key).unwrap(), key }
+}
+
+/// A --tls-creds directory: ca-cert.pem and `role`-cert.pem / `role`-key.pem (role: server or
+/// client) for common name `cn` and subject alternative names `sans`, signed by `ca`; valid
+/// only in 2020 when `expired`.
+fn creds_dir(ca: &Ca, role: &str, cn: &str, sans: &[&str], expired: bool) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    for (name, text) in [("ca-cert.pem".to_string(), ca.cert.pem()), (format!("{role}-cert.pem"), cert.pem()), (format!("{role}-key.pem"), key.serialize_pem())] {
+        let path = d.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    d
+}
+
+fn server_creds(ca: &Ca, expired: bool) -> tempfile::TempDir {
+    creds_dir(ca, "server", "dest.example", &["localhost", "127.0.0.1"], expired)
+}
+
+fn client_creds(ca: &Ca, cn: &str, expired: bool) -> tempfile::TempDir {
+    creds_dir(ca, "client", cn, &[cn], expired)
+}
+
+fn arg(d: &tempfile::TempDir) -> &str {
+    d.path().to_str().unwrap()
+}
+
+const PREVIOUS: &[u8] = b"what the destination image held before\n";
+
+/// The destination image as it was before the refused source: same bytes, no partial file.
+fn assert_untouched(dst: &Path) {
+    assert_eq!(std::fs::read(dst).unwrap(), PREVIOUS, "a refused source changed the destination image");
+    let mut partial = dst.as_os_str().to_owned();
+    partial.push(".incomplete");
+    assert!(!Path::new(&partial).exists(), "a refused source made {partial:?}");
+}
+
+/// `send` was refused: exit status 5 and one line on stderr that contains every `needle`.
+fn assert_refused(out: &Output, needles: &[&str]) -> String {
+    let e = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(EXIT_REFUSED), "send: {e}");
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+    for n in needles {
+        assert!(e.contains(n), "send's line lacks {n:?}: {e}");
+    }
+    eprintln!("send: {e}");
+    e
+}
+
+/// A source with `bad` flags is refused (send exits 5 with one line containing `src_says`);
+/// the destination image is untouched; recv reports the refused peer in one line containing
+/// `dst_says`, keeps listening, and a source with `good` flags then migrates byte-identical.
+fn refused_then_right_source(recv_tls: &[&str], bad: &[&str], good: &[&str], src_says: &[&str], dst_says: &[&str]) {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "8M");
+    std::fs::write(&dst, PREVIOUS).unwrap();
+    let (recv, addr) = start_recv("127.0.0.1:0", &dst, recv_tls);
+    assert_refused(&send(&addr, &src, bad), src_says);
+    assert_untouched(&dst);
+    let s = send(&addr, &src, good);
+    assert!(s.status.success(), "the right source after a refused one: {}", String::from_utf8_lossy(&s.stderr));
+    let (ok, err) = finish(recv);
+    assert!(ok, "recv: {err}");
+    assert!(same_file(&src, &dst), "destination differs");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for the refused peer: {err}");
+    assert!(lines[0].starts_with("pageferry: refused connection from 127.0.0.1:"), "{err}");
+    for n in dst_says {
+        assert!(lines[0].contains(n), "recv's line lacks {n:?}: {err}");
+    }
+    eprintln!("recv: {err}");
+}
+
+/// Only a refused source comes: send exits 5 with `src_says`; recv reports it, keeps
+/// listening until its accept timeout, then exits 5 itself with a last line naming the
+/// refusal (`dst_says`); the destination image is untouched.
+fn refused_and_nobody_else(recv_tls: &[&str], bad: &[&str], src_says: &[&str], dst_says: &[&str]) {
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "4M");
+    std::fs::write(&dst, PREVIOUS).unwrap();
+    let (recv, addr) = start_recv_for(2, "127.0.0.1:0", &dst, recv_tls);
+    assert_refused(&send(&addr, &src, bad), src_says);
+    let (code, err) = finish_code(recv);
+    assert_eq!(code, Some(EXIT_REFUSED), "recv: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "the refused peer, then why recv ends: {err}");
+    assert!(lines[0].starts_with("pageferry: refused connection from 127.0.0.1:"), "{err}");
+    assert!(lines[1].starts_with("pageferry recv: error:") && lines[1].contains("refused 1 connection(s)"), "{err}");
+    for n in dst_says {
+        assert!(lines[0].contains(n) && lines[1].contains(n), "recv's lines lack {n:?}: {err}");
+    }
+    eprintln!("recv: {err}");
+    assert_untouched(&dst);
+}
+
+#[test]
+fn client_certificate_outside_tls_authz_is_refused_and_an_authorized_one_migrates() {
+    let ca = test_ca();
+    let (srv, intruder, allowed) = (server_creds(&ca, false), client_creds(&ca, "intruder.example", false), client_creds(&ca, "allowed.example", false));
+    let recv_tls = ["--tls-creds", arg(&srv), "--tls-authz", "CN=allowed.example"];
+    refused_then_right_source(
+        &recv_tls,
+        &["--tls-creds", arg(&intruder)],
+        &["--tls-creds", arg(&allowed)],
+        &["refused our credentials", "--tls-authz"],
+        &["CN=intruder.example", "--tls-authz"],
+    );
+    refused_and_nobody_else(&recv_tls, &["--tls-creds", arg(&intruder)], &["--tls-authz"], &["CN=intruder.example", "--tls-authz"]);
+}
+
+#[test]
+fn tls_hostname_not_in_the_server_certificate_is_refused_and_the_default_works() {
+    let ca = test_ca();
+    let (srv, cli) = (server_creds(&ca, false), client_creds(&ca, "source.example", false));
+    refused_then_right_source(
+        &["--tls-creds", arg(&srv)],
+        &["--tls-creds", arg(&cli), "--tls-hostname", "wrong.example"],
+        // Default: the host of --connect (127.0.0.1, a SAN of the server certificate).
+        &["--tls-creds", arg(&cli)],
+        &["not valid for the name \"wrong.example\"", "--tls-hostname"],
+        &["refused our credentials", "--tls-hostname"],
+    );
+}
+
+#[test]
+fn expired_client_certificate_is_refused_on_both_sides() {
+    let ca = test_ca();
+    let (srv, old, cli) = (server_creds(&ca, false), client_creds(&ca, "source.example", true), client_creds(&ca, "source.example", false));
+    refused_then_right_source(&["--tls-creds", arg(&srv)], &["--tls-creds", arg(&old)], &["--tls-creds", arg(&cli)], &["expired"], &["has expired"]);
+}
+
+#[test]
+fn expired_server_certificate_is_refused_on_both_sides() {
+    let ca = test_ca();
+    let (stale, cli) = (server_creds(&ca, true), client_creds(&ca, "source.example", false));
+    refused_and_nobody_else(&["--tls-creds", arg(&stale)], &["--tls-creds", arg(&cli)], &["certificate has expired"], &["expired"]);
+}
+
+#[test]
+fn wrong_pre_shared_key_is_refused_on_both_sides() {
+    let (right, wrong) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let right = psk_file(right.path(), "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff");
+    let wrong = psk_file(wrong.path(), "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100");
+    let (right, wrong) = (right.to_str().unwrap(), wrong.to_str().unwrap());
+    refused_then_right_source(&["--tls-psk", right], &["--tls-psk", wrong], &["--tls-psk", right], &["pre-shared key"], &["pre-shared key"]);
+    refused_and_nobody_else(&["--tls-psk", right], &["--tls-psk", wrong], &["pre-shared key"], &["pre-shared key"]);
 }

@@ -227,6 +227,12 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
     let mut data: Vec<Option<Stream>> = Vec::new();
     let mut urgent: Option<Stream> = None;
     let mut fresh = false;
+    // Peers refused by authentication so far: how many, and the last one and why.
+    let mut last_refusal: Option<(usize, SocketAddr, String)> = None;
+    fn note_refusal(last: &mut Option<(usize, SocketAddr, String)>, peer: SocketAddr, why: &str) {
+        let n = last.as_ref().map_or(0, |r| r.0) + 1;
+        *last = Some((n, peer, why.to_string()));
+    }
     loop {
         if config.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled { by: Side::Destination });
@@ -237,6 +243,13 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
             return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
         }
         if Instant::now() >= deadline {
+            // Nobody got in, but someone tried and was refused: that is the outcome.
+            if let (None, Some((n, peer, why))) = (&control, &last_refusal) {
+                return Err(MigrationError::Refused(format!(
+                    "no source accepted within {:?}: refused {n} connection(s), the last from {peer}: {why}",
+                    config.accept_timeout
+                )));
+            }
             return Err(MigrationError::Other(format!(
                 "timed out after {:?} waiting for the source ({} of {} data channels connected)",
                 config.accept_timeout,
@@ -273,6 +286,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
             Ok(Ok(a)) => a,
             Ok(Err((_, Dropped::Version(reason)))) if control.is_none() => return Err(MigrationError::Refused(reason)),
             Ok(Err((peer, Dropped::Refused(msg)))) => {
+                note_refusal(&mut last_refusal, peer, &msg);
                 refused(config, peer, msg);
                 continue;
             }
@@ -293,6 +307,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                     identity.describe(),
                     control_identity.describe()
                 );
+                note_refusal(&mut last_refusal, peer, &reason);
                 refused(config, peer, reason.clone());
                 refuse(&mut sock, &reason);
                 continue;

@@ -263,7 +263,7 @@ fn expired_client_certificate_is_refused() {
     let (srv, cli) = pki(&ca, "source.example");
     let old = creds_dir(&ca);
     leaf(old.path(), &ca, "client", "source.example", &["source.example"], true);
-    refused_then_right_peer(server(srv.path(), &[]), Some(client(old.path())), client(cli.path()), "refused our credentials", "has expired");
+    refused_then_right_peer(server(srv.path(), &[]), Some(client(old.path())), client(cli.path()), "our certificate has expired", "has expired");
 }
 
 #[test]
@@ -307,7 +307,7 @@ fn client_certificate_outside_authz_is_refused() {
     let ca = ca("test CA");
     let (srv, allowed) = pki(&ca, "allowed.example");
     let (_, other) = pki(&ca, "intruder.example");
-    refused_then_right_peer(server(srv.path(), &["allowed.example"]), Some(client(other.path())), client(allowed.path()), "refused our credentials", "not in the --tls-authz list");
+    refused_then_right_peer(server(srv.path(), &["allowed.example"]), Some(client(other.path())), client(allowed.path()), "not in its --tls-authz list", "not in the --tls-authz list");
 }
 
 #[test]

@@ -196,6 +196,17 @@ struct AuthzVerifier {
     authz: Vec<String>,
 }
 
+thread_local! {
+    /// Why the authorization list refused the certificate this thread's handshake verified
+    /// last (rustls verifies on the thread that drives the handshake).
+    static AUTHZ_DENIAL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The explanation of an authorization refusal in this thread's last handshake, taken.
+pub(crate) fn take_authz_denial() -> Option<String> {
+    AUTHZ_DENIAL.with(|d| d.borrow_mut().take())
+}
+
 #[derive(Debug)]
 struct Denied(String);
 impl std::fmt::Display for Denied {
@@ -223,7 +234,12 @@ impl ClientCertVerifier for AuthzVerifier {
         if names.iter().any(|n| allowed.contains(n)) {
             Ok(ok)
         } else {
-            Err(denied(format!("client certificate {} is not in the --tls-authz list", names.first().map(String::as_str).unwrap_or("?"))))
+            // ApplicationVerificationFailure is the one certificate error rustls answers with
+            // an access_denied alert, so the source can tell "not authorized" from a bad
+            // certificate; the subject goes to this side's message through AUTHZ_DENIAL.
+            let who = names.first().map(String::as_str).unwrap_or("?");
+            AUTHZ_DENIAL.with(|d| *d.borrow_mut() = Some(format!("the source's certificate {who} is not in the --tls-authz list")));
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
     fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {

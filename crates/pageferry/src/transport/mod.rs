@@ -249,12 +249,21 @@ pub fn explain(e: &io::Error, peer: &str, name: &str, timeout: Duration) -> Stri
             C::NotValidYet | C::NotValidYetContext { .. } => format!("the {peer}'s certificate is not valid yet"),
             C::Revoked => format!("the {peer}'s certificate is revoked"),
             C::Other(o) => format!("the {peer} is not authorized: {o}"),
+            // Raised by the --tls-authz check only (see creds::AuthzVerifier).
+            C::ApplicationVerificationFailure => creds::take_authz_denial().unwrap_or_else(|| format!("the {peer}'s certificate is not in the --tls-authz list")),
             other => format!("the {peer}'s certificate is invalid: {other:?}"),
         },
         E::NoCertificatesPresented => format!("the {peer} presented no certificate (peer verification requires client-cert.pem / client-key.pem)"),
         E::AlertReceived(a) => match a {
             A::ProtocolVersion => format!("the {peer} refused our TLS version (TLS 1.3 is required)"),
-            A::BadCertificate | A::UnknownCA | A::CertificateExpired | A::CertificateUnknown | A::AccessDenied | A::CertificateRequired | A::DecryptError => {
+            A::AccessDenied => format!("the {peer} refused our credentials: our certificate is not in its --tls-authz list (TLS alert {a:?})"),
+            A::CertificateExpired => format!("the {peer} refused our credentials: our certificate has expired or is not valid yet (TLS alert {a:?})"),
+            A::UnknownCA => format!("the {peer} refused our credentials: our certificate is not signed by a CA it trusts (TLS alert {a:?})"),
+            // What rustls sends for a certificate not valid for the expected name (or malformed).
+            A::BadCertificate if peer == "source" => {
+                format!("the {peer} refused our credentials: our certificate is not valid for the name it expects (its --tls-hostname, or the host it connected to), or is malformed (TLS alert {a:?})")
+            }
+            A::BadCertificate | A::CertificateUnknown | A::CertificateRequired | A::DecryptError => {
                 format!("the {peer} refused our credentials (TLS alert {a:?}): wrong CA, expired or unauthorized certificate, or wrong pre-shared key")
             }
             A::UnrecognisedName => format!("the {peer} does not know our PSK identity (TLS alert {a:?})"),
