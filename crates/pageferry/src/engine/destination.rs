@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 #[path = "destination_accept.rs"]
 mod accept;
 use accept::*;
+#[path = "destination_replay.rs"]
+pub(super) mod replay;
 
 /// Provides the destination's memory once the source's region table is known.
 pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + 'a;
@@ -94,9 +96,9 @@ impl Gate {
     }
 }
 
-struct Reader<'a> {
+struct Reader<'a, S: Read = Stream> {
     idx: usize,
-    sock: Stream,
+    sock: S,
     memory: &'a GuestMemory,
     /// Methods packets may name: the session's one, or (auto) every announced method.
     accepted: Vec<Method>,
@@ -116,9 +118,12 @@ struct Reader<'a> {
     /// The packet number expected next.
     next_num: u64,
     stall: Duration,
+    /// The end of the stream between packets is the source going quiet, not a failure (the
+    /// in-memory replay, [`replay::replay_destination`], whose control frames follow the data).
+    quiet_end: bool,
 }
 
-impl Reader<'_> {
+impl<S: Read> Reader<'_, S> {
     fn err(&self, source: WireError) -> MigrationError {
         let round = self.gate.current();
         if super::link::is_timeout(&source) {
@@ -162,7 +167,7 @@ impl Reader<'_> {
 
     /// The data channel ended between packets: a failure unless the migration finished.
     fn stream_ended(&self, cause: WireError) {
-        if !self.gate.state.lock().unwrap().finished {
+        if !self.gate.state.lock().unwrap().finished && !(self.quiet_end && matches!(cause, WireError::Closed(_))) {
             let _ = self.events.send(Event::Failed(self.err(cause)));
         }
     }
@@ -359,7 +364,7 @@ enum Received {
     Payload(usize),
 }
 
-impl Reader<'_> {
+impl<S: Read> Reader<'_, S> {
     /// A page packet of the postcopy round: checked like any other, decoded into a buffer,
     /// then placed atomically (pages already present are left alone).
     fn postcopy_packet(&mut self, h: &PacketHeader, hdr: &[u8; PACKET_HEADER_LEN], placer: &Placer, bufs: &mut RxBufs) -> Result<(), PacketError> {
@@ -471,11 +476,7 @@ pub fn run_destination_with(
     // keepalives on control, so a silent control channel is a dead one.
     control.set_read_timeout(Some(config.stall_timeout)).ok();
     // Methods the packets may name, and who decodes them (for the report).
-    let accepted: Vec<Method> = if hello.wants.auto {
-        capabilities(config).methods.iter().filter_map(|c| Method::from_code(c.code)).collect()
-    } else {
-        Method::from_code(hello.method).into_iter().collect()
-    };
+    let accepted = accepted_methods(&hello, config);
     let mut providers = Vec::new();
     for &m in accepted.iter().filter(|m| m.compresses()) {
         let spec = CodecSpec { method: m, level: m.default_level(), qatzip: config.codec.qatzip.clone() };
@@ -542,13 +543,14 @@ pub fn run_destination_with(
                 urgent,
                 next_num: 0,
                 stall: config.stall_timeout,
+                quiet_end: false,
             };
             std::thread::Builder::new()
                 .name(if urgent { "pf-urgent-rx".into() } else { format!("pf-c{idx}-rx") })
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, config);
+        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, hello.wants.postcopy, config);
         if outcome.is_err() {
             // A postcopy that fails keeps its registration: whatever waits on a missing page
             // stays blocked rather than reading zeros (state kept, as QEMU's postcopy-paused).
@@ -573,6 +575,15 @@ pub fn run_destination_with(
     });
     link.shutdown();
     result.map(|r| (r, memory.clone()))
+}
+
+/// Methods a session's packets may name: the Hello's, or (auto) every method announced.
+fn accepted_methods(hello: &Hello, config: &DestinationConfig) -> Vec<Method> {
+    if hello.wants.auto {
+        capabilities(config).methods.iter().filter_map(|c| Method::from_code(c.code)).collect()
+    } else {
+        Method::from_code(hello.method).into_iter().collect()
+    }
 }
 
 /// Postcopy on the destination while it runs: the placer and the fault thread.
@@ -601,19 +612,19 @@ impl Drop for PostcopyRun {
     }
 }
 
-fn send_ctl(ctl: &Mutex<Stream>, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
+fn send_ctl<W: std::io::Write>(ctl: &Mutex<W>, version: u16, msg: &Control, blob: &[u8]) -> Result<(), WireError> {
     wire::write_frame(&mut *ctl.lock().unwrap(), version, msg, blob)
 }
 
 /// Switch to postcopy: register memory, discard the pages still dirty on the source, start
 /// asking for pages, start the workload.
 #[allow(clippy::too_many_arguments)]
-fn start_postcopy(
+fn start_postcopy<W: std::io::Write + Send + 'static>(
     version: u16,
     round: u32,
     discard: &[(u16, u32, u32)],
     state: &[u8],
-    ctl: &Arc<Mutex<Stream>>,
+    ctl: &Arc<Mutex<W>>,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,
     gate: &Gate,
@@ -641,9 +652,9 @@ fn start_postcopy(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn control_loop(
+fn control_loop<W: std::io::Write + Send + 'static>(
     events: &crossbeam_channel::Receiver<Event>,
-    ctl: &Arc<Mutex<Stream>>,
+    ctl: &Arc<Mutex<W>>,
     version: u16,
     memory: &GuestMemory,
     workload: &mut dyn DestinationWorkload,
@@ -652,6 +663,7 @@ fn control_loop(
     cpu: &CpuMeter,
     provider: &str,
     announced_verify: bool,
+    announced_postcopy: bool,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, MigrationError> {
     let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
@@ -660,8 +672,13 @@ fn control_loop(
     let mut postcopy: Option<PostcopyRun> = None;
     let mut incomplete_since: Option<Instant> = None;
     let mut peak_rss = 0u64;
+    let mut sampled: Option<Instant> = None;
     loop {
-        peak_rss = peak_rss.max(super::stats::rss_anon_bytes());
+        // Memory ~10×/s (reading /proc costs tens of µs; events come much faster).
+        if sampled.is_none_or(|t| t.elapsed() >= Duration::from_millis(100)) {
+            peak_rss = peak_rss.max(super::stats::rss_anon_bytes());
+            sampled = Some(Instant::now());
+        }
         if let (Some((f, _, _)), Some(c)) = (&finish, completed) {
             if c >= *f {
                 break;
@@ -724,6 +741,11 @@ fn control_loop(
                 finish = Some((round, digest, state));
             }
             Event::Control(Ok((Control::Postcopy { round, discard }, state))) => {
+                // Only a source that announced postcopy in its Hello (which a verifying
+                // destination refuses) may switch: postcopy completes without a digest.
+                if !announced_postcopy {
+                    return Err(ctl_err(WireError::malformed("Postcopy", "the source did not announce postcopy in its Hello")));
+                }
                 if finish.is_some() || postcopy.is_some() || completed.map_or(0, |c| c + 1) != round {
                     return Err(ctl_err(WireError::malformed("Postcopy", format!("for round {round} after round {completed:?}"))));
                 }
@@ -803,7 +825,7 @@ fn final_report(cpu: &CpuMeter, counters: &Counters, provider: &str, peak_rss: u
 
 /// Send Done with `report`; past the commit point a failed send is noted in the report, not an
 /// error (the guest runs here whatever the source hears).
-fn send_done(ctl: &Mutex<Stream>, version: u16, mut report: DestinationReport) -> DestinationReport {
+fn send_done<W: std::io::Write>(ctl: &Mutex<W>, version: u16, mut report: DestinationReport) -> DestinationReport {
     if send_ctl(ctl, version, &Control::Done { report: report.clone() }, &[]).is_err() {
         report.done_not_delivered = true;
     }

@@ -86,6 +86,19 @@ pub(super) fn check_hello(h: &Hello, provide: &mut ProvideMemory, config: &Desti
     Ok((memory, version))
 }
 
+/// Check a data channel's Hello of the session (of `channels` channels, version `version`;
+/// `taken(i)`: channel i is connected already); its channel index, or the refusal.
+pub(super) fn check_data_hello(hello: &Hello, version: u16, channels: usize, taken: impl Fn(usize) -> bool) -> Result<usize, String> {
+    let idx = hello.channel as usize;
+    if hello.role != Role::Data || idx >= channels || taken(idx) {
+        return Err(format!("unexpected or duplicate {:?} connection for channel {idx}", hello.role));
+    }
+    if !hello.versions.contains(version) {
+        return Err(format!("protocol version mismatch: channel {idx} speaks {}, the session runs version {version}", hello.versions));
+    }
+    Ok(idx)
+}
+
 /// Announced sizes against the protocol's and this destination's limits, before anything is
 /// allocated for them.
 pub(super) fn check_layout(regions: &[(String, u64)], max_memory: Option<u64>) -> Result<(), String> {
@@ -346,15 +359,13 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 urgent = Some(sock);
             }
             (_, Some(s)) if s == hello.session => {
-                let idx = hello.channel as usize;
-                if hello.role != Role::Data || idx >= data.len() || data[idx].is_some() {
-                    refuse(&mut sock, &format!("unexpected or duplicate {:?} connection for channel {idx}", hello.role));
-                    continue;
-                }
-                if !hello.versions.contains(version) {
-                    refuse(&mut sock, &format!("protocol version mismatch: channel {idx} speaks {}, the session runs version {version}", hello.versions));
-                    continue;
-                }
+                let idx = match check_data_hello(&hello, version, data.len(), |i| data[i].is_some()) {
+                    Ok(idx) => idx,
+                    Err(reason) => {
+                        refuse(&mut sock, &reason);
+                        continue;
+                    }
+                };
                 sock.set_read_timeout(None).ok();
                 sock.set_write_timeout(None).ok();
                 if let Err(e) = welcome(&mut sock, version, fresh, config) {

@@ -35,6 +35,8 @@ mod tests_tls;
 
 pub use cancel::{CancelToken, Side};
 pub use destination::{run_destination, run_destination_with, ProvideMemory};
+#[doc(hidden)]
+pub use destination::replay::replay_destination;
 pub use source::run_source;
 pub use postcopy::PostcopyStats;
 pub use stats::{DestinationReport, Event, EventSink, MigrationReport, MigrationStatus, NoProgress, Progress, ProgressSink, RoundStats};

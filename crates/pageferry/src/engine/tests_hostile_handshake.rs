@@ -432,6 +432,20 @@ fn urgent_pages_before_the_postcopy_switchover_are_rejected() {
 }
 
 #[test]
+fn a_postcopy_switchover_the_hello_did_not_announce_is_rejected() {
+    // A source that announced a verified pre-copy migration (which a verifying destination
+    // accepts) must not switch to postcopy, which completes without a digest: the destination
+    // refuses, resumes nothing and places nothing. (Found while writing the `destination` fuzz target.)
+    let mut ev = Evil::start(named("none"), 1);
+    let s = ev.sync(0, 0);
+    ev.send(0, &s);
+    ev.expect_round_done(0);
+    wire::write_frame(&mut ev.ctl, PROTOCOL_VERSION, &Control::Postcopy { round: 1, discard: vec![] }, b"").unwrap();
+    let (_, mem) = ev.expect_failure(&["Postcopy", "did not announce postcopy"]);
+    Model::canary().check(&mem, &[]);
+}
+
+#[test]
 fn a_postcopy_switchover_out_of_order_or_outside_memory_is_rejected() {
     // Postcopy must follow the last complete round.
     let (mut ev, _u) = evil_postcopy(named("none"));
