@@ -51,7 +51,7 @@ impl MethodArgs {
 #[derive(Clone, Debug, Default)]
 pub struct LevelArgs {
     /// (method, level given or defaulted)
-    levels: Vec<(Method, u8)>,
+    levels: Vec<(Method, i32)>,
 }
 
 impl LevelArgs {
@@ -62,7 +62,7 @@ impl LevelArgs {
         Method::all().filter(|m| m.levels().min < m.levels().max)
     }
     /// The level for `method`: its flag's value, or its default (methods without levels).
-    pub fn level(&self, method: Method) -> u8 {
+    pub fn level(&self, method: Method) -> i32 {
         self.levels.iter().find(|(m, _)| *m == method).map_or(method.default_level(), |&(_, l)| l)
     }
 }
@@ -75,7 +75,7 @@ impl clap::FromArgMatches for LevelArgs {
     }
     fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
         for m in Self::with_levels() {
-            if let Some(&l) = matches.get_one::<u8>(&Self::flag(m)) {
+            if let Some(&l) = matches.get_one::<i32>(&Self::flag(m)) {
                 self.levels.retain(|(x, _)| *x != m);
                 self.levels.push((m, l));
             }
@@ -92,9 +92,10 @@ impl Args for LevelArgs {
                 clap::Arg::new(Self::flag(m))
                     .long(Self::flag(m))
                     .value_name("LEVEL")
-                    .value_parser(clap::value_parser!(u8))
+                    .value_parser(clap::value_parser!(i32))
+                    .allow_negative_numbers(true)
                     .default_value(l.default.to_string())
-                    .help(format!("{m} level, {}–{}", l.min, l.max)),
+                    .help(format!("{m} level, {} to {}{}", l.min, l.max, if l.min < 0 { " (negative: fast levels)" } else { "" })),
             );
         }
         cmd

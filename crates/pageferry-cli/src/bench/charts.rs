@@ -60,7 +60,7 @@ pub fn write_all(results: &[CaseResult], dir: &Path) -> Result<Vec<PathBuf>> {
         let mut channels: Vec<usize> = on_link.iter().map(|r| r.case.channels).collect();
         channels.sort_unstable();
         channels.dedup();
-        let mut keys: Vec<(BenchMethod, u8, bool)> = Vec::new();
+        let mut keys: Vec<(BenchMethod, i32, bool)> = Vec::new();
         for r in &on_link {
             if !keys.contains(&(r.case.method, r.case.level, r.case.tls)) {
                 keys.push((r.case.method, r.case.level, r.case.tls));
@@ -117,7 +117,7 @@ fn time_by_link(ok: &[&CaseResult], links: &[&Link], dir: &Path) -> Result<Vec<P
     let mut written = Vec::new();
     for ch in channels {
         let at: Vec<&CaseResult> = ok.iter().copied().filter(|r| r.case.channels == ch).collect();
-        let mut keys: Vec<(BenchMethod, u8)> = Vec::new();
+        let mut keys: Vec<(BenchMethod, i32)> = Vec::new();
         for r in &at {
             if !keys.contains(&(r.case.method, r.case.level)) {
                 keys.push((r.case.method, r.case.level));

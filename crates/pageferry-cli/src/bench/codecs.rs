@@ -27,8 +27,8 @@ pub struct CodecsArgs {
     #[arg(long, default_value = "none,zlib,zstd,qatzip")]
     methods: String,
     /// Levels to measure each compressing method at (comma-separated; default: each
-    /// method's default level, 1).
-    #[arg(long)]
+    /// method's default level, 1; zstd's fast levels are negative, e.g. -5,1).
+    #[arg(long, allow_hyphen_values = true)]
     levels: Option<String>,
     /// Channels of the engine migration next to the bare numbers.
     #[arg(long, default_value_t = 2)]
@@ -60,7 +60,7 @@ pub fn thread_cpu_s() -> f64 {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Bare {
     pub method: String,
-    pub level: u8,
+    pub level: i32,
     pub provider: String,
     pub bytes: u64,
     /// Payload bytes, batches the codec declined counted at their raw size.

@@ -22,8 +22,8 @@ pub struct MatrixArgs {
     #[arg(long, default_value = "none,zlib,zstd,qatzip")]
     methods: String,
     /// Levels to run each compressing method at (comma-separated; default: each method's
-    /// default level, 1).
-    #[arg(long)]
+    /// default level, 1; zstd's fast levels are negative, e.g. -5,1).
+    #[arg(long, allow_hyphen_values = true)]
     levels: Option<String>,
     /// Channel counts (comma-separated). Default 1,2,4,8,16 (1,2,4 with --quick).
     #[arg(long)]
@@ -70,7 +70,7 @@ pub struct MatrixArgs {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Case {
     pub method: BenchMethod,
-    pub level: u8,
+    pub level: i32,
     pub channels: usize,
     pub link: Link,
     /// Every channel over TLS 1.3 (mutual x509, throwaway credentials).
@@ -218,8 +218,8 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
     let t0 = Instant::now();
     let _ = std::fs::remove_file(&env.dst);
     let method = case.method.name();
-    let level_flag = format!("--multifd-{method}-level");
-    let level = case.level.to_string();
+    // `--flag=-5`: a negative level as a separate argument would read as a flag.
+    let level_flag = format!("--multifd-{method}-level={}", case.level);
     // The destination of an auto case gets no method: by default it accepts any it decodes.
     let method_flags = |c: &mut Command, provider: &str, source: bool| {
         c.args(["--qatzip-provider", provider]);
@@ -231,7 +231,7 @@ pub fn run_once_with(env: &RunEnv, case: &Case, tick: &dyn Fn(f64), extras: &Sou
             BenchMethod::Fixed(m) => {
                 c.args(["--multifd-compression", method]);
                 if m.compresses() {
-                    c.args([level_flag.as_str(), level.as_str()]);
+                    c.arg(level_flag.as_str());
                 }
             }
         }
@@ -373,7 +373,7 @@ pub fn is_setup_failure(msg: &str) -> bool {
 }
 
 /// The cases in run order: link, then method and level, then channels.
-pub fn plan(links: &[Link], method_levels: &[(BenchMethod, u8)], channels: &[usize], tls: &[bool]) -> Vec<Case> {
+pub fn plan(links: &[Link], method_levels: &[(BenchMethod, i32)], channels: &[usize], tls: &[bool]) -> Vec<Case> {
     let mut v = Vec::new();
     for l in links {
         for &(method, level) in method_levels {
@@ -518,8 +518,8 @@ pub fn run(a: MatrixArgs) -> Result<()> {
     let mut results: Vec<CaseResult> = Vec::new();
     let mut shaped: Option<Link> = None;
     let mut dead_link: Option<(Link, String)> = None;
-    let mut method_ok: Vec<(BenchMethod, u8)> = Vec::new();
-    let mut method_dead: Vec<((BenchMethod, u8), String)> = Vec::new();
+    let mut method_ok: Vec<(BenchMethod, i32)> = Vec::new();
+    let mut method_dead: Vec<((BenchMethod, i32), String)> = Vec::new();
     let mut runs_done = 0usize;
     for (ci, case) in cases.iter().enumerate() {
         let mut res = CaseResult { case: case.clone(), status: Status::Ok, reason: None, runs: Vec::new() };

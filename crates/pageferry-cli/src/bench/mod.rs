@@ -223,7 +223,7 @@ impl std::fmt::Display for BenchMethod {
 
 /// The matrix's `--methods auto,none,zlib,zstd,qatzip`; each fixed method at the given
 /// levels (see [`method_levels`]), auto once (level shown as 0).
-pub fn matrix_methods(s: &str, levels: &[u8]) -> Result<Vec<(BenchMethod, u8)>> {
+pub fn matrix_methods(s: &str, levels: &[i32]) -> Result<Vec<(BenchMethod, i32)>> {
     let items = split_list("--methods", s)?;
     let auto = items.contains(&"auto");
     let fixed: Vec<&str> = items.into_iter().filter(|i| *i != "auto").collect();
@@ -267,11 +267,12 @@ pub fn parse_channels(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// `--levels 1,3,9`: levels to run every compressing method at (none has only level 0).
-pub fn parse_levels(s: &str) -> Result<Vec<u8>> {
+/// `--levels 1,3,9` (or `--levels=-5,1`: zstd's fast levels are negative): levels to run
+/// every compressing method at (none has only level 0).
+pub fn parse_levels(s: &str) -> Result<Vec<i32>> {
     let mut out = Vec::new();
     for item in split_list("--levels", s)? {
-        let n: u8 = item.parse().map_err(|_| anyhow::anyhow!("--levels: '{item}' is not a level (expected e.g. 1,3,9)"))?;
+        let n: i32 = item.parse().map_err(|_| anyhow::anyhow!("--levels: '{item}' is not a level (expected e.g. 1,3,9 or -5,1)"))?;
         if !out.contains(&n) {
             out.push(n);
         }
@@ -282,7 +283,7 @@ pub fn parse_levels(s: &str) -> Result<Vec<u8>> {
 /// (method, level) pairs: each method at each of `levels` it accepts (its default level when
 /// `levels` is empty); method none once at level 0. Combinations out of a method's range are
 /// reported on stderr and left out.
-pub fn method_levels(methods: &[Method], levels: &[u8]) -> Vec<(Method, u8)> {
+pub fn method_levels(methods: &[Method], levels: &[i32]) -> Vec<(Method, i32)> {
     let mut out = Vec::new();
     for &m in methods {
         let (lo, hi) = (m.levels().min, m.levels().max);
@@ -302,7 +303,7 @@ pub fn method_levels(methods: &[Method], levels: &[u8]) -> Vec<(Method, u8)> {
 }
 
 /// The codec spec of a (method, level) pair with the user's qatzip provider.
-pub fn spec_for(method: Method, level: u8, qatzip_provider: &str) -> Result<CodecSpec> {
+pub fn spec_for(method: Method, level: i32, qatzip_provider: &str) -> Result<CodecSpec> {
     let mut spec = CodecSpec::with_level(method, level)?;
     spec.qatzip.provider = qatzip_provider.parse()?;
     Ok(spec)

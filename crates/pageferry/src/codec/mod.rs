@@ -28,16 +28,16 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// Levels a method accepts (QEMU's ranges) and the one used when none is given. A method
-/// without levels (`none`) has `0..=0`, default 0.
+/// Levels a method accepts and the one used when none is given. Levels are signed: zstd's
+/// fast levels are negative. A method without levels (`none`) has `0..=0`, default 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LevelRange {
     /// Lowest level.
-    pub min: u8,
+    pub min: i32,
     /// Highest level.
-    pub max: u8,
+    pub max: i32,
     /// Level used when none is given.
-    pub default: u8,
+    pub default: i32,
 }
 
 /// Everything the rest of pageferry knows about a method; each codec file declares one.
@@ -96,7 +96,7 @@ impl Method {
         self.0.levels
     }
     /// Level used when none is given.
-    pub fn default_level(self) -> u8 {
+    pub fn default_level(self) -> i32 {
         self.0.levels.default
     }
     /// False for `none`.
@@ -104,7 +104,7 @@ impl Method {
         self.0.compresses
     }
     /// The one level check: `level` is in the method's range.
-    pub fn check_level(self, level: u8) -> Result<(), CodecError> {
+    pub fn check_level(self, level: i32) -> Result<(), CodecError> {
         let LevelRange { min, max, .. } = self.levels();
         if !(min..=max).contains(&level) {
             return Err(CodecError::Config(format!("{self} level {level} out of range {min}..={max}")));
@@ -177,8 +177,8 @@ impl<'de> Deserialize<'de> for Method {
 pub struct CodecSpec {
     /// The method.
     pub method: Method,
-    /// Its level (checked against the method's range).
-    pub level: u8,
+    /// Its level (checked against the method's range; negative for zstd's fast levels).
+    pub level: i32,
     /// qatzip only: which provider to use (auto, qat, cpu). Local choice, not negotiated.
     #[serde(default)]
     pub qatzip: qatzip::QatzipOptions,
@@ -197,7 +197,7 @@ impl CodecSpec {
         Self { method, level: method.default_level(), qatzip: Default::default() }
     }
     /// Method at `level`; fails when the method does not accept it.
-    pub fn with_level(method: Method, level: u8) -> Result<Self, CodecError> {
+    pub fn with_level(method: Method, level: i32) -> Result<Self, CodecError> {
         method.check_level(level)?;
         Ok(Self { method, level, qatzip: Default::default() })
     }
@@ -241,7 +241,7 @@ pub struct CodecInfo {
     /// Method that ran.
     pub method: Method,
     /// Its level.
-    pub level: u8,
+    pub level: i32,
     /// What did the work ("libzstd 1.5.7", "isa-l (system)", "qat (hardware)", ...).
     pub provider: String,
     /// Why this provider, when the operator should know (a fallback); the engine passes it

@@ -22,14 +22,15 @@ pub struct ZlibCodec {
 }
 
 impl ZlibCodec {
-    pub fn new(level: u8) -> Result<Self, CodecError> {
-        Ok(Self { enc: DeflateCompressor::new(METHOD, level, Framing::Zlib)?, dec: DeflateDecompressor::default() })
+    pub fn new(level: i32) -> Result<Self, CodecError> {
+        METHOD.check_level(level)?;
+        Ok(Self { enc: DeflateCompressor::new(METHOD, level as u8, Framing::Zlib)?, dec: DeflateDecompressor::default() })
     }
 }
 
 impl Codec for ZlibCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: self.enc.level(), provider: self.enc.backend().into(), note: None }
+        CodecInfo { method: METHOD, level: self.enc.level().into(), provider: self.enc.backend().into(), note: None }
     }
     fn max_compressed_len(&self, input_len: usize) -> usize {
         super::deflate::bound(input_len)

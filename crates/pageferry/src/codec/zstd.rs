@@ -1,4 +1,8 @@
-//! Method `zstd` (levels 1–19, default 1): one zstd frame per batch, through the zstd crate.
+//! Method `zstd` (levels -20–19, default 1): one zstd frame per batch, through the zstd crate.
+//! Negative levels are zstd's fast levels (`zstd --fast=N` is level -N): less ratio, more
+//! speed, which `--multifd-compression auto` uses on links too fast for level 1. Below -20
+//! zstd gains little speed and loses most of its ratio, so the range stops there. Level 0 is
+//! libzstd's default level (3).
 //!
 //! Like every software LZ compressor, zstd must not see its input change during a call (see
 //! `Codec::tolerates_changing_input`); the engine gives it a stable copy of live memory.
@@ -8,22 +12,22 @@ use super::{Codec, CodecError, CodecInfo, LevelRange, Method, MethodCode, Method
 pub static DESCRIPTOR: MethodDescriptor = MethodDescriptor {
     name: "zstd",
     code: MethodCode(2),
-    levels: LevelRange { min: 1, max: 19, default: 1 },
+    levels: LevelRange { min: -20, max: 19, default: 1 },
     compresses: true,
     open: |spec| Ok(Box::new(ZstdCodec::new(spec.level)?)),
 };
 const METHOD: Method = Method::of(&DESCRIPTOR);
 
 pub struct ZstdCodec {
-    level: u8,
+    level: i32,
     cctx: zstd::bulk::Compressor<'static>,
     dctx: zstd::bulk::Decompressor<'static>,
 }
 
 impl ZstdCodec {
-    pub fn new(level: u8) -> Result<Self, CodecError> {
+    pub fn new(level: i32) -> Result<Self, CodecError> {
         let setup = |e: std::io::Error| CodecError::Setup { method: METHOD, detail: e.to_string() };
-        let mut cctx = zstd::bulk::Compressor::new(level as i32).map_err(setup)?;
+        let mut cctx = zstd::bulk::Compressor::new(level).map_err(setup)?;
         // The destination checks the length itself; a checksum would be redundant with CRC32C.
         cctx.include_checksum(false).map_err(setup)?;
         cctx.include_contentsize(true).map_err(setup)?;

@@ -10,7 +10,7 @@ use super::*;
 /// checked when it asks: a refusal says why).
 pub(super) fn capabilities(config: &DestinationConfig) -> Capabilities {
     let methods = if config.only { vec![config.codec.method.caps()] } else { Method::all().map(Method::caps).collect() };
-    Capabilities { methods, features: Features { postcopy: true, auto: true, tls: config.tls.is_some(), ..Features::default() } }
+    Capabilities { methods, features: Features { postcopy: true, auto: true, tls: config.tls.is_some(), signed_levels: true } }
 }
 
 /// The decoder for a compressed packet of method `code` (one of `accepted`), opened at its
@@ -152,8 +152,12 @@ pub(super) fn refused(config: &DestinationConfig, peer: SocketAddr, reason: Stri
     config.events.emit(Note::ConnectionRefused { peer: peer.to_string(), reason });
 }
 
-pub(super) fn welcome(sock: &mut Stream, version: u16, fresh: bool, config: &DestinationConfig) -> Result<(), WireError> {
-    wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities: capabilities(config) }, &[])
+/// The Welcome to a connection whose Hello is `hello`: negative levels only to a source that
+/// reads them (see [`Features::signed_levels`]).
+pub(super) fn welcome(sock: &mut Stream, version: u16, fresh: bool, config: &DestinationConfig, hello: &Hello) -> Result<(), WireError> {
+    let caps = capabilities(config);
+    let capabilities = if hello.wants.signed_levels { caps } else { caps.for_unsigned_peer() };
+    wire::write_frame(sock, version, &Control::Welcome { version, fresh_destination: fresh, capabilities }, &[])
 }
 
 /// The connections of one session.
@@ -341,7 +345,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 fresh = memory.regions().iter().all(|r| r.is_fresh_zeroed());
                 sock.set_read_timeout(None).ok();
                 sock.set_write_timeout(None).ok();
-                welcome(&mut sock, version, fresh, config).map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
+                welcome(&mut sock, version, fresh, config, &hello).map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
                 data = (0..hello.channels).map(|_| None).collect();
                 control = Some((sock, hello, memory, identity));
             }
@@ -352,7 +356,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 }
                 sock.set_read_timeout(None).ok();
                 sock.set_write_timeout(None).ok();
-                if let Err(e) = welcome(&mut sock, version, fresh, config) {
+                if let Err(e) = welcome(&mut sock, version, fresh, config, &hello) {
                     dropped(config, peer, format!("urgent channel: {e}"));
                     continue;
                 }
@@ -368,7 +372,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 };
                 sock.set_read_timeout(None).ok();
                 sock.set_write_timeout(None).ok();
-                if let Err(e) = welcome(&mut sock, version, fresh, config) {
+                if let Err(e) = welcome(&mut sock, version, fresh, config, &hello) {
                     dropped(config, peer, format!("channel {idx}: {e}"));
                     continue;
                 }

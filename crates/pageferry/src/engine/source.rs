@@ -64,7 +64,7 @@ fn auto_candidates(auto: &AutoConfig, caps: &Capabilities, local: &CodecSpec) ->
         if !c.compresses() || cands.contains(&c) {
             continue;
         }
-        let Ok(level) = u8::try_from(c.level) else { continue };
+        let level = c.level;
         if !caps.methods.iter().any(|m| m.code == c.method.code() && (m.min_level..=m.max_level).contains(&level)) {
             continue;
         }

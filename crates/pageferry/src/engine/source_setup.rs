@@ -119,7 +119,8 @@ pub(super) struct Session {
 pub(super) fn open_session(addr: &str, memory: &GuestMemory, config: &SourceConfig) -> Result<Session, MigrationError> {
     let session = SessionId::random();
     // TLS wraps the whole connection (the Hello travels inside it); `tls` says so.
-    let wants = Features { postcopy: config.postcopy.is_some(), auto: config.auto.is_some(), tls: config.tls.is_some(), ..Features::default() };
+    // signed_levels: this build reads negative levels in the Welcome.
+    let wants = Features { postcopy: config.postcopy.is_some(), auto: config.auto.is_some(), tls: config.tls.is_some(), signed_levels: true };
     let tls_name = config.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| transport::host_of(addr).to_string());
     // Connect, then the TLS handshake when configured (its own deadline).
     let open = |what: &str| -> Result<Stream, MigrationError> {

@@ -109,7 +109,7 @@ pub struct MigrationReport {
     /// Compression method.
     pub method: String,
     /// Its level.
-    pub level: u8,
+    pub level: i32,
     /// What compressed on the source ("libzstd 1.5.7", "isa-l (system)", "qat (hardware)", ...).
     pub provider: String,
     /// Data channels.

@@ -462,3 +462,52 @@ fn a_postcopy_switchover_out_of_order_or_outside_memory_is_rejected() {
     assert!(!e.contains("panicked"));
     Model::canary().check(&mem, &[]);
 }
+
+/// zstd's fast levels cross the handshake: this source (it reads signed levels) migrates at
+/// level -5 to a zstd-only destination; the destination announces -20..=19 to a Hello with
+/// `signed_levels` and bounds an unsigned parser can read (0..=19) to one without (a build
+/// from before levels were signed).
+#[test]
+fn fast_zstd_levels_cross_the_handshake() {
+    let src = super::tests::test_memory([64, 16]);
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let cfg = SourceConfig {
+        codec: CodecSpec::with_level(named("zstd"), -5).unwrap(),
+        ..source_config(named("zstd"), 2)
+    };
+    let (r, d) = migrate_with(&src, &dst, cfg, named("zstd"));
+    let report = r.unwrap();
+    d.unwrap();
+    assert_eq!((report.method.as_str(), report.level), ("zstd", -5));
+    for signed in [false, true] {
+        let dst = memory_filled(&LAYOUT, CANARY);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let _dest = spawn_destination(listener, dst.clone(), named("zstd"), Recorder::default());
+        let mut ctl = connect(&addr);
+        let Control::Hello(mut h) = hello(
+            SessionId::random(),
+            Role::Control,
+            0,
+            1,
+            named("zstd"),
+            dst.layout(),
+        ) else {
+            unreachable!()
+        };
+        h.wants.signed_levels = signed;
+        wire::write_frame(&mut ctl, PROTOCOL_VERSION, &Control::Hello(h), &[]).unwrap();
+        match wire::read_frame(&mut ctl).unwrap().msg {
+            Control::Welcome { capabilities, .. } => {
+                let zstd = &capabilities.methods[0];
+                assert_eq!(
+                    (zstd.min_level, zstd.max_level),
+                    if signed { (-20, 19) } else { (0, 19) },
+                    "signed_levels {signed}"
+                );
+                assert_eq!(capabilities.features.signed_levels, signed);
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+}

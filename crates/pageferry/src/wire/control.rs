@@ -72,6 +72,13 @@ pub struct Features {
     /// Per-packet method choice among the destination's methods.
     #[serde(default)]
     pub auto: bool,
+    /// Levels may be negative (zstd's fast levels). In a Hello: the source reads a negative
+    /// `min_level`; a destination announces negative levels only to such a source (an earlier
+    /// build parsed levels as unsigned). In a Welcome: the destination accepts negative levels.
+    /// Not a requirement: [`Features::missing`] never names it. Sent only when true, so frames
+    /// of sources and destinations without it are unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed_levels: bool,
 }
 
 impl Features {
@@ -94,10 +101,10 @@ pub struct MethodCaps {
     pub code: MethodCode,
     /// For messages only; the code is what counts.
     pub name: String,
-    /// Lowest level it accepts.
-    pub min_level: u8,
+    /// Lowest level it accepts (signed: zstd's fast levels are negative).
+    pub min_level: i32,
     /// Highest level it accepts.
-    pub max_level: u8,
+    pub max_level: i32,
 }
 
 /// What a destination can do, announced in its Welcome.
@@ -111,8 +118,19 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// What a peer that parses levels as unsigned (a Hello without
+    /// [`Features::signed_levels`]) can read: negative bounds raised to 0, and
+    /// `signed_levels` off.
+    pub fn for_unsigned_peer(mut self) -> Self {
+        for m in &mut self.methods {
+            m.min_level = m.min_level.max(0);
+            m.max_level = m.max_level.max(0);
+        }
+        self.features.signed_levels = false;
+        self
+    }
     /// Can a source send `method` (called `name`) at `level` using `wants`? Err is the message.
-    pub fn check(&self, method: MethodCode, name: &str, level: u8, wants: &Features) -> Result<(), String> {
+    pub fn check(&self, method: MethodCode, name: &str, level: i32, wants: &Features) -> Result<(), String> {
         let list = || self.methods.iter().map(|m| format!("{} {}..={}", m.name, m.min_level, m.max_level)).collect::<Vec<_>>().join(", ");
         match self.methods.iter().find(|m| m.code == method) {
             None => return Err(format!("the destination does not decode {name} (it decodes: {})", list())),
@@ -144,8 +162,8 @@ pub struct Hello {
     pub channels: u16,
     /// Compression method of the session.
     pub method: MethodCode,
-    /// Its level.
-    pub level: u8,
+    /// Its level (signed: zstd's fast levels are negative).
+    pub level: i32,
     /// Region table (name, bytes), in region-id order.
     pub regions: Vec<(String, u64)>,
     /// Features the source will use.

@@ -92,12 +92,14 @@
 //! Messages ([`Control`]; `"type"` value, fields):
 //! - `hello` — [`Hello`]: `versions` {min, max} spoken, `session` (32 hex digits, one per
 //!   migration), `role` (`"control"` | `"data"` | `"urgent"`), `channel` (data index, 0 for control),
-//!   `channels` (N), `method` (wire code), `level`, `regions` ([name, bytes] in id order),
+//!   `channels` (N), `method` (wire code), `level` (signed integer: zstd's fast levels are
+//!   negative), `regions` ([name, bytes] in id order),
 //!   `wants` ([`Features`] the source will use), `verify` (Finish will carry the digest;
 //!   absent = true).
 //! - `welcome`: `version` (agreed), `fresh_destination` (memory is fresh zeroed),
 //!   `capabilities` ([`Capabilities`]: `methods` [{code, name, min_level, max_level}] the
-//!   destination decodes, `features` {tls, postcopy, auto}).
+//!   destination decodes, `features` {tls, postcopy, auto, signed_levels}).
+//!   `signed_levels` is written only when true.
 //! - `refuse`: `reason`. `round_done`: `round`, `pages` (received so far). `finish`: `round`
 //!   (the last), `digest` (xxh3-128 of all memory, 32 hex digits, or null = not verified).
 //! - `done`: `report` ([`DestinationReport`]). `abort`: `reason`.
@@ -206,6 +208,14 @@
 //! also checks the Hello itself and refuses a method, level or wanted feature it lacks; the
 //! source checks the Welcome's capabilities against what it will send and fails with a clear
 //! message (sending Abort) instead of a mismatch later.
+//!
+//! Levels are signed (zstd's fast levels, -20..=-1). Builds from before that parsed levels as
+//! unsigned, so both sides say they read negative levels with `signed_levels` in their
+//! features (written only when true: frames without it are byte for byte as before): a
+//! destination announces a negative `min_level` only to a Hello that has it, and raises
+//! negative bounds to 0 for one that has not. A source of this build offers it always; a
+//! Hello with a negative `level` reaches an earlier destination as a frame it cannot parse
+//! (it drops the connection), which the source reports as a closed connection.
 //!
 //! `auto` (per-packet method choice): a source that wants it (`Hello.wants.auto`; its
 //! `method`/`level` are then not checked) may send each packet with any method the Welcome

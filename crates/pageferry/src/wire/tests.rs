@@ -228,7 +228,7 @@ fn hello() -> Control {
         method: ZSTD,
         level: 3,
         regions: vec![("ram0".into(), 1 << 30), ("ram1".into(), 4096)],
-        wants: Features { tls: true, postcopy: false, auto: true },
+        wants: Features { tls: true, postcopy: false, auto: true, ..Features::default() },
         verify: false,
     })
 }
@@ -239,7 +239,7 @@ fn capabilities() -> Capabilities {
             MethodCaps { code: ZSTD, name: "zstd".into(), min_level: 1, max_level: 19 },
             MethodCaps { code: NONE, name: "none".into(), min_level: 0, max_level: 0 },
         ],
-        features: Features { tls: false, postcopy: true, auto: false },
+        features: Features { tls: false, postcopy: true, auto: false, ..Features::default() },
     }
 }
 
@@ -438,7 +438,7 @@ fn capabilities_name_what_is_missing() {
     let e = caps.check(ZSTD, "zstd", 20, &none).unwrap_err();
     assert!(e.contains("does not accept zstd level 20"), "{e}");
     caps.check(ZSTD, "zstd", 1, &Features { postcopy: true, ..none }).unwrap();
-    let e = caps.check(ZSTD, "zstd", 1, &Features { tls: true, postcopy: true, auto: true }).unwrap_err();
+    let e = caps.check(ZSTD, "zstd", 1, &Features { tls: true, postcopy: true, auto: true, ..Features::default() }).unwrap_err();
     assert_eq!(e, "the destination does not support tls, auto");
 }
 
@@ -484,4 +484,58 @@ fn handshake_limit_refuses_big_frames_before_reading_them() {
     let _ = read_frame_limited(&mut r, MAX_HANDSHAKE_BODY);
     assert_eq!(r.len(), big.len() - 14);
     assert!(read_frame(&mut &big[..]).is_ok());
+}
+
+#[test]
+fn capabilities_for_an_unsigned_peer_raise_negative_bounds() {
+    let caps = Capabilities {
+        methods: vec![
+            MethodCaps {
+                code: ZSTD,
+                name: "zstd".into(),
+                min_level: -20,
+                max_level: 19,
+            },
+            MethodCaps {
+                code: NONE,
+                name: "none".into(),
+                min_level: 0,
+                max_level: 0,
+            },
+        ],
+        features: Features {
+            auto: true,
+            signed_levels: true,
+            ..Features::default()
+        },
+    };
+    caps.check(ZSTD, "zstd", -20, &Features::default()).unwrap();
+    let e = caps
+        .check(ZSTD, "zstd", -21, &Features::default())
+        .unwrap_err();
+    assert!(
+        e.contains("does not accept zstd level -21") && e.contains("zstd -20..=19"),
+        "{e}"
+    );
+    let old = caps.clone().for_unsigned_peer();
+    assert_eq!(
+        (old.methods[0].min_level, old.methods[0].max_level),
+        (0, 19)
+    );
+    assert_eq!(old.methods[1], caps.methods[1]);
+    assert!(!old.features.signed_levels && old.features.auto);
+    // signed_levels is announced, never required.
+    assert!(old
+        .features
+        .missing(&Features {
+            signed_levels: true,
+            ..Features::default()
+        })
+        .is_empty());
+    // What an unsigned parser reads: no negative number anywhere in the JSON.
+    let json = serde_json::to_string(&old).unwrap();
+    assert!(
+        !json.contains('-') && !json.contains("signed_levels"),
+        "{json}"
+    );
 }

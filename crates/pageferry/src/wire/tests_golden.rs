@@ -53,11 +53,71 @@ fn golden_hello() {
     );
 }
 
+/// Signed levels: a Hello at zstd's fast level -5 from a source that reads negative levels,
+/// and the Welcome announcing zstd's -20..=19 to it. (Without `signed_levels` the frames are
+/// those above, byte for byte: builds from before signed levels read them.)
+#[test]
+fn golden_hello_and_welcome_with_signed_levels() {
+    let hello = Hello {
+        versions: VersionRange { min: 2, max: 2 },
+        session: SESSION,
+        role: Role::Control,
+        channel: 0,
+        channels: 2,
+        method: MethodCode(2),
+        level: -5,
+        regions: vec![("ram0".into(), 8192)],
+        wants: Features {
+            signed_levels: true,
+            ..Features::default()
+        },
+        verify: true,
+    };
+    check_frame(
+        Control::Hello(hello),
+        &[],
+        golden_frame(
+            "50464354 0200 0b010000 00000000",
+            r#"{"type":"hello","versions":{"min":2,"max":2},"session":"0123456789abcdef0011223344556677","role":"control","channel":0,"channels":2,"method":2,"level":-5,"regions":[["ram0",8192]],"wants":{"tls":false,"postcopy":false,"auto":false,"signed_levels":true},"verify":true}"#,
+            "",
+            "a3b203b7",
+        ),
+    );
+    let capabilities = Capabilities {
+        methods: vec![MethodCaps {
+            code: MethodCode(2),
+            name: "zstd".into(),
+            min_level: -20,
+            max_level: 19,
+        }],
+        features: Features {
+            tls: false,
+            postcopy: true,
+            auto: true,
+            signed_levels: true,
+        },
+    };
+    check_frame(
+        Control::Welcome {
+            version: 2,
+            fresh_destination: false,
+            capabilities,
+        },
+        &[],
+        golden_frame(
+            "50464354 0200 d7000000 00000000",
+            r#"{"type":"welcome","version":2,"fresh_destination":false,"capabilities":{"methods":[{"code":2,"name":"zstd","min_level":-20,"max_level":19}],"features":{"tls":false,"postcopy":true,"auto":true,"signed_levels":true}}}"#,
+            "",
+            "29df1070",
+        ),
+    );
+}
+
 #[test]
 fn golden_welcome() {
     let capabilities = Capabilities {
         methods: vec![MethodCaps { code: MethodCode(1), name: "zlib".into(), min_level: 1, max_level: 9 }],
-        features: Features { tls: false, postcopy: false, auto: false },
+        features: Features { tls: false, postcopy: false, auto: false, signed_levels: false },
     };
     check_frame(
         Control::Welcome { version: 2, fresh_destination: true, capabilities },

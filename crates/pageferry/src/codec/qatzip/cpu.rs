@@ -44,7 +44,7 @@ fn decompress_err(detail: String) -> CodecError {
 
 impl Codec for CpuCodec {
     fn info(&self) -> CodecInfo {
-        CodecInfo { method: METHOD, level: self.level, provider: format!("cpu ({})", self.enc.backend()), note: self.note.clone() }
+        CodecInfo { method: METHOD, level: self.level.into(), provider: format!("cpu ({})", self.enc.backend()), note: self.note.clone() }
     }
 
     fn max_compressed_len(&self, input_len: usize) -> usize {

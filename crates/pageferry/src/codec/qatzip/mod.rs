@@ -140,8 +140,9 @@ impl QatzipOptions {
 }
 
 /// Open a qatzip codec for one channel worker.
-pub fn open(level: u8, opts: &QatzipOptions) -> Result<Box<dyn Codec>, CodecError> {
+pub fn open(level: i32, opts: &QatzipOptions) -> Result<Box<dyn Codec>, CodecError> {
     METHOD.check_level(level)?;
+    let level = level as u8; // 1..=9, checked above
     let path = opts.library();
     match opts.provider {
         Provider::Cpu => Ok(Box::new(cpu::CpuCodec::new(level)?)),

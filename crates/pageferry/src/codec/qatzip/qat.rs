@@ -387,7 +387,7 @@ impl QatCodec {
 impl Codec for QatCodec {
     fn info(&self) -> CodecInfo {
         let provider = if self.hardware { "qat (hardware)" } else { "qat (software path)" };
-        CodecInfo { method: METHOD, level: self.level, provider: provider.into(), note: None }
+        CodecInfo { method: METHOD, level: self.level.into(), provider: provider.into(), note: None }
     }
 
     fn max_compressed_len(&self, input_len: usize) -> usize {

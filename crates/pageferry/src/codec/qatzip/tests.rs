@@ -22,7 +22,7 @@ fn opts(provider: Provider, lib: Option<&Path>) -> QatzipOptions {
     QatzipOptions { provider, lib_path: lib.map(Path::to_path_buf) }
 }
 
-fn open_with(level: u8, provider: Provider, lib: Option<&Path>) -> Box<dyn Codec> {
+fn open_with(level: i32, provider: Provider, lib: Option<&Path>) -> Box<dyn Codec> {
     open(level, &opts(provider, lib)).unwrap_or_else(|e| panic!("open {provider} level {level}: {e}"))
 }
 
@@ -188,9 +188,9 @@ fn levels_are_validated() {
 
 #[test]
 fn cpu_conformance() {
-    for level in [1, 2, 6, 9] {
-        conformance::run_suite(&|| open_with(level, Provider::Cpu, None));
-        let c = open_with(level, Provider::Cpu, None);
+    for level in [1u8, 2, 6, 9] {
+        conformance::run_suite(&|| open_with(level.into(), Provider::Cpu, None));
+        let c = open_with(level.into(), Provider::Cpu, None);
         assert_eq!(c.info().provider, format!("cpu ({})", deflate_backend_name(level)));
         assert_eq!(c.info().method, METHOD);
         assert!(!c.tolerates_changing_input());
@@ -200,8 +200,8 @@ fn cpu_conformance() {
 #[test]
 fn cpu_payload_is_qatzip_gzip_ext() {
     let data = sample_text(64 * 4096, 1);
-    for level in [1, 5, 9] {
-        let mut c = open_with(level, Provider::Cpu, None);
+    for level in [1u8, 5, 9] {
+        let mut c = open_with(level.into(), Provider::Cpu, None);
         let p = compress(c.as_mut(), &data);
         let deflate_len = (p.len() - format::HEADER_LEN - format::TRAILER_LEN) as u32;
         let mut want = [0u8; format::HEADER_LEN];
