@@ -333,7 +333,8 @@ fn data_hello_len(src: &GuestMemory, method: Method, channel: u16) -> u64 {
         method: method.code(),
         level: cfg.codec.level,
         regions: src.layout(),
-        wants: Default::default(),
+        // What this source's data Hellos say (see `source_setup::open_session`).
+        wants: crate::wire::Features { signed_levels: true, ..Default::default() },
         verify: cfg.verify,
     };
     let mut v = Vec::new();
