@@ -103,6 +103,11 @@ struct RecvArgs {
     /// Seconds to wait for the source to connect.
     #[arg(long = "accept-timeout", default_value_t = 60)]
     accept_timeout_s: u64,
+    /// Give up after this many seconds from the accepted handshake (the source is told and
+    /// keeps running; no image is left). Default: no bound of its own (the source's --timeout
+    /// and --stall-timeout still apply).
+    #[arg(long = "timeout", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_s: Option<u64>,
     /// Print the destination's report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -259,6 +264,7 @@ fn recv(a: RecvArgs) -> Result<()> {
         codec: a.method.spec()?,
         only: a.method.restricts(),
         accept_timeout: Duration::from_secs(a.accept_timeout_s),
+        timeout: a.timeout_s.map(Duration::from_secs),
         zero_copy: !a.no_zero_copy,
         require_verify: !a.no_verify,
         events: progress::stderr_events(),

@@ -43,6 +43,10 @@ pub struct VmRecvArgs {
     /// Seconds a channel may stay silent before the migration fails.
     #[arg(long = "stall-timeout", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_s: u64,
+    /// Give up after this many seconds from the accepted handshake (the source is told and
+    /// resumes its guest). Default: no bound of its own.
+    #[arg(long = "timeout", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_s: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -187,6 +191,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         postcopy_kernel_faults: true,
         events: crate::progress::stderr_events(),
         stall_timeout: Duration::from_secs(a.stall_timeout_s),
+        timeout: a.timeout_s.map(Duration::from_secs),
         cancel: crate::cancel_token(),
         tls: a.tls.server_config(&a.listen)?,
         ..Default::default()

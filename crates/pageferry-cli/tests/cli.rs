@@ -497,3 +497,26 @@ fn a_destination_stopped_for_a_second_is_not_a_failure() {
     report(&o);
     assert!(same_file(&dir.path().join("src.img"), &dir.path().join("dst.img")));
 }
+
+#[test]
+fn recv_timeout_ends_the_migration_tells_the_source_and_keeps_the_old_image() {
+    // 16 MiB at 2 MB/s takes ~8 s; recv allows 1 s from the accepted handshake.
+    let dir = shm_dir();
+    let (src, dst) = (dir.path().join("src.img"), dir.path().join("dst.img"));
+    make_image(&src, "16M");
+    std::fs::write(&dst, b"old").unwrap();
+    let (recv, addr, _out) = start_recv(&dst, &["--timeout", "1"]);
+    let t0 = std::time::Instant::now();
+    let s = send(&addr, &src, &["--max-bandwidth", "2MB"]);
+    let (rc, err, end) = wait_stderr(recv);
+    eprintln!("recv --timeout 1: recv exit {rc:?} after {:?}, send exit {:?}: {}", end - t0, s.status.code(), String::from_utf8_lossy(&s.stderr).trim());
+    // Generous: the timeout ended it, not the ~8 s transfer or the 30 s stall timeout.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(6), "took {:?}", t0.elapsed());
+    assert_eq!(rc, Some(8), "recv exits with the timeout's status (crates/pageferry-cli/src/exit.rs): {err}");
+    assert!(err.contains("timed out after 1 s (the destination's --timeout)"), "{err}");
+    let serr = String::from_utf8_lossy(&s.stderr);
+    assert_eq!(s.status.code(), Some(1), "the source: the peer aborted: {serr}");
+    assert!(serr.contains("peer aborted") && serr.contains("the destination's --timeout"), "the source hears why: {serr}");
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old", "the old image changed");
+    assert!(!dir.path().join("dst.img.incomplete").exists(), "a partial image was left behind");
+}

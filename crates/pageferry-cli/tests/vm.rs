@@ -69,3 +69,31 @@ fn live_guest_migrates_over_tls() {
     assert!(d["counter_after_run"].as_u64().unwrap() > paused, "the guest runs on the destination");
     assert_eq!(d["stamps_ok"], true);
 }
+
+#[test]
+fn vm_recv_timeout_ends_the_migration_and_tells_the_source() {
+    if !kvm_usable() {
+        return;
+    }
+    use std::io::BufRead;
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_pageferry"))
+        .args(["vm", "recv", "--listen", "127.0.0.1:0", "--timeout", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(recv.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("vm recv said {line:?}")).to_string();
+    // 64 MiB at 4 MB/s would take ~16 s; the destination allows 1 s.
+    let send = Command::new(env!("CARGO_BIN_EXE_pageferry"))
+        .args(["vm", "send", "--quiet", "--connect", &addr, "--mem", "64M", "--working-set", "2M", "--max-bandwidth", "4MB"])
+        .output()
+        .unwrap();
+    let out = recv.wait_with_output().unwrap();
+    let (re, se) = (String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&send.stderr));
+    assert_eq!(out.status.code(), Some(8), "vm recv exits with the timeout's status: {re}");
+    assert!(re.contains("the destination's --timeout"), "{re}");
+    assert_eq!(send.status.code(), Some(1), "{se}");
+    assert!(se.contains("the destination's --timeout"), "the source hears why: {se}");
+}

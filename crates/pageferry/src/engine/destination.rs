@@ -471,7 +471,8 @@ pub fn run_destination_with(
         // A restricted destination checks its one decoder before accepting anyone.
         codec::open(&config.codec).map_err(|source| MigrationError::Codec { channel: "setup".into(), cause: source })?;
     }
-    let Session { control, data, urgent, hello, memory, version } = accept_session(listener, provide, config)?;
+    let Session { control, data, urgent, hello, memory, version, accepted } = accept_session(listener, provide, config)?;
+    let deadline = config.timeout.map(|t| accepted + t);
     // Every read and write on every channel is bounded by the stall timeout; the source sends
     // keepalives on control, so a silent control channel is a dead one.
     control.set_read_timeout(Some(config.stall_timeout)).ok();
@@ -550,7 +551,7 @@ pub fn run_destination_with(
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, hello.wants.postcopy, config);
+        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, hello.wants.postcopy, deadline, config);
         if outcome.is_err() {
             // A postcopy that fails keeps its registration: whatever waits on a missing page
             // stays blocked rather than reading zeros (state kept, as QEMU's postcopy-paused).
@@ -664,6 +665,7 @@ fn control_loop<W: std::io::Write + Send + 'static>(
     provider: &str,
     announced_verify: bool,
     announced_postcopy: bool,
+    deadline: Option<Instant>,
     config: &DestinationConfig,
 ) -> Result<DestinationReport, MigrationError> {
     let ctl_err = |source| MigrationError::Wire { channel: "control channel".into(), cause: source };
@@ -686,6 +688,15 @@ fn control_loop<W: std::io::Write + Send + 'static>(
         }
         if config.cancel.is_cancelled() && postcopy.is_none() && finish.is_none() {
             return Err(MigrationError::Cancelled { by: Side::Destination });
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            // The source hears this in the Abort (it resumes: nothing was committed here).
+            let e = MigrationError::TimedOut(format!(
+                "timed out after {} (the destination's --timeout) in round {}",
+                super::link::secs(config.timeout.unwrap_or_default()),
+                gate.current()
+            ));
+            return Err(if postcopy.is_some() { MigrationError::Postcopy(e.to_string()) } else { e });
         }
         if let (Some(pc), Some(c)) = (&postcopy, completed) {
             if c >= pc.round {

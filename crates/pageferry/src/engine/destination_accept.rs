@@ -170,6 +170,9 @@ pub(super) struct Session {
     pub(super) memory: GuestMemory,
     /// The protocol version agreed on.
     pub(super) version: u16,
+    /// When the control channel's handshake was accepted: the destination's `timeout` counts
+    /// from here.
+    pub(super) accepted: Instant,
 }
 
 /// A connection that completed its TLS handshake (when configured) and sent a Hello.
@@ -225,21 +228,67 @@ pub(super) fn handshake_one(sock: TcpStream, tls: Option<&Arc<rustls::ServerConf
     }
 }
 
+/// Connections in their handshakes, oldest first, each with its peer and a clone of its
+/// socket so the accept loop can end it.
+#[derive(Default)]
+pub(super) struct InHandshake {
+    list: Mutex<std::collections::VecDeque<(u64, SocketAddr, TcpStream)>>,
+}
+
+impl InHandshake {
+    /// Make room under `cap`: end the oldest handshakes and return their peers. A right
+    /// source completes its handshake in milliseconds; only silent or dripping peers stay
+    /// long enough to be the oldest.
+    fn make_room(&self, cap: usize) -> Vec<SocketAddr> {
+        let mut l = self.list.lock().unwrap();
+        let mut ended = Vec::new();
+        while l.len() >= cap.max(1) {
+            let (_, peer, oldest) = l.pop_front().expect("non-empty");
+            let _ = oldest.shutdown(std::net::Shutdown::Both);
+            ended.push(peer);
+        }
+        ended
+    }
+    fn add(&self, id: u64, peer: SocketAddr, sock: TcpStream) {
+        self.list.lock().unwrap().push_back((id, peer, sock));
+    }
+    /// The handshake `id` ended: `report` it, under the lock, so that after
+    /// [`close_all`](Self::close_all) every result is either reported or closed; nothing
+    /// when it had been ended from the accept loop (and reported there) first.
+    fn finish(&self, id: u64, report: impl FnOnce()) {
+        let mut l = self.list.lock().unwrap();
+        if let Some(at) = l.iter().position(|(i, _, _)| *i == id) {
+            l.remove(at);
+            report();
+        }
+    }
+    /// End every handshake still in progress; their peers.
+    fn close_all(&self) -> Vec<SocketAddr> {
+        self.list.lock().unwrap().drain(..).map(|(_, peer, s)| {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            peer
+        }).collect()
+    }
+}
+
 /// Accept the control channel and all data channels of one session.
 ///
 /// Every accepted connection gets its own thread for the TLS and pageferry handshakes, with
 /// a deadline ([`DestinationConfig::handshake_timeout`]) and a cap on how many may be pending
-/// at once (more wait in the listen backlog), so a silent, slow, plaintext or
-/// wrongly-credentialed peer is reported (an [`Event`](crate::engine::Event) on
-/// [`DestinationConfig::events`]) and dropped while the listener keeps waiting for the right
-/// source until the accept timeout. Data (and urgent) channels must come from the same
-/// authenticated identity as the control channel.
+/// at once: a new connection at the cap ends the oldest pending handshake, so silent or
+/// dripping (slowloris) peers that connected first never keep the right source waiting for
+/// their deadline. A silent, slow, evicted, plaintext or wrongly-credentialed peer is reported
+/// (an [`Event`](crate::engine::Event) on [`DestinationConfig::events`]) and dropped while
+/// the listener keeps waiting for the right source until the accept timeout. Data (and
+/// urgent) channels must come from the same authenticated identity as the control channel.
 pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<Session, MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
     let (tx, rx) = crossbeam_channel::unbounded::<Result<Arrival, (SocketAddr, Dropped)>>();
-    let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pending = Arc::new(InHandshake::default());
+    let mut next_id = 0u64;
     let mut control: Option<(Stream, Hello, GuestMemory, PeerIdentity)> = None;
+    let mut accepted = Instant::now();
     let mut version = PROTOCOL_VERSION;
     let mut data: Vec<Option<Stream>> = Vec::new();
     let mut urgent: Option<Stream> = None;
@@ -257,7 +306,18 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
         let want_urgent = control.as_ref().is_some_and(|(_, h, _, _)| h.wants.postcopy);
         if control.is_some() && data.iter().all(|d| d.is_some()) && (!want_urgent || urgent.is_some()) {
             let (control, hello, memory, _) = control.take().unwrap();
-            return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version });
+            for peer in pending.close_all() {
+                dropped(config, peer, "still in its handshake when the session was complete".into());
+            }
+            // Handshakes that ended meanwhile, not read yet: reported as well.
+            for r in rx.try_iter() {
+                match r {
+                    Ok(a) => dropped(config, a.peer, "stray connection: it arrived when the session was complete".into()),
+                    Err((peer, Dropped::Refused(msg))) => refused(config, peer, msg),
+                    Err((peer, Dropped::Reason(msg) | Dropped::Version(msg))) => dropped(config, peer, msg),
+                }
+            }
+            return Ok(Session { control, data: data.into_iter().map(|d| d.unwrap()).collect(), urgent, hello, memory, version, accepted });
         }
         if Instant::now() >= deadline {
             // Nobody got in, but someone tried and was refused: that is the outcome.
@@ -274,23 +334,34 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 data.len()
             )));
         }
-        // At the cap, further connections wait in the kernel's backlog until a pending
-        // handshake completes or reaches its deadline.
-        while pending.load(Relaxed) < config.max_pending_handshakes.max(1) {
+        // At the cap, a new connection ends the oldest pending handshake. (At most 64 per
+        // pass, so a flood of connections cannot starve the arrivals below.)
+        for _ in 0..64 {
             match listener.accept() {
                 Ok((sock, peer)) => {
-                    pending.fetch_add(1, Relaxed);
-                    let (tx, counter, tls, timeout) = (tx.clone(), pending.clone(), config.tls.clone(), config.handshake_timeout);
+                    let Ok(handle) = sock.try_clone() else {
+                        dropped(config, peer, "cannot track its handshake (out of file descriptors?)".into());
+                        continue;
+                    };
+                    let cap = config.max_pending_handshakes.max(1);
+                    for old in pending.make_room(cap) {
+                        dropped(config, old, format!("evicted: the oldest of {cap} pending handshakes when another connection arrived"));
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    pending.add(id, peer, handle);
+                    let (tx, list, tls, timeout) = (tx.clone(), pending.clone(), config.tls.clone(), config.handshake_timeout);
                     let spawned = std::thread::Builder::new().name("pf-dst-accept".into()).spawn(move || {
                         let r = handshake_one(sock, tls.as_ref(), timeout);
-                        counter.fetch_sub(1, Relaxed);
-                        let _ = tx.send(match r {
-                            Ok((sock, hello)) => Ok(Arrival { identity: sock.peer_identity(), sock, peer, hello }),
-                            Err(why) => Err((peer, why)),
+                        list.finish(id, || {
+                            let _ = tx.send(match r {
+                                Ok((sock, hello)) => Ok(Arrival { identity: sock.peer_identity(), sock, peer, hello }),
+                                Err(why) => Err((peer, why)),
+                            });
                         });
                     });
                     if let Err(e) = spawned {
-                        pending.fetch_sub(1, Relaxed);
+                        pending.finish(id, || {});
                         dropped(config, peer, format!("cannot start its handshake: {e}"));
                     }
                 }
@@ -348,6 +419,7 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                 welcome(&mut sock, version, fresh, config, &hello).map_err(|source| MigrationError::Wire { channel: "control channel".into(), cause: source })?;
                 data = (0..hello.channels).map(|_| None).collect();
                 control = Some((sock, hello, memory, identity));
+                accepted = Instant::now();
             }
             (Role::Urgent, Some(s)) if s == hello.session => {
                 if !want_urgent || urgent.is_some() || !hello.versions.contains(version) {

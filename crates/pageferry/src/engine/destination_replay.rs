@@ -82,7 +82,7 @@ pub fn replay_destination(
     // Every event is queued and no sender is left: the control loop never waits.
     drop(ev_tx);
     let sink = Arc::new(Mutex::new(std::io::sink()));
-    let outcome = control_loop(&ev_rx, &sink, version, &memory, workload, &gate, &counters, &cpu, "replay", hello.verify, hello.wants.postcopy, config);
+    let outcome = control_loop(&ev_rx, &sink, version, &memory, workload, &gate, &counters, &cpu, "replay", hello.verify, hello.wants.postcopy, config.timeout.map(|t| Instant::now() + t), config);
     gate.fail();
     outcome
 }

@@ -226,6 +226,12 @@ pub struct DestinationConfig {
     pub only: bool,
     /// How long to wait for the source to connect all channels.
     pub accept_timeout: Duration,
+    /// Bound on the whole migration, counted from the accepted control handshake
+    /// \[`recv --timeout`\]: when it passes, the destination aborts (the source is told why,
+    /// in an Abort naming this timeout) and fails with [`MigrationError::TimedOut`]
+    /// ([`MigrationError::Postcopy`] after a switch to postcopy). `None` (the default): only
+    /// the stall timeout and the source's own `--timeout` bound it.
+    pub timeout: Option<Duration>,
     /// A channel (data or control) silent for this long has failed [`--stall-timeout`,
     /// default 30 s]; see [`SourceConfig::stall_timeout`].
     pub stall_timeout: Duration,
@@ -255,8 +261,10 @@ pub struct DestinationConfig {
     /// A connection must complete its TLS handshake and send its pageferry handshake within
     /// this time, or it is dropped (the destination keeps listening).
     pub handshake_timeout: Duration,
-    /// At most this many connections may be in their handshake at once; more wait in the
-    /// listen backlog (so unauthenticated peers cannot exhaust threads or memory).
+    /// At most this many connections may be in their handshake at once (so unauthenticated
+    /// peers cannot exhaust threads or memory); a new connection at the cap ends the oldest
+    /// pending handshake, so idle or dripping peers that came first cannot keep the right
+    /// source waiting for their deadline.
     pub max_pending_handshakes: usize,
 }
 
@@ -266,6 +274,7 @@ impl Default for DestinationConfig {
             codec: CodecSpec::default(),
             only: false,
             accept_timeout: Duration::from_secs(60),
+            timeout: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             cancel: CancelToken::default(),
             zero_copy: true,
@@ -351,7 +360,8 @@ pub enum MigrationError {
     /// direction and the time).
     #[error("{0}")]
     Stalled(String),
-    /// `--timeout` ran out (the message names the phase).
+    /// `--timeout` ran out, the source's or the destination's (the message names which, and the
+    /// phase).
     #[error("{0}")]
     TimedOut(String),
     /// Cancelled by [`CancelToken::cancel`] on this side, or by the peer's.

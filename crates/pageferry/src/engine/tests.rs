@@ -294,6 +294,36 @@ impl SourceWorkload for CountedWriter {
 }
 
 #[test]
+fn destination_timeout_aborts_the_migration_and_tells_the_source() {
+    // 2.4 MB at a 400 kB/s cap takes ~6 s; the destination allows 1 s from its handshake.
+    let src = test_memory([512, 64]);
+    let before = src.digest();
+    let dst = empty_like(&src);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let method = named("none");
+    let dcfg = DestinationConfig { codec: crate::codec::CodecSpec::new(method), timeout: Some(std::time::Duration::from_secs(1)), ..Default::default() };
+    let scfg = SourceConfig { channels: 2, codec: crate::codec::CodecSpec::new(method), max_bandwidth: Some(400_000), ..Default::default() };
+    let mut workload = CountingWorkload::default();
+    let t0 = std::time::Instant::now();
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut workload, &scfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    // Generous: proves the timeout ended it, not the ~6 s transfer or a 30 s stall timeout.
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t0.elapsed());
+    let de = d.unwrap_err();
+    assert!(matches!(de, MigrationError::TimedOut(_)), "{de:?}");
+    assert!(de.to_string().contains("timed out after 1 s (the destination's --timeout) in round 0"), "{de}");
+    let se = r.unwrap_err();
+    assert!(matches!(se, MigrationError::PeerAborted(_)), "{se:?}");
+    assert!(se.to_string().contains("the destination's --timeout"), "the source hears why: {se}");
+    assert_eq!(src.digest(), before, "the source's memory changed");
+    assert_eq!((workload.pauses, workload.resumes), (0, 0), "never paused: no switchover happened");
+}
+
+#[test]
 fn max_rounds_exceeded_is_not_converged_and_the_guest_keeps_running() {
     // The guest dirties all of its memory every round; the bandwidth cap makes each round
     // take at least wire bytes / cap (≥ 60 ms here; the limiter cannot overshoot), far over

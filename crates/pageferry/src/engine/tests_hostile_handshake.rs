@@ -385,6 +385,43 @@ fn dropped_connections_and_codec_notes_are_events_not_prints() {
     assert!(got.iter().chain(src_events.iter()).all(|e| !e.to_string().is_empty()));
 }
 
+#[test]
+fn idle_and_dripping_connections_at_the_cap_never_keep_the_right_source_waiting() {
+    // A cap of 4 pending handshakes and a handshake deadline far beyond the accept timeout:
+    // if the right source queued behind the idle connections (as when the cap left newer
+    // connections in the backlog), the accept timeout would end the destination first.
+    let (src, dst) = (crate::engine::tests::test_memory([64, 16]), memory_filled(&LAYOUT, CANARY));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let events = Arc::new(Events::default());
+    let config = DestinationConfig {
+        accept_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(120),
+        max_pending_handshakes: 4,
+        events: EventSink(events.clone()),
+        ..Default::default()
+    };
+    let dest = std::thread::spawn(move || run_destination(&listener, &dst, &mut NoWorkload, &config));
+    // One peer drips the first bytes of a Hello, six stay silent; all connect first.
+    let mut drip = connect(&addr);
+    let hello_bytes = wire_bytes(&hello(SessionId::random(), Role::Control, 0, 1, named("none"), LAYOUT.iter().enumerate().map(|(i, p)| (format!("ram{i}"), p * PAGE_SIZE as u64)).collect()));
+    drip.write_all(&hello_bytes[..3]).unwrap();
+    let idle: Vec<TcpStream> = (0..6).map(|_| connect(&addr)).collect();
+    let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 2), &NoProgress);
+    assert!(r.expect("the right source migrates").verified);
+    dest.join().unwrap().expect("the destination completes");
+    let got = events.0.lock().unwrap().clone();
+    let evicted = got.iter().filter(|e| matches!(e, Event::ConnectionDropped { reason, .. } if reason.contains("evicted"))).count();
+    // 7 hostile connections against a cap of 4, then the source's control channel: at least
+    // 4 made room; the rest are closed once the session is complete. All are reported.
+    assert!(evicted >= 4, "{got:?}");
+    let reported = got.iter().filter(|e| matches!(e, Event::ConnectionDropped { .. })).count();
+    assert_eq!(reported, 7, "{got:?}");
+    let drip_addr = drip.local_addr().unwrap().to_string();
+    assert!(got.iter().any(|e| matches!(e, Event::ConnectionDropped { peer, .. } if *peer == drip_addr)), "the dripping peer, the oldest, is reported: {got:?}");
+    drop(idle);
+}
+
 // ---- postcopy ----
 
 /// A hand-speaking source that announced postcopy (and no digest), with its urgent channel,
