@@ -102,11 +102,14 @@ fn server_builder() -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsV
 
 fn finish_client(mut c: ClientConfig) -> Arc<ClientConfig> {
     c.resumption = rustls::client::Resumption::disabled();
+    // The record layer after the handshake is ours (transport::tls): it needs the keys.
+    c.enable_secret_extraction = true;
     Arc::new(c)
 }
 
 fn finish_server(mut c: ServerConfig) -> Arc<ServerConfig> {
     c.send_tls13_tickets = 0;
+    c.enable_secret_extraction = true;
     Arc::new(c)
 }
 

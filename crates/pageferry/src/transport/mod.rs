@@ -16,6 +16,9 @@
 //! own; the `pageferry` command builds them from QEMU-style flags.
 
 pub mod creds;
+mod record;
+#[cfg(test)]
+mod tests_record;
 mod tls;
 
 pub use creds::TlsClient;
@@ -25,7 +28,7 @@ use rustls::pki_types::ServerName;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Why a TLS connection or its credentials failed.
 #[derive(Debug, thiserror::Error)]
@@ -186,46 +189,31 @@ pub fn host_of(addr: &str) -> &str {
 pub fn client_handshake(sock: TcpStream, tls: &TlsClient, addr: &str, timeout: Duration) -> Result<Stream, TransportError> {
     let name = tls.server_name.clone().unwrap_or_else(|| host_of(addr).to_string());
     let server_name = ServerName::try_from(name.clone()).map_err(|_| TransportError::Handshake(format!("{name:?} is not a valid TLS server name (set --tls-hostname)")))?;
-    let conn = rustls::ClientConnection::new(tls.config.clone(), server_name).map_err(|e| TransportError::Handshake(format!("TLS setup: {e}")))?;
-    handshake(sock, rustls::Connection::Client(conn), timeout, "destination", &name)
+    // Our record layer takes the traffic keys once the handshake is done.
+    let config = if tls.config.enable_secret_extraction {
+        tls.config.clone()
+    } else {
+        let mut c = (*tls.config).clone();
+        c.enable_secret_extraction = true;
+        Arc::new(c)
+    };
+    tls::client(sock, config, server_name, timeout).map(Stream::Tls).map_err(|e| TransportError::Handshake(explain(&e, "destination", &name, timeout)))
 }
 
 /// Run the server side of a TLS handshake on an accepted `sock` within `timeout`.
+///
+/// The configuration is used with two changes our record layer needs: secret extraction
+/// on, and no TLS 1.3 session tickets (nothing may follow the handshake but data).
 pub fn server_handshake(sock: TcpStream, config: &Arc<rustls::ServerConfig>, timeout: Duration) -> Result<Stream, TransportError> {
-    let conn = rustls::ServerConnection::new(config.clone()).map_err(|e| TransportError::Handshake(format!("TLS setup: {e}")))?;
-    handshake(sock, rustls::Connection::Server(conn), timeout, "source", "")
-}
-
-fn handshake(mut sock: TcpStream, mut conn: rustls::Connection, timeout: Duration, peer: &str, name: &str) -> Result<Stream, TransportError> {
-    let deadline = Instant::now() + timeout;
-    while conn.is_handshaking() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(TransportError::Handshake(format!("TLS handshake with the {peer} timed out after {timeout:?}")));
-        }
-        sock.set_read_timeout(Some(left)).ok();
-        sock.set_write_timeout(Some(left)).ok();
-        if let Err(e) = conn.complete_io(&mut sock) {
-            // Tell the peer why (an alert), then explain locally.
-            if conn.wants_write() {
-                let _ = conn.write_tls(&mut sock);
-            } else if matches!(&conn, rustls::Connection::Server(_)) && matches!(e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()), Some(rustls::Error::InvalidMessage(_))) {
-                // rustls sends nothing to a peer that does not speak TLS at all: send a
-                // fatal unexpected_message alert ourselves, so a plaintext pageferry source
-                // can tell the destination requires TLS.
-                use std::io::Write as _;
-                let _ = sock.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x0a]);
-            }
-            return Err(TransportError::Handshake(explain(&e, peer, name, timeout)));
-        }
-    }
-    // Flush what the handshake left queued (the client's Finished).
-    while conn.wants_write() {
-        conn.write_tls(&mut sock).map_err(|e| TransportError::Handshake(explain(&e, peer, name, timeout)))?;
-    }
-    sock.set_read_timeout(None).ok();
-    sock.set_write_timeout(None).ok();
-    Ok(Stream::Tls(TlsStream::new(sock, conn)))
+    let config = if config.enable_secret_extraction && config.send_tls13_tickets == 0 {
+        config.clone()
+    } else {
+        let mut c = (**config).clone();
+        c.enable_secret_extraction = true;
+        c.send_tls13_tickets = 0;
+        Arc::new(c)
+    };
+    tls::server(sock, config, timeout).map(Stream::Tls).map_err(|e| TransportError::Handshake(explain(&e, "source", "", timeout)))
 }
 
 /// An operator's explanation of a failed handshake or of an error on an established TLS

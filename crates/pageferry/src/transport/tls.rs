@@ -1,39 +1,112 @@
-//! A TLS connection usable from two threads at once (one reading, one writing), over a
-//! blocking `TcpStream`.
+//! A TLS 1.3 connection over a blocking `TcpStream`: rustls runs the handshake, our record
+//! layer ([`super::record`]) carries the data, usable from two threads at once (one reading,
+//! one writing).
 //!
-//! The rustls connection state sits behind a mutex that is never held during a socket call:
-//! - reading takes the read lock (readers are serialized among themselves), reads TLS bytes
-//!   from the socket into its own buffer without the connection lock, then locks the
-//!   connection only to feed, decrypt and take plaintext;
-//! - writing takes the write lock, locks the connection to encrypt the plaintext into
-//!   records (drained into the write buffer), unlocks it, then writes the buffer to the
-//!   socket. Encryption and socket writes happen under the same write lock, so records reach
-//!   the socket in sequence order.
+//! What is copied, and why:
+//! - **send**: each ≤ 16 KiB piece of plaintext is copied once, straight from the caller's
+//!   slices (guest memory, a compressed batch) into a reused 64 KiB record buffer behind
+//!   room for the header, sealed there in place while it is hot in L1/L2, and the buffer goes
+//!   to the socket in one `write` once it holds about 64 KiB of records. (The encryption
+//!   cannot read guest memory and write somewhere else without a second buffer anyway: the
+//!   ciphertext has to live somewhere until the kernel copies it.)
+//! - **receive**: the socket is read in 64 KiB chunks into a reused buffer; each complete
+//!   record is authenticated and decrypted there in place, and its plaintext (still hot) is
+//!   copied into the caller's buffers. Nothing is handed out before its record's tag checks.
 //!
-//! Records are encrypted by copying: TLS cannot send guest memory straight from the page
-//! cache the way `writev` does on plain TCP (kTLS could, but it is not used; see the module
-//! doc of `transport`).
+//! rustls' own buffered connection would add one more copy each way (plaintext into its
+//! per-record allocation, records into an output buffer; on receive a copy into its
+//! deframer and another out of its plaintext queue), which is what this module avoids.
+//!
+//! Locks: reading takes the read lock (it holds it across the socket read: readers are
+//! serialized among themselves), writing takes the write lock (records reach the socket in
+//! sequence order). The two never wait on each other, except that a reader that fails
+//! sends its alert only if the write lock is free, and KeyUpdate handling takes the key
+//! schedule's lock briefly.
+//!
+//! The handshake is driven through rustls' unbuffered API on our own buffer, so whatever the
+//! peer sent after its last handshake record (it may start talking right after its
+//! Finished) stays ours: records rustls already decrypted are handed out first, the
+//! partial rest is the start of our read buffer, and the sequence numbers rustls hands over
+//! account for both.
 
-use rustls::Connection;
-use std::io::{self, IoSlice, Read, Write};
+use super::record::{self, Keys, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_CIPHERTEXT, MAX_PLAIN, TAG};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedConnectionCommon, UnbufferedStatus};
+use rustls::{AlertDescription, ConnectionTrafficSecrets, Error, ExtractedSecrets};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::ops::DerefMut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// TLS bytes read from the socket per call (several full records).
-const READ_CHUNK: usize = 64 << 10;
+/// TLS bytes read from the socket per call (several full records), and about how many
+/// record bytes are gathered before one socket write.
+const CHUNK: usize = 64 << 10;
+/// The read buffer: a chunk plus room for a partial record kept from the previous read.
+const READ_BUF: usize = CHUNK + HEADER + MAX_CIPHERTEXT;
+/// Largest handshake flight we buffer (certificate chains).
+const MAX_HANDSHAKE_BUF: usize = 1 << 20;
+
+fn io_err(e: Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// rustls' key schedule, kept for KeyUpdate.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+}
 
 struct ReadState {
+    keys: Keys,
     buf: Vec<u8>,
-    pos: usize,
+    /// TLS bytes not yet opened: `buf[start..end]`.
+    start: usize,
     end: usize,
+    /// Decrypted plaintext not yet handed out: `buf[plain..plain + plain_len]`.
+    plain: usize,
+    plain_len: usize,
+    /// close_notify received: reads return end of stream.
+    closed: bool,
+    /// A fatal error: every later read returns it again.
+    failed: Option<Error>,
+}
+
+struct WriteState {
+    keys: Keys,
+    out: Vec<u8>,
+    /// Send a KeyUpdate once the sequence number reaches this.
+    update_at: u64,
+    /// A write failed part way: the record stream is no longer well formed.
+    broken: bool,
 }
 
 struct Shared {
-    conn: Mutex<Connection>,
     read: Mutex<ReadState>,
-    /// The write buffer doubles as the write lock.
-    write: Mutex<Vec<u8>>,
+    write: Mutex<WriteState>,
+    kernel: Mutex<Kernel>,
+    /// The peer asked for a KeyUpdate: the next write sends ours first.
+    reply_key_update: AtomicBool,
+    peer_certificates: Option<Vec<Vec<u8>>>,
+    describe: String,
 }
 
 /// One TLS connection; clones share it (see [`TlsStream::try_clone`]).
@@ -42,21 +115,241 @@ pub struct TlsStream {
     shared: Arc<Shared>,
 }
 
-fn tls_err(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// What the handshake leaves behind.
+struct Established {
+    secrets: ExtractedSecrets,
+    kernel: Kernel,
+    peer_certificates: Option<Vec<Vec<u8>>>,
+    describe: String,
+    /// Application data rustls decrypted after the handshake (the peer's first records).
+    plain: Vec<u8>,
+    /// Undecrypted bytes that followed.
+    rest: Vec<u8>,
+}
+
+/// The two unbuffered connection types, driven by one handshake loop.
+trait Handshaker: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Sized {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error>;
+    const IS_SERVER: bool;
+}
+
+impl Handshaker for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    const IS_SERVER: bool = false;
+    fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(buf)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Client(k)))
+    }
+}
+
+impl Handshaker for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    const IS_SERVER: bool = true;
+    fn process<'c, 'i>(&'c mut self, buf: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(buf)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Server(k)))
+    }
+}
+
+/// Why the handshake loop stopped.
+enum Step {
+    /// Call `process` again.
+    Again,
+    /// rustls needs more bytes from the peer.
+    Read,
+    Done,
+    Fail(io::Error),
+}
+
+/// After a failed handshake: send what rustls queued (its alert). `inb` must be the
+/// buffer rustls last saw (its deframer keeps positions in it).
+fn flush_queued<C: Handshaker>(conn: &mut C, sock: &mut TcpStream, inb: &mut [u8], out: &mut Vec<u8>) -> io::Result<()> {
+    loop {
+        let UnbufferedStatus { state, .. } = conn.process(inb);
+        match state {
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => encode(&mut enc, out)?,
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                sock.write_all(out)?;
+                out.clear();
+                t.done();
+            }
+            _ => break,
+        }
+    }
+    if !out.is_empty() {
+        sock.write_all(out)?;
+        out.clear();
+    }
+    Ok(())
+}
+
+fn encode<D>(enc: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> io::Result<()> {
+    let at = out.len();
+    out.resize(at + 4096, 0);
+    loop {
+        match enc.encode(&mut out[at..]) {
+            Ok(n) => {
+                out.truncate(at + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(s)) => out.resize(at + s.required_size, 0),
+            Err(e) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// Run a handshake to completion on `sock` (timeouts: `deadline`), keeping every byte that
+/// arrives after it.
+fn drive<C: Handshaker>(mut conn: C, sock: &mut TcpStream, deadline: Instant) -> io::Result<Established> {
+    let mut inb = vec![0u8; 16 << 10];
+    let mut used = 0;
+    let mut out = Vec::new();
+    let mut plain = Vec::new();
+    sock.set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).ok();
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process(&mut inb[..used]);
+        let step = match state {
+            Err(e) => Step::Fail(io_err(e)),
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => match encode(&mut enc, &mut out) {
+                Ok(()) => Step::Again,
+                Err(e) => Step::Fail(e),
+            },
+            Ok(ConnectionState::TransmitTlsData(t)) => match sock.write_all(&out) {
+                Ok(()) => {
+                    out.clear();
+                    t.done();
+                    Step::Again
+                }
+                Err(e) => Step::Fail(e),
+            },
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                // The peer's first application data, right behind its Finished.
+                let mut res = Step::Again;
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => plain.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            res = Step::Fail(io_err(e));
+                            break;
+                        }
+                    }
+                }
+                res
+            }
+            Ok(ConnectionState::BlockedHandshake) => Step::Read,
+            Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => Step::Fail(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => Step::Fail(io_err(Error::General("unexpected TLS state during the handshake (early data?)".into()))),
+        };
+        inb.copy_within(discard..used, 0);
+        used -= discard;
+        match step {
+            Step::Done if !conn.is_handshaking() => break,
+            // The server may send before the client's Finished (0.5-RTT); we wait for it.
+            Step::Done | Step::Read => {
+                if used == inb.len() {
+                    if inb.len() >= MAX_HANDSHAKE_BUF {
+                        return Err(io_err(Error::General("TLS handshake message too large".into())));
+                    }
+                    inb.resize(inb.len() * 2, 0);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                sock.set_read_timeout(Some(left)).ok();
+                let n = sock.read(&mut inb[used..])?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                used += n;
+            }
+            Step::Again => {}
+            Step::Fail(e) => {
+                // Tell the peer why (rustls queued an alert), then report it.
+                out.clear();
+                let _ = flush_queued(&mut conn, sock, &mut inb[..used], &mut out);
+                if C::IS_SERVER && matches!(e.get_ref().and_then(|i| i.downcast_ref::<Error>()), Some(Error::InvalidMessage(_))) {
+                    // A peer that does not speak TLS at all: one more fatal
+                    // unexpected_message alert, so that a plaintext pageferry source reads
+                    // at least a frame header's worth of bytes and can tell the
+                    // destination requires TLS (it sees their first bytes as a bad magic).
+                    let _ = sock.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x0a]);
+                }
+                return Err(e);
+            }
+        }
+    }
+    // Nothing is left to send here: rustls reports WriteTraffic only once its flights are
+    // out (and refuses to hand over the keys otherwise).
+    let peer_certificates = conn.peer_certificates().map(|v| v.iter().map(|c| c.as_ref().to_vec()).collect());
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".to_string(),
+        Some(v) => return Err(io_err(Error::General(format!("negotiated {v:?}, TLS 1.3 is required")))),
+        None => "TLS".into(),
+    };
+    let suite = conn.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+    let describe = format!("{version} {}", suite.trim_start_matches("TLS13_"));
+    let (secrets, kernel) = conn.into_kernel().map_err(io_err)?;
+    inb.truncate(used);
+    Ok(Established { secrets, kernel, peer_certificates, describe, plain, rest: inb })
+}
+
+
+/// Run the client side of a handshake (`timeout` for all of it).
+pub(crate) fn client(mut sock: TcpStream, config: Arc<rustls::ClientConfig>, name: rustls::pki_types::ServerName<'static>, timeout: Duration) -> io::Result<TlsStream> {
+    let conn = UnbufferedClientConnection::new(config, name).map_err(io_err)?;
+    let est = drive(conn, &mut sock, Instant::now() + timeout)?;
+    TlsStream::new(sock, est)
+}
+
+/// Run the server side of a handshake on an accepted socket.
+pub(crate) fn server(mut sock: TcpStream, config: Arc<rustls::ServerConfig>, timeout: Duration) -> io::Result<TlsStream> {
+    let conn = UnbufferedServerConnection::new(config).map_err(io_err)?;
+    let est = drive(conn, &mut sock, Instant::now() + timeout)?;
+    TlsStream::new(sock, est)
+}
+
+/// Append one sealed record with `parts` as its plaintext and `typ` as its content type.
+fn seal_record(keys: &mut Keys, out: &mut Vec<u8>, plain: &[u8], typ: u8) -> Result<(), Error> {
+    let at = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    out.extend_from_slice(plain);
+    out.push(typ);
+    out.extend_from_slice(&[0; TAG]);
+    keys.seal(&mut out[at..])
 }
 
 impl TlsStream {
-    /// Wrap a connection whose handshake is complete.
-    pub(crate) fn new(sock: TcpStream, mut conn: Connection) -> Self {
-        // Whole packets (≤ 512 KiB) are encrypted in one call; the write buffer bounds memory.
-        conn.set_buffer_limit(None);
+    fn new(sock: TcpStream, est: Established) -> io::Result<Self> {
+        let Established { secrets, kernel, peer_certificates, describe, plain, rest } = est;
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        // The read buffer starts with what the handshake left: plaintext, then TLS bytes.
+        let mut buf = Vec::with_capacity(READ_BUF.max(plain.len() + rest.len() + HEADER + MAX_CIPHERTEXT));
+        buf.extend_from_slice(&plain);
+        buf.extend_from_slice(&rest);
+        let (start, end) = (plain.len(), buf.len());
+        buf.resize(buf.capacity(), 0);
+        let read = ReadState { keys: Keys::new(rx_seq, rx).map_err(io_err)?, buf, start, end, plain: 0, plain_len: plain.len(), closed: false, failed: None };
+        let write = WriteState { keys: Keys::new(tx_seq, tx).map_err(io_err)?, out: Vec::with_capacity(CHUNK + HEADER + MAX_CIPHERTEXT), update_at: record::KEY_UPDATE_AFTER, broken: false };
+        sock.set_read_timeout(None).ok();
+        sock.set_write_timeout(None).ok();
         let shared = Shared {
-            conn: Mutex::new(conn),
-            read: Mutex::new(ReadState { buf: vec![0u8; READ_CHUNK], pos: 0, end: 0 }),
-            write: Mutex::new(Vec::with_capacity(READ_CHUNK)),
+            read: Mutex::new(read),
+            write: Mutex::new(write),
+            kernel: Mutex::new(kernel),
+            reply_key_update: AtomicBool::new(false),
+            peer_certificates,
+            describe,
         };
-        Self { sock, shared: Arc::new(shared) }
+        Ok(Self { sock, shared: Arc::new(shared) })
     }
 
     /// A second handle to the same connection (e.g. a reader thread while another writes).
@@ -71,20 +364,12 @@ impl TlsStream {
 
     /// The peer's certificate chain (end entity first), if it presented one.
     pub fn peer_certificates(&self) -> Option<Vec<Vec<u8>>> {
-        let c = self.shared.conn.lock().unwrap();
-        c.peer_certificates().map(|v| v.iter().map(|c| c.as_ref().to_vec()).collect())
+        self.shared.peer_certificates.clone()
     }
 
-    /// Negotiated protocol version and cipher suite, e.g. "TLSv1_3 TLS13_AES_128_GCM_SHA256".
+    /// Negotiated protocol version and cipher suite, e.g. "TLS 1.3 AES_128_GCM_SHA256".
     pub fn describe(&self) -> String {
-        let c = self.shared.conn.lock().unwrap();
-        let v = match c.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLS 1.3".to_string(),
-            Some(v) => format!("{v:?}"),
-            None => "TLS".into(),
-        };
-        let s = c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
-        format!("{v} {}", s.trim_start_matches("TLS13_"))
+        self.shared.describe.clone()
     }
 
     /// Shut the TCP connection down (no close_notify: see [`TlsStream::close_notify`]).
@@ -102,120 +387,240 @@ impl TlsStream {
         self.sock.set_write_timeout(t)
     }
 
-    /// Send whatever the connection has queued (alerts, key updates) under the write lock.
-    fn flush_pending(&self) -> io::Result<()> {
-        let mut out = self.shared.write.lock().unwrap();
-        {
-            let mut c = self.shared.conn.lock().unwrap();
-            while c.wants_write() {
-                c.write_tls(&mut *out)?;
-            }
+    /// Send a close_notify alert (best effort: the peer may be gone).
+    pub fn close_notify(&self) -> io::Result<()> {
+        let mut w = self.shared.write.lock().unwrap();
+        self.send_alert(&mut w, AlertDescription::CloseNotify)
+    }
+
+    fn send_alert(&self, w: &mut WriteState, desc: AlertDescription) -> io::Result<()> {
+        if w.broken {
+            return Err(broken());
         }
-        let r = (&self.sock).write_all(&out);
-        out.clear();
+        let level = if desc == AlertDescription::CloseNotify { 1 } else { 2 };
+        seal_record(&mut w.keys, &mut w.out, &[level, u8::from(desc)], ALERT).map_err(io_err)?;
+        self.flush_out(w)
+    }
+
+    fn flush_out(&self, w: &mut WriteState) -> io::Result<()> {
+        let r = (&self.sock).write_all(&w.out);
+        w.out.clear();
+        if r.is_err() {
+            w.broken = true;
+        }
         r
     }
 
-    /// Send a close_notify alert (best effort: the peer may be gone).
-    pub fn close_notify(&self) -> io::Result<()> {
-        self.shared.conn.lock().unwrap().send_close_notify();
-        self.flush_pending()
+    /// Send a KeyUpdate (update_not_requested) under the current keys, then switch to the
+    /// next ones (rustls' key schedule).
+    fn key_update(&self, w: &mut WriteState) -> io::Result<()> {
+        seal_record(&mut w.keys, &mut w.out, &record::KEY_UPDATE, HANDSHAKE).map_err(io_err)?;
+        let (seq, secrets) = self.shared.kernel.lock().unwrap().update_tx().map_err(io_err)?;
+        w.keys = Keys::new(seq, secrets).map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Test hook: rotate the sending keys after `records` more records.
+    #[cfg(test)]
+    pub(crate) fn key_update_after(&self, records: u64) {
+        let mut w = self.shared.write.lock().unwrap();
+        w.update_at = w.keys.seq() + records;
+    }
+
+    /// Test hook: (decrypted plaintext, undecrypted TLS bytes) the handshake left in the
+    /// read buffer, before anything was read.
+    #[cfg(test)]
+    pub(crate) fn handshake_leftover_for_test(&self) -> (usize, usize) {
+        let rs = self.shared.read.lock().unwrap();
+        (rs.plain_len, rs.end - rs.start)
+    }
+
+    /// Test hook: send one record with any content type.
+    #[cfg(test)]
+    pub(crate) fn send_record_for_test(&self, plain: &[u8], typ: u8) -> io::Result<()> {
+        let mut w = self.shared.write.lock().unwrap();
+        let w = &mut *w;
+        seal_record(&mut w.keys, &mut w.out, plain, typ).map_err(io_err)?;
+        self.flush_out(w)
     }
 
     fn write_slices(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut out = self.shared.write.lock().unwrap();
-        let n = {
-            let mut c = self.shared.conn.lock().unwrap();
-            let n = c.writer().write_vectored(bufs)?;
-            while c.wants_write() {
-                c.write_tls(&mut *out)?;
-            }
-            n
-        };
-        let r = (&self.sock).write_all(&out);
-        out.clear();
-        if out.capacity() > 4 * READ_CHUNK + (1 << 20) {
-            out.shrink_to(READ_CHUNK);
+        let mut w = self.shared.write.lock().unwrap();
+        if w.broken {
+            return Err(broken());
         }
-        r.map(|_| n)
+        if self.shared.reply_key_update.swap(false, Ordering::AcqRel) {
+            self.key_update(&mut w)?;
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut cur: &[u8] = &[];
+        let mut left = total;
+        while left > 0 {
+            if w.keys.seq() >= w.update_at {
+                self.key_update(&mut w)?;
+                w.update_at = w.keys.seq() + record::KEY_UPDATE_AFTER;
+            }
+            // One record: gather up to 16 KiB from the slices straight into the buffer.
+            let n = left.min(MAX_PLAIN);
+            let w = &mut *w;
+            let at = w.out.len();
+            w.out.extend_from_slice(&[0; HEADER]);
+            let mut need = n;
+            while need > 0 {
+                if cur.is_empty() {
+                    cur = slices.next().expect("slice lengths add up");
+                }
+                let k = need.min(cur.len());
+                w.out.extend_from_slice(&cur[..k]);
+                cur = &cur[k..];
+                need -= k;
+            }
+            w.out.push(APPLICATION_DATA);
+            w.out.extend_from_slice(&[0; TAG]);
+            w.keys.seal(&mut w.out[at..]).map_err(io_err)?;
+            left -= n;
+            if w.out.len() >= CHUNK {
+                self.flush_out(w)?;
+            }
+        }
+        if !w.out.is_empty() {
+            self.flush_out(&mut w)?;
+        }
+        if w.out.capacity() > 4 * CHUNK {
+            w.out.shrink_to(CHUNK + HEADER + MAX_CIPHERTEXT);
+        }
+        Ok(total)
     }
 
-    fn read_plain(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
+    /// A fatal error on the read side: remember it, tell the peer (if the write side is
+    /// free), report it.
+    fn fail(&self, rs: &mut ReadState, e: Error) -> io::Error {
+        let desc = match &e {
+            Error::DecryptError => Some(AlertDescription::BadRecordMac),
+            Error::AlertReceived(_) => None,
+            _ => Some(AlertDescription::UnexpectedMessage),
+        };
+        if let (Some(d), Ok(mut w)) = (desc, self.shared.write.try_lock()) {
+            let _ = self.send_alert(&mut w, d);
+        }
+        rs.failed = Some(e.clone());
+        io_err(e)
+    }
+
+    /// Open the next complete record in the buffer, if there is one. Ok(true): progress.
+    fn open_next(&self, rs: &mut ReadState) -> Result<bool, Error> {
+        let avail = rs.end - rs.start;
+        if avail < HEADER {
+            return Ok(false);
+        }
+        let len = record::check_header(&rs.buf[rs.start..rs.start + HEADER])?;
+        if avail < HEADER + len {
+            return Ok(false);
+        }
+        let at = rs.start;
+        let (typ, n) = rs.keys.open(&mut rs.buf[at..at + HEADER + len])?;
+        rs.start += HEADER + len;
+        let body = at + HEADER;
+        match typ {
+            APPLICATION_DATA => {
+                rs.plain = body;
+                rs.plain_len = n;
+            }
+            ALERT => {
+                record::alert(&rs.buf[body..body + n])?;
+                rs.closed = true;
+            }
+            HANDSHAKE => {
+                let requested = record::key_update(&rs.buf[body..body + n])?;
+                let (seq, secrets) = self.shared.kernel.lock().unwrap().update_rx()?;
+                rs.keys = Keys::new(seq, secrets)?;
+                if requested {
+                    self.shared.reply_key_update.store(true, Ordering::Release);
+                }
+            }
+            t => return Err(Error::General(format!("TLS: unexpected content type {t} after the handshake"))),
+        }
+        Ok(true)
+    }
+
+    fn read_plain(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        if bufs.iter().all(|b| b.is_empty()) {
             return Ok(0);
         }
-        let mut rs = self.shared.read.lock().unwrap();
+        let mut guard = self.shared.read.lock().unwrap();
+        let rs = &mut *guard;
+        if let Some(e) = &rs.failed {
+            return Err(io_err(e.clone()));
+        }
+        let mut done = 0;
+        let mut bi = 0;
+        let mut off = 0;
         loop {
-            let mut reply = false;
-            {
-                let mut c = self.shared.conn.lock().unwrap();
-                // Feed buffered TLS bytes while there is room for their plaintext.
-                while rs.pos < rs.end {
-                    let (pos, end) = (rs.pos, rs.end);
-                    match c.read_tls(&mut &rs.buf[pos..end]) {
-                        Ok(0) => break,
-                        Ok(n) => rs.pos += n,
-                        // The plaintext buffer is full: hand that out first.
-                        Err(e) if e.kind() == io::ErrorKind::Other => break,
-                        Err(e) => return Err(e),
-                    }
-                    let st = c.process_new_packets();
-                    reply |= c.wants_write();
-                    if let Err(e) = st {
-                        // Send the alert that explains it to the peer, then report it.
-                        drop(c);
-                        let _ = self.flush_pending();
-                        return Err(tls_err(e));
-                    }
-                }
-                if rs.pos == rs.end {
-                    rs.pos = 0;
-                    rs.end = 0;
-                }
-                let r = c.reader().read(buf);
-                drop(c);
-                if reply {
-                    // Post-handshake answers (key updates): best effort, the data path
-                    // reports a dead peer on its own.
-                    let _ = self.flush_pending();
-                }
-                match r {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+            // Hand out decrypted plaintext, across records already in the buffer, without
+            // blocking once something was delivered.
+            while rs.plain_len > 0 && bi < bufs.len() {
+                let b = &mut bufs[bi][off..];
+                let k = b.len().min(rs.plain_len);
+                b[..k].copy_from_slice(&rs.buf[rs.plain..rs.plain + k]);
+                rs.plain += k;
+                rs.plain_len -= k;
+                done += k;
+                off += k;
+                if off == bufs[bi].len() {
+                    bi += 1;
+                    off = 0;
                 }
             }
-            if rs.pos < rs.end {
-                continue;
+            if bi == bufs.len() || rs.closed {
+                return Ok(done);
             }
-            // Need more TLS bytes: read the socket without holding the connection lock.
-            let n = (&self.sock).read(&mut rs.buf[..])?;
+            match self.open_next(rs) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => return Err(self.fail(rs, e)),
+            }
+            if done > 0 {
+                return Ok(done);
+            }
+            // Need more TLS bytes. Keep room for a whole record behind the partial one.
+            if rs.start == rs.end {
+                rs.start = 0;
+                rs.end = 0;
+            } else if rs.buf.len() - rs.start < HEADER + MAX_CIPHERTEXT || rs.buf.len() - rs.end < CHUNK / 4 {
+                rs.buf.copy_within(rs.start..rs.end, 0);
+                rs.end -= rs.start;
+                rs.start = 0;
+            }
+            let end = rs.end;
+            let n = (&self.sock).read(&mut rs.buf[end..])?;
             if n == 0 {
-                // EOF: let rustls decide between a clean close (close_notify seen: Ok(0))
-                // and a truncated stream (UnexpectedEof).
-                let mut c = self.shared.conn.lock().unwrap();
-                let _ = c.read_tls(&mut &[][..]);
-                c.process_new_packets().map_err(tls_err)?;
-                return match c.reader().read(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::ErrorKind::UnexpectedEof.into()),
-                    r => r,
-                };
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the TLS connection without close_notify"));
             }
-            rs.pos = 0;
-            rs.end = n;
+            rs.end += n;
         }
     }
 }
 
+fn broken() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "TLS connection unusable after an earlier write error")
+}
+
 impl Read for TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_plain(buf)
+        self.read_plain(&mut [IoSliceMut::new(buf)])
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.read_plain(bufs)
     }
 }
 
 impl Read for &TlsStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_plain(buf)
+        self.read_plain(&mut [IoSliceMut::new(buf)])
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.read_plain(bufs)
     }
 }
 
