@@ -81,6 +81,13 @@ fn client(dir: &Path) -> TlsClient {
     creds::x509_client(dir, None).unwrap().config
 }
 
+/// Mutual x509 for a loopback destination (for tests elsewhere in the engine).
+pub(super) fn loopback_pki() -> (Arc<ServerConfig>, TlsClient) {
+    let ca = ca("test CA");
+    let (srv, cli) = pki(&ca, "source.example");
+    (server(srv.path(), &[]), client(cli.path()))
+}
+
 fn psk(identity: &str, hex_byte: u8) -> Vec<PskKey> {
     vec![PskKey::new(identity, vec![hex_byte; 32]).unwrap()]
 }

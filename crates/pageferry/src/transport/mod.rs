@@ -4,12 +4,31 @@
 //! The engine sees a [`Stream`]: `Read + Write`, a second handle to the same connection
 //! ([`Stream::try_clone`], the source's control channel reads on one thread while another
 //! writes), `shutdown`, timeouts, and vectored I/O. Plain TCP keeps true zero copy (`writev`
-//! straight from guest memory, `readv` straight into it); TLS necessarily copies each packet
-//! into encrypted records and decrypts into a buffer before the pages are placed.
+//! straight from guest memory, `readv` straight into it).
 //!
-//! kTLS (the kernel `tls` ULP, which would let the kernel encrypt from the page cache) is not
-//! used: this project's kernels have no `tls` module, and rustls would need its secrets
-//! extracted per connection. Everything works without it.
+//! TLS: rustls runs the handshake and every authentication decision (certificates, PSK,
+//! authz, version and suite); after it, the TLS 1.3 record layer is ours (`tls`, `record`),
+//! the way kTLS takes over from a user-space handshake, but in user space: rustls hands over
+//! the traffic keys (`dangerous_into_kernel_connection`, rustls' API for exactly this) and
+//! keeps its key schedule for KeyUpdate. What TLS copies, per byte, and why:
+//! - send: one user-space copy, from the caller's slices into a reused 64 KiB buffer of
+//!   ≤ 16 KiB records, sealed there in place while cache-hot (AES-GCM needs somewhere to put
+//!   the ciphertext; writing it over guest memory is not an option), then the kernel's copy
+//!   into the socket as for plain TCP;
+//! - receive: the kernel's copy into a reused 64 KiB buffer, decryption in place, one copy
+//!   of the cache-hot plaintext into the caller's buffers (guest memory or a batch buffer);
+//!   nothing is handed out before its record authenticates.
+//!
+//! rustls' buffered connection costs one more copy each way and an allocation per record;
+//! `pageferry bench --tls both` measures the rest (docs/BENCHMARKS.md). The wire is standard
+//! TLS 1.3 (tests run our record layer against plain rustls peers). Because nothing but data,
+//! alerts and KeyUpdate may follow the handshake, a server configuration is used with
+//! TLS 1.3 session tickets off, and both sides with secret extraction on (set here on a
+//! copy when a caller's configuration lacks them).
+//!
+//! kTLS (the kernel `tls` ULP, which would let the kernel encrypt from the page cache and
+//! save the send-side copy) is not used: this project's kernels have no `tls` module. The
+//! keys it would need are the ones our record layer already takes.
 //!
 //! Credentials and their trust model are in [`creds`]; the library API takes rustls
 //! configurations ([`creds::TlsClient`], `Arc<rustls::ServerConfig>`), so a VMM can pass its
@@ -148,11 +167,8 @@ impl Read for Stream {
     fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read_vectored(bufs),
-            // Decrypted plaintext is copied out of rustls' buffer: fill the first non-empty.
-            Stream::Tls(s) => match bufs.iter_mut().find(|b| !b.is_empty()) {
-                Some(b) => s.read(b),
-                None => Ok(0),
-            },
+            // Decrypted plaintext is copied out of the record buffer into the slices in turn.
+            Stream::Tls(s) => s.read_vectored(bufs),
         }
     }
 }

@@ -146,7 +146,8 @@
 //! New optional JSON fields (with defaults) do not bump the version.
 //!
 //! Transport: with TLS configured, every connection (control and data) first completes a TLS
-//! 1.3 handshake and everything below travels inside TLS records (see `crate::transport`);
+//! 1.3 handshake and everything below travels inside standard TLS 1.3 application-data
+//! records (after the handshake the record layer is pageferry's own: see `crate::transport`);
 //! a data channel's Hello is accepted only from the identity that opened the session's control
 //! channel (its peer certificate, or the one derived from its pre-shared key).
 //!
