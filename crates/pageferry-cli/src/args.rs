@@ -129,11 +129,13 @@ pub struct SourceArgs {
     #[arg(long = "max-bandwidth")]
     pub max_bandwidth: Option<String>,
     /// With --multifd-compression auto: cores the compression workers may use together
-    /// (default: one per channel and pipeline slot).
+    /// (default: one per channel and pipeline slot). Planned with, and enforced: at most
+    /// ceil(CORES) batches are compressed at once.
     #[arg(long = "max-cpu")]
     pub max_cpu: Option<f64>,
     /// With --multifd-compression auto: the candidates, comma-separated METHOD[:LEVEL]
-    /// (default: none,zstd:1,zstd:3,zlib:1).
+    /// (default: none,zlib:1,zstd:1,zstd:3 with ISA-L, none,zstd:-3,zstd:1,zstd:3 without;
+    /// plus qatzip:1 when a QAT device is present). Named, they are the whole list.
     #[arg(long = "auto-candidates")]
     pub auto_candidates: Option<String>,
     /// Skip the end-to-end memory digest comparison.
@@ -208,6 +210,8 @@ impl SourceArgs {
                 c.max_cpu = Some(m);
             }
             if let Some(list) = &self.auto_candidates {
+                // Named candidates are the list: no accelerated method added by itself.
+                c.hardware_candidates = false;
                 c.candidates = list.split(',').map(|x| x.trim().parse::<Candidate>().map_err(anyhow::Error::msg)).collect::<Result<_>>().context("--auto-candidates")?;
             }
             Some(c)

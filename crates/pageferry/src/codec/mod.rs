@@ -286,6 +286,11 @@ pub trait Codec: Send {
     fn preferred_pipeline_depth(&self) -> usize {
         1
     }
+    /// True when the work runs on an accelerator (a QAT device), not this CPU:
+    /// `--multifd-compression auto` then adds the method to its candidates by itself.
+    fn hardware(&self) -> bool {
+        false
+    }
 }
 
 /// Open a codec for one channel worker (through the method's descriptor).

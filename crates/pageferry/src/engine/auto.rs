@@ -4,7 +4,7 @@
 //!
 //! Measurements: each socket writer adds its wire bytes and busy time (from asking the rate
 //! limiter to the end of the write) to a [`LinkMeter`]; each worker reports the raw and
-//! payload bytes and the time of every batch it encoded. A worker that finds the window over
+//! payload bytes of every batch and its time on it, less the waits for the link. A worker that finds the window over
 //! takes the link sample and lets the policy decide.
 
 use super::policy::{AutoConfig, AutoReport, Candidate, Choice, LinkSample, Policy};
@@ -12,7 +12,7 @@ use super::ratelimit::RateLimiter;
 use crate::codec::{self, Codec, CodecError, CodecSpec};
 use crate::wire::MethodCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Wire bytes and busy time of all socket writers together.
@@ -41,6 +41,42 @@ struct State {
     busy_ns: u64,
 }
 
+/// `--max-cpu` enforced: at most `slots` codec calls run at once.
+pub struct CpuGate {
+    slots: usize,
+    busy: Mutex<usize>,
+    freed: Condvar,
+}
+
+/// A slot of a [`CpuGate`], given back on drop.
+pub struct CpuSlot(Arc<CpuGate>);
+
+impl CpuGate {
+    pub fn new(slots: usize) -> Self {
+        Self { slots: slots.max(1), busy: Mutex::new(0), freed: Condvar::new() }
+    }
+    /// Wait for a slot; `None` once `stop()` says the migration is over (a worker never waits
+    /// for a slot that will not come: holders give theirs back after one codec call).
+    pub fn enter(self: &Arc<Self>, stop: impl Fn() -> bool) -> Option<CpuSlot> {
+        let mut busy = self.busy.lock().unwrap();
+        while *busy >= self.slots {
+            if stop() {
+                return None;
+            }
+            busy = self.freed.wait_timeout(busy, Duration::from_millis(100)).unwrap().0;
+        }
+        *busy += 1;
+        Some(CpuSlot(self.clone()))
+    }
+}
+
+impl Drop for CpuSlot {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap() -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// The policy shared by all workers of one migration.
 pub struct AutoSelector {
     state: Mutex<State>,
@@ -48,14 +84,22 @@ pub struct AutoSelector {
     limiter: Option<Arc<RateLimiter>>,
     writers: usize,
     t0: Instant,
+    /// `--max-cpu` below the workers: at most ⌈max_cpu⌉ of them compress at once.
+    gate: Option<Arc<CpuGate>>,
 }
 
 impl AutoSelector {
     pub fn new(candidates: &[Candidate], config: AutoConfig, workers: usize, writers: usize, meter: Arc<LinkMeter>, limiter: Option<Arc<RateLimiter>>) -> Self {
         let t0 = Instant::now();
         let (wire, busy_ns) = meter.read();
+        let gate = config.max_cpu.map(|c| c.ceil() as usize).filter(|&slots| slots < workers).map(|slots| Arc::new(CpuGate::new(slots)));
         let policy = Policy::new(candidates, config, workers, 0.0);
-        Self { state: Mutex::new(State { policy, at: t0, wire, busy_ns }), meter, limiter, writers, t0 }
+        Self { state: Mutex::new(State { policy, at: t0, wire, busy_ns }), meter, limiter, writers, t0, gate }
+    }
+
+    /// The gate every codec call passes when `--max-cpu` is below the workers.
+    pub fn gate(&self) -> Option<Arc<CpuGate>> {
+        self.gate.clone()
     }
 
     /// The plan for the next batch (deciding first when the window is over).
@@ -79,7 +123,7 @@ impl AutoSelector {
     }
 
     /// A batch planned with `choice` carried `raw` non-zero bytes as `wire` payload bytes and
-    /// took `secs` to encode.
+    /// took `secs` of its worker's time (all but the waits for the link).
     pub fn record(&self, choice: &Choice, raw: u64, wire: u64, secs: f64) {
         self.state.lock().unwrap().policy.record(choice, raw, wire, secs);
     }
@@ -116,5 +160,61 @@ impl Encoders {
             self.codecs[index] = Some(codec::open(&self.specs[index])?);
         }
         Ok(self.codecs[index].as_deref_mut().expect("opened above"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    /// `--max-cpu` enforced: however many workers call at once, at most `slots` hold a slot.
+    #[test]
+    fn the_cpu_gate_admits_at_most_its_slots() {
+        for slots in [1, 2] {
+            let gate = Arc::new(CpuGate::new(slots));
+            let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    let (gate, inside, most) = (gate.clone(), inside.clone(), most.clone());
+                    s.spawn(move || {
+                        for _ in 0..50 {
+                            let _slot = gate.enter(|| false).expect("no stop");
+                            let n = inside.fetch_add(1, Relaxed) + 1;
+                            most.fetch_max(n, Relaxed);
+                            std::thread::sleep(Duration::from_micros(200));
+                            inside.fetch_sub(1, Relaxed);
+                        }
+                    });
+                }
+            });
+            assert!(most.load(Relaxed) <= slots, "{} inside at once with {slots} slots", most.load(Relaxed));
+            assert_eq!(*gate.busy.lock().unwrap(), 0, "every slot given back");
+        }
+    }
+
+    #[test]
+    fn a_full_gate_lets_go_when_the_migration_stops() {
+        let gate = Arc::new(CpuGate::new(1));
+        let held = gate.enter(|| false).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| gate.enter(|| stop.load(Relaxed)).is_none());
+            std::thread::sleep(Duration::from_millis(50));
+            stop.store(true, Relaxed);
+            assert!(waiter.join().unwrap(), "a stopped migration gets no slot");
+        });
+        drop(held);
+        assert!(gate.enter(|| false).is_some());
+    }
+
+    /// The gate exists only when --max-cpu is below the workers, with ⌈max_cpu⌉ slots.
+    #[test]
+    fn the_selector_gates_only_below_the_workers() {
+        let sel = |max_cpu| AutoSelector::new(&[], AutoConfig { max_cpu, ..AutoConfig::default() }, 4, 2, Arc::new(LinkMeter::default()), None);
+        assert!(sel(None).gate().is_none());
+        assert!(sel(Some(4.0)).gate().is_none());
+        assert_eq!(sel(Some(1.5)).gate().map(|g| g.slots), Some(2));
+        assert_eq!(sel(Some(0.1)).gate().map(|g| g.slots), Some(1));
     }
 }

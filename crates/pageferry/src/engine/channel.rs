@@ -264,6 +264,8 @@ struct Pool {
     rx: Receiver<Vec<u8>>,
     allocated: usize,
     buf_len: usize,
+    /// Seconds spent waiting for the writer to return a buffer (the link's pace, not work).
+    waited: f64,
 }
 
 impl Pool {
@@ -275,7 +277,10 @@ impl Pool {
             self.allocated += 1;
             return vec![0u8; self.buf_len];
         }
-        self.rx.recv().expect("socket writer returns buffers")
+        let t = std::time::Instant::now();
+        let b = self.rx.recv().expect("socket writer returns buffers");
+        self.waited += t.elapsed().as_secs_f64();
+        b
     }
     fn recycle(&self, buf: Vec<u8>) {
         let _ = self.tx.send(buf);
@@ -296,7 +301,8 @@ struct Worker {
     choice: Option<Choice>,
     method: MethodCode,
     compresses: bool,
-    /// What auto learns from this batch: raw and payload bytes, seconds in the codec.
+    /// What auto learns from this batch: raw and payload bytes, and the seconds it waited
+    /// for the link (socket queue full, no buffer back yet), which are not the worker's work.
     learned: (u64, u64, f64),
     /// Compress a stable copy, not guest memory in place (see `Codec::tolerates_changing_input`).
     copy_for_codec: bool,
@@ -314,7 +320,7 @@ impl Worker {
             Coder::Auto { .. } => MAX_BATCH_BYTES + (64 << 10),
         };
         let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
-        let mut pool = Pool { tx, rx, allocated: 0, buf_len };
+        let mut pool = Pool { tx, rx, allocated: 0, buf_len, waited: 0.0 };
         let scratch = pool.get();
         let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), copy_for_codec: false, pool, scratch, to_socket };
         if let Coder::Fixed(c, code) = &w.coder {
@@ -339,6 +345,10 @@ impl Worker {
     }
 
     fn batch(&mut self, batch: &Batch, plan: &mut Plan) {
+        // auto learns the worker's whole time on the batch (scan, gather, codec, checksums,
+        // waiting for a core) but the waits for the link: see `policy`.
+        let started = std::time::Instant::now();
+        self.pool.waited = 0.0;
         if let Err(e) = self.select() {
             self.ctx.failure.set(format!("compression worker: {e}"));
             return;
@@ -357,7 +367,8 @@ impl Worker {
             }
         }
         if let (Some(ch), Coder::Auto { selector, .. }) = (&self.choice, &self.coder) {
-            selector.record(ch, self.learned.0, self.learned.1, self.learned.2);
+            let secs = (started.elapsed().as_secs_f64() - self.learned.2 - self.pool.waited).max(1e-7);
+            selector.record(ch, self.learned.0, self.learned.1, secs);
         }
     }
 
@@ -385,15 +396,23 @@ impl Worker {
             view.gather(runs, &mut self.scratch);
         }
         let mut out = self.pool.get();
+        let gate = match &self.coder {
+            Coder::Auto { selector, .. } => selector.gate(),
+            Coder::Fixed(..) => None,
+        };
         let codec = codec_of(&mut self.coder, self.choice);
         let need = codec.max_compressed_len(n_bytes);
         if out.len() < need {
             out.resize(need, 0);
         }
         let input: &[u8] = if gathered { &self.scratch[..n_bytes] } else { view.run(runs[0]) };
+        // --max-cpu: wait for a compression slot (not the worker's work: the policy plans
+        // with the cores the gate allows).
         let t = std::time::Instant::now();
-        let r = codec.compress(input, &mut out);
+        let failure = &self.ctx.failure;
+        let _slot = gate.as_ref().and_then(|g| g.enter(|| failure.is_set()));
         self.learned.2 += t.elapsed().as_secs_f64();
+        let r = codec.compress(input, &mut out);
         match r {
             Ok(Some(n)) if n < n_bytes => Ok(Compressed::Shrunk(Payload::Owned(out, n))),
             Ok(_) => {
@@ -450,9 +469,11 @@ impl Worker {
         Counters::add(&c.normal_pages, n_pages as u64);
         Counters::add(&c.zero_pages, zero.len() as u64);
         let msg = ToSocket::Packet { header, offsets, payload, body_crc, recycle: self.pool.tx.clone() };
+        let t = std::time::Instant::now();
         if self.to_socket.send(msg).is_err() {
             self.ctx.failure.set("channel writer stopped".into());
         }
+        self.learned.2 += t.elapsed().as_secs_f64();
     }
 }
 

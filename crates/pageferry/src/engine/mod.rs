@@ -21,6 +21,8 @@ mod link;
 pub mod policy;
 pub mod ratelimit;
 mod source;
+#[cfg(test)]
+pub(crate) use source::auto_candidates;
 pub mod stats;
 #[cfg(test)]
 mod tests;

@@ -55,8 +55,11 @@ pub(crate) fn switchover_estimate(remaining: f64, raw_rate: f64) -> Duration {
 /// its Welcome announced) and that open here, with their codec specs and the method code their
 /// packets carry. `none` is always one: raw packets, labelled `none` when the destination
 /// decodes it and else with the first method it decodes (a raw packet needs no decoder).
+/// With [`AutoConfig::hardware_candidates`], every other method the destination decodes whose
+/// codec opens on an accelerator here ([`crate::codec::Codec::hardware`]: qatzip with a QAT
+/// device) is added at its default level; without a device it stays out unless named.
 /// Returns the candidates, specs, codes, and the code for sync packets.
-fn auto_candidates(auto: &AutoConfig, caps: &Capabilities, local: &CodecSpec) -> (Vec<Candidate>, Vec<CodecSpec>, Vec<MethodCode>, MethodCode) {
+pub(crate) fn auto_candidates(auto: &AutoConfig, caps: &Capabilities, local: &CodecSpec) -> (Vec<Candidate>, Vec<CodecSpec>, Vec<MethodCode>, MethodCode) {
     let none = Candidate::none();
     let label = if caps.methods.iter().any(|m| m.code == none.method.code()) { none.method.code() } else { caps.methods.first().map_or(none.method.code(), |m| m.code) };
     let (mut cands, mut specs, mut codes) = (vec![none], vec![CodecSpec { qatzip: local.qatzip.clone(), ..CodecSpec::new(none.method) }], vec![label]);
@@ -76,6 +79,19 @@ fn auto_candidates(auto: &AutoConfig, caps: &Capabilities, local: &CodecSpec) ->
         cands.push(c);
         specs.push(spec);
         codes.push(c.method.code());
+    }
+    if auto.hardware_candidates {
+        for m in crate::codec::Method::all() {
+            if !m.compresses() || cands.iter().any(|c| c.method == m) || !caps.methods.iter().any(|x| x.code == m.code()) {
+                continue;
+            }
+            let spec = CodecSpec { qatzip: local.qatzip.clone(), ..CodecSpec::new(m) };
+            if codec::open(&spec).is_ok_and(|c| c.hardware()) {
+                cands.push(Candidate::new(m, spec.level));
+                specs.push(spec);
+                codes.push(m.code());
+            }
+        }
     }
     (cands, specs, codes, label)
 }

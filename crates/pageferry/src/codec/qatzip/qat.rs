@@ -385,6 +385,9 @@ impl QatCodec {
 }
 
 impl Codec for QatCodec {
+    fn hardware(&self) -> bool {
+        self.hardware
+    }
     fn info(&self) -> CodecInfo {
         let provider = if self.hardware { "qat (hardware)" } else { "qat (software path)" };
         CodecInfo { method: METHOD, level: self.level.into(), provider: provider.into(), note: None }

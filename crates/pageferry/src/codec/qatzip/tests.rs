@@ -649,3 +649,37 @@ fn measure() {
         );
     }
 }
+
+/// `--multifd-compression auto` adds qatzip by itself only when its codec runs on a device
+/// (the fake library's simulated one here), the destination decodes it, and the candidates
+/// were not named; named, it is a candidate with or without a device.
+#[test]
+fn auto_adds_qatzip_with_a_device_only() {
+    use crate::engine::auto_candidates;
+    use crate::engine::policy::{AutoConfig, Candidate};
+    use crate::wire::{Capabilities, Features};
+    let qatzip: Candidate = "qatzip:1".parse().unwrap();
+    let all = Capabilities { methods: Method::all().map(Method::caps).collect(), features: Features { auto: true, ..Features::default() } };
+    let spec = |provider| CodecSpec { qatzip: opts(provider, Some(&fake_lib())), ..CodecSpec::default() };
+    let cands = |cfg: &AutoConfig, caps: &Capabilities, provider| auto_candidates(cfg, caps, &spec(provider)).0;
+    let named = AutoConfig { candidates: vec![qatzip], hardware_candidates: false, ..AutoConfig::default() };
+    if std::env::var_os("FAKE_QZ_HW").is_none() {
+        // Without a device (the fake library's software path, or the cpu provider): left out
+        // unless named.
+        assert!(!cands(&AutoConfig::default(), &all, Provider::Qat).contains(&qatzip));
+        assert!(!cands(&AutoConfig::default(), &all, Provider::Cpu).contains(&qatzip));
+        assert!(cands(&named, &all, Provider::Cpu).contains(&qatzip));
+    }
+    if !in_child("auto_adds_qatzip_with_a_device_only", &[("FAKE_QZ_HW", "1")]) {
+        return;
+    }
+    // With one: added to the default candidates ...
+    let c = cands(&AutoConfig::default(), &all, Provider::Auto);
+    assert!(c.contains(&qatzip), "{c:?}");
+    assert_eq!(c.len(), AutoConfig::default().candidates.len() + 1, "{c:?}");
+    // ... not when the destination does not decode it, nor to a named list without it.
+    let no_qatzip = Capabilities { methods: all.methods.iter().filter(|m| m.name != "qatzip").cloned().collect(), ..all.clone() };
+    assert!(!cands(&AutoConfig::default(), &no_qatzip, Provider::Auto).contains(&qatzip));
+    let zstd_only = AutoConfig { candidates: vec!["zstd:1".parse().unwrap()], hardware_candidates: false, ..AutoConfig::default() };
+    assert!(!cands(&zstd_only, &all, Provider::Auto).contains(&qatzip));
+}
