@@ -65,3 +65,4 @@ pub mod engine;
 pub mod memory;
 pub mod wire;
 pub mod transport;
+mod uffd_sys;

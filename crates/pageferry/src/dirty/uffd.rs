@@ -8,56 +8,15 @@
 //! `PM_SCAN_WP_MATCHING` returns the written ranges and write-protects them again atomically.
 //! Soft-dirty bits are not used (not available on the kernels we target).
 //!
-//! The libc crate lacks these uapi definitions, so they are spelled out below from
-//! `include/uapi/linux/userfaultfd.h` and `include/uapi/linux/fs.h`.
+//! The libc crate lacks these uapi definitions: userfaultfd's are in `uffd_sys.rs` (shared with
+//! postcopy), `PAGEMAP_SCAN`'s are spelled out below from `include/uapi/linux/fs.h`.
 
 use super::{DirtyError, DirtyPages, DirtyTracker};
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-// --- uapi: userfaultfd ---
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-
-const fn iowr(ty: u64, nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (ty << 8) | nr
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-const UFFDIO_API: u64 = iowr(0xAA, 0x3F, std::mem::size_of::<UffdioApi>() as u64);
-const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, std::mem::size_of::<UffdioRegister>() as u64);
-const UFFDIO_WRITEPROTECT: u64 = iowr(0xAA, 0x06, std::mem::size_of::<UffdioWriteprotect>() as u64);
+use crate::uffd_sys::*;
 
 // --- uapi: PAGEMAP_SCAN ---
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
@@ -91,12 +50,6 @@ const PAGEMAP_SCAN: u64 = iowr(b'f' as u64, 16, std::mem::size_of::<PmScanArg>()
 
 fn os(op: &'static str) -> DirtyError {
     DirtyError::Os { op, cause: std::io::Error::last_os_error() }
-}
-
-/// # Safety
-/// `arg` must be the struct the ioctl `req` expects.
-unsafe fn ioctl<T>(fd: i32, req: u64, arg: &mut T) -> libc::c_int {
-    libc::ioctl(fd, req as libc::c_ulong, arg as *mut T)
 }
 
 fn open_uffd() -> Result<OwnedFd, DirtyError> {

@@ -14,8 +14,8 @@
 //! Fault latency is measured from the moment the fault thread reads the fault (the kernel
 //! does not timestamp faults) to the moment `UFFDIO_COPY` (or `ZEROPAGE`) placed the page.
 //!
-//! The uapi definitions (`include/uapi/linux/userfaultfd.h`) are spelled out here; the libc
-//! crate lacks them (dirty/uffd.rs has the write-protect half).
+//! The uapi definitions (`include/uapi/linux/userfaultfd.h`, which the libc crate lacks) are
+//! in `uffd_sys.rs`, shared with the write-protect dirty tracker.
 
 use crate::memory::{GuestMemory, PAGE_SIZE};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,79 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-/// Bits of `uffdio_register.ioctls`.
-const HAVE_COPY: u64 = 1 << 0x03;
-const HAVE_ZEROPAGE: u64 = 1 << 0x04;
-
-const fn iowr(nr: u64, size: u64) -> u64 {
-    (3 << 30) | (size << 16) | (0xAA << 8) | nr
-}
-const fn ior(nr: u64, size: u64) -> u64 {
-    (2 << 30) | (size << 16) | (0xAA << 8) | nr
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-#[repr(C)]
-#[derive(Default)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-/// `struct uffd_msg` (32 bytes); for a page fault: flags at 8, address at 16.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    _reserved: [u8; 7],
-    flags: u64,
-    address: u64,
-    _feat: u64,
-}
-const UFFDIO_API: u64 = iowr(0x3F, std::mem::size_of::<UffdioApi>() as u64);
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>() as u64);
-const UFFDIO_UNREGISTER: u64 = ior(0x01, std::mem::size_of::<UffdioRange>() as u64);
-const UFFDIO_COPY: u64 = iowr(0x03, std::mem::size_of::<UffdioCopy>() as u64);
-const UFFDIO_ZEROPAGE: u64 = iowr(0x04, std::mem::size_of::<UffdioZeropage>() as u64);
-
-/// # Safety
-/// `arg` must be the struct the ioctl `req` expects.
-unsafe fn ioctl<T>(fd: i32, req: u64, arg: &mut T) -> libc::c_int {
-    libc::ioctl(fd, req as libc::c_ulong, arg as *mut T)
-}
+use crate::uffd_sys::*;
 
 fn os(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
