@@ -1,5 +1,7 @@
-//! `send --events`: the migration's lifecycle as JSON lines on stdout, for orchestrators
-//! (libvirt/KubeVirt style), named after QEMU's QMP events. One object per line:
+//! `send --events` / `recv --events`: the migration's lifecycle as JSON lines on stdout, for
+//! orchestrators (libvirt/KubeVirt style), named after QEMU's QMP events. One object per line
+//! (the source's; `recv` starts with `{"event":"LISTENING","data":{"address":"ADDR"}}`, then
+//! `setup`, `active`, `device` or `postcopy-active`, and the same last line with its report):
 //!
 //! ```text
 //! {"timestamp":{"seconds":1764300000,"microseconds":12},"event":"MIGRATION","data":{"status":"setup"}}
@@ -20,7 +22,7 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use pageferry::engine::{Event, MigrationReport, MigrationStatus, Progress, ProgressSink};
+use pageferry::engine::{Event, MigrationStatus, Progress, ProgressSink};
 use serde_json::{json, Value};
 
 use crate::progress::Bar;
@@ -51,9 +53,14 @@ impl JsonEvents {
         let _ = out.flush();
     }
 
+    /// `recv --events`' first line: where it listens (port 0 picks one).
+    pub fn listening(&self, addr: std::net::SocketAddr) {
+        self.emit("LISTENING", json!({ "address": addr.to_string() }));
+    }
+
     /// The last line: completed with the report, or failed/cancelled with the error and the
     /// exit status the process is about to return.
-    pub fn end(&self, result: &anyhow::Result<MigrationReport>) {
+    pub fn end<R: serde::Serialize>(&self, result: &anyhow::Result<R>) {
         match result {
             Ok(report) => self.emit("MIGRATION", json!({ "status": MigrationStatus::Completed.name(), "report": report })),
             Err(e) => {

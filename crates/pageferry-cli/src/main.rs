@@ -111,6 +111,10 @@ struct RecvArgs {
     /// Print the destination's report as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Machine interface: JSON lines on stdout, like `send --events` (the listening address
+    /// first, then the destination's MIGRATION statuses, the report in the last line).
+    #[arg(long, conflicts_with = "json")]
+    events: bool,
     /// Decompress through a bounce buffer (measures what zero copy saves).
     #[arg(long = "no-zero-copy")]
     no_zero_copy: bool,
@@ -260,6 +264,30 @@ fn incomplete_path(image: &std::path::Path) -> PathBuf {
 }
 
 fn recv(a: RecvArgs) -> Result<()> {
+    if a.events {
+        let events = Arc::new(events::JsonEvents::new(progress::Bar::new(0, false)));
+        let result = receive(&a, engine::EventSink(events.clone()), &|addr| events.listening(addr));
+        events.end(&result);
+        return result.map(drop);
+    }
+    let out = receive(&a, progress::stderr_events(), &|addr| {
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        let report = &out.report;
+        println!(
+            "received {} pages ({} zero) in {} rounds; cpu {:.2} s over {:.2} s; verified: {}",
+            report.pages, report.zero_pages, report.rounds, report.cpu_s, report.wall_s, report.verified
+        );
+    }
+    Ok(())
+}
+
+/// `recv`'s migration; events go to `events`, the listening address to `listening`.
+fn receive(a: &RecvArgs, events: engine::EventSink, listening: &dyn Fn(std::net::SocketAddr)) -> Result<RecvOutput> {
     let config = DestinationConfig {
         codec: a.method.spec()?,
         only: a.method.restricts(),
@@ -267,15 +295,14 @@ fn recv(a: RecvArgs) -> Result<()> {
         timeout: a.timeout_s.map(Duration::from_secs),
         zero_copy: !a.no_zero_copy,
         require_verify: !a.no_verify,
-        events: progress::stderr_events(),
+        events,
         stall_timeout: Duration::from_secs(a.stall_timeout_s),
         cancel: cancel_token(),
         tls: a.tls.server_config(&a.listen)?,
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
-    println!("listening on {}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+    listening(listener.local_addr()?);
     let partial = incomplete_path(&a.image);
     let mut created = false;
     let mut writer = workload::ResumeWriter::default();
@@ -326,15 +353,7 @@ fn recv(a: RecvArgs) -> Result<()> {
     drop(memory);
     // The commit point for an image: complete and checked, so it takes its real name.
     std::fs::rename(&partial, &a.image).with_context(|| format!("renaming {} to {}", partial.display(), a.image.display()))?;
-    if a.json {
-        println!("{}", serde_json::to_string(&RecvOutput { report, workload: run })?);
-    } else {
-        println!(
-            "received {} pages ({} zero) in {} rounds; cpu {:.2} s over {:.2} s; verified: {}",
-            report.pages, report.zero_pages, report.rounds, report.cpu_s, report.wall_s, report.verified
-        );
-    }
-    Ok(())
+    Ok(RecvOutput { report, workload: run })
 }
 
 fn make_image(a: ImageArgs) -> Result<()> {

@@ -126,3 +126,34 @@ fn postcopy_reports_postcopy_active_between_active_and_completed() {
     let statuses: Vec<&str> = ev.iter().filter(|e| e["event"] == "MIGRATION").map(|e| e["data"]["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["setup", "active", "postcopy-active", "completed"]);
 }
+
+#[test]
+fn recv_events_follow_qemus_statuses_and_end_with_the_report() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let src = image(dir.path(), "8M");
+    let mut d = bin()
+        .args(["recv", "--listen", "127.0.0.1:0", "--events", "--image"])
+        .arg(dir.path().join("dst.img"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(d.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert_eq!(listening["event"], "LISTENING", "{first}");
+    let addr = listening["data"]["address"].as_str().unwrap().to_string();
+    let s = send(&addr, &src, &[]);
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert!(d.wait().unwrap().success());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let ev: Vec<serde_json::Value> = rest.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let statuses: Vec<&str> = ev.iter().filter(|e| e["event"] == "MIGRATION").map(|e| e["data"]["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["setup", "active", "device", "completed"]);
+    let report = &ev.last().unwrap()["data"]["report"];
+    assert!(report["pages"].as_u64().unwrap() >= 2048, "all 2048 pages: {report}");
+    assert_eq!(report["verified"], true);
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(dir.path().join("dst.img")).unwrap());
+}

@@ -10,7 +10,7 @@
 //! never overwrite a newer page.
 
 use super::postcopy::Placer;
-use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note};
+use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note, MigrationStatus};
 use super::{DestinationConfig, DestinationWorkload, MigrationError, Side};
 use crate::codec::{self, Codec, CodecSpec, Method, MAX_BATCH_BYTES};
 use crate::memory::{GuestMemory, MemoryRegion, PAGE_SIZE};
@@ -460,7 +460,28 @@ pub fn run_destination(
 
 /// Like [`run_destination`], but the memory is made by `provide` from the source's region
 /// table (e.g. an image file of the announced size). Returns the memory with the report.
+///
+/// Lifecycle [`Event::Status`](super::Event::Status) events go to
+/// [`DestinationConfig::events`]: `Setup` first, `Active` once the session's channels are
+/// accepted, `Device` when the source's final state arrived (or `PostcopyActive` when the
+/// guest starts here in postcopy), and exactly one of `Completed`, `Failed`, `Cancelled` last.
 pub fn run_destination_with(
+    listener: &TcpListener,
+    provide: &mut ProvideMemory,
+    workload: &mut dyn DestinationWorkload,
+    config: &DestinationConfig,
+) -> Result<(DestinationReport, GuestMemory), MigrationError> {
+    config.events.emit(Note::Status(MigrationStatus::Setup));
+    let result = destination_session(listener, provide, workload, config);
+    config.events.emit(Note::Status(match &result {
+        Ok(_) => MigrationStatus::Completed,
+        Err(MigrationError::Cancelled { .. }) => MigrationStatus::Cancelled,
+        Err(_) => MigrationStatus::Failed,
+    }));
+    result
+}
+
+fn destination_session(
     listener: &TcpListener,
     provide: &mut ProvideMemory,
     workload: &mut dyn DestinationWorkload,
@@ -473,6 +494,7 @@ pub fn run_destination_with(
     }
     let Session { control, data, urgent, hello, memory, version, accepted } = accept_session(listener, provide, config)?;
     let deadline = config.timeout.map(|t| accepted + t);
+    config.events.emit(Note::Status(MigrationStatus::Active));
     // Every read and write on every channel is bounded by the stall timeout; the source sends
     // keepalives on control, so a silent control channel is a dead one.
     control.set_read_timeout(Some(config.stall_timeout)).ok();
@@ -750,6 +772,8 @@ fn control_loop<W: std::io::Write + Send + 'static>(
                     return Err(ctl_err(WireError::malformed("Finish", format!("for round {round} after round {completed:?}"))));
                 }
                 finish = Some((round, digest, state));
+                // The source is paused: its last pages and device state are on their way.
+                config.events.emit(Note::Status(MigrationStatus::Device));
             }
             Event::Control(Ok((Control::Postcopy { round, discard }, state))) => {
                 // Only a source that announced postcopy in its Hello (which a verifying
@@ -761,6 +785,7 @@ fn control_loop<W: std::io::Write + Send + 'static>(
                     return Err(ctl_err(WireError::malformed("Postcopy", format!("for round {round} after round {completed:?}"))));
                 }
                 postcopy = Some(start_postcopy(version, round, &discard, &state, ctl, memory, workload, gate)?);
+                config.events.emit(Note::Status(MigrationStatus::PostcopyActive));
             }
             Event::Control(Ok((Control::Abort { reason }, _))) => return Err(in_postcopy(MigrationError::PeerAborted(reason))),
             Event::Control(Ok((Control::Cancel { .. }, _))) => return Err(in_postcopy(MigrationError::Cancelled { by: Side::Source })),

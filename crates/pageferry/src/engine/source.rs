@@ -114,6 +114,7 @@ pub fn run_source(
     let result = source_session(addr, memory, tracker, workload, config, progress);
     let end = match &result {
         Ok(_) => MigrationStatus::Completed,
+        Err(MigrationError::Cancelled { .. }) => MigrationStatus::Cancelled,
         Err(_) => MigrationStatus::Failed,
     };
     progress.event(&Event::Status(end));

@@ -316,8 +316,9 @@ pub enum Event {
         /// The note.
         note: String,
     },
-    /// The source's migration entered a new state (QEMU's `MIGRATION` event). Every run emits
-    /// `setup` first and exactly one of `completed`, `failed`, `cancelled` last.
+    /// The migration entered a new state (QEMU's `MIGRATION` event), on the source (its
+    /// progress sink) or the destination (`DestinationConfig::events`). Every run emits `setup`
+    /// first and exactly one of `completed`, `failed`, `cancelled` last.
     Status(MigrationStatus),
     /// A round starts sending `pages` pages (round 0: all of memory; QEMU's `MIGRATION_PASS`
     /// counts the same passes from 1).

@@ -520,6 +520,28 @@ fn random_faults_many_trials() {
     println!("every trial: no two running copies, source memory unchanged, retry to a fresh destination byte-identical ({trials} retries)");
 }
 
+/// Keeps the lifecycle statuses a side reports.
+#[derive(Clone, Default)]
+struct Statuses(Arc<Mutex<Vec<MigrationStatus>>>);
+
+impl ProgressSink for Statuses {
+    fn update(&self, _p: &Progress) {}
+    fn event(&self, e: &Event) {
+        if let Event::Status(s) = e {
+            self.0.lock().unwrap().push(*s);
+        }
+    }
+}
+
+impl Statuses {
+    /// Setup first, exactly one final status, and it is `last`.
+    fn assert_ends(&self, side: &str, last: MigrationStatus) {
+        let got = self.0.lock().unwrap().clone();
+        let finals = got.iter().filter(|s| matches!(s, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)).count();
+        assert!(got.first() == Some(&MigrationStatus::Setup) && got.last() == Some(&last) && finals == 1, "{side}: {got:?}");
+    }
+}
+
 #[test]
 fn cancel_on_either_side_ends_both_within_a_second() {
     let (src, mut guest) = setup();
@@ -530,7 +552,8 @@ fn cancel_on_either_side_ends_both_within_a_second() {
         let addr = listener.local_addr().unwrap().to_string();
         // Slow enough (~2 MB/s) to be mid-round when cancelled.
         let scfg = SourceConfig { max_bandwidth: Some(2_000_000), ..source_config(named("zstd")) };
-        let dcfg = dest_config(named("zstd"));
+        let (src_statuses, dst_statuses) = (Statuses::default(), Statuses::default());
+        let dcfg = DestinationConfig { events: EventSink::new(dst_statuses.clone()), ..dest_config(named("zstd")) };
         let token = match side {
             Side::Source => scfg.cancel.clone(),
             Side::Destination => dcfg.cancel.clone(),
@@ -547,7 +570,7 @@ fn cancel_on_either_side_ends_both_within_a_second() {
                 token.cancel();
                 Instant::now()
             });
-            let r = run_source(&addr, &src, &mut WorkTracker { first: true }, &mut guest, &scfg, &NoProgress);
+            let r = run_source(&addr, &src, &mut WorkTracker { first: true }, &mut guest, &scfg, &src_statuses);
             let src_end = Instant::now();
             let (d, dst_end) = d.join().unwrap();
             (r, d, c.join().unwrap(), src_end, dst_end)
@@ -561,6 +584,9 @@ fn cancel_on_either_side_ends_both_within_a_second() {
         for t in [src_end - cancelled_at, dst_end - cancelled_at] {
             assert!(t <= Duration::from_secs(1), "cancel took {t:?}");
         }
+        // Both sides' lifecycle ends in `cancelled` (not `failed`), whoever cancelled.
+        src_statuses.assert_ends("source", MigrationStatus::Cancelled);
+        dst_statuses.assert_ends("destination", MigrationStatus::Cancelled);
         assert!(resumed.0.lock().unwrap().is_none());
         assert_eq!(static_digest(&src), before);
         assert!(guest.is_running());
