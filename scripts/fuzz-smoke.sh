@@ -5,17 +5,19 @@
 #   PAGEFERRY_FUZZ_SECONDS=60 bash scripts/fuzz-smoke.sh destination
 #   PAGEFERRY_FUZZ_RUNS=10000000 bash scripts/fuzz-smoke.sh decode_zstd   (docs/RELIABILITY.md)
 #
-# Builds the fuzz workspace with plain cargo and the coverage instrumentation cargo-fuzz adds
-# for `cargo fuzz build -O -a -s none --codegen-units 16` (no sanitizer: the harness checks
-# canary pages itself), then runs each target over its seed corpus in fuzz/corpus for
-# PAGEFERRY_FUZZ_SECONDS (default 5), or for PAGEFERRY_FUZZ_RUNS executions. Fails on any
-# crash, panic, canary hit, input slower than PAGEFERRY_FUZZ_TIMEOUT (10 s) or process over 2 GiB; the input that
-# failed is kept in $PAGEFERRY_FUZZ_ARTIFACTS (default target/fuzz-smoke/). New inputs go to a
-# scratch corpus, never into fuzz/corpus.
+# Builds the fuzz workspace with plain cargo on the stable toolchain, in the main target
+# directory: scripts/fuzz-rustc-wrapper.sh adds the coverage instrumentation cargo-fuzz adds
+# for `-O -a -s none` (no sanitizer: the harness checks canary pages itself) to this project's
+# crates only, so every dependency the test suite already built is reused (only the library,
+# the harness and libFuzzer itself are compiled). It then runs each target over its seed
+# corpus in fuzz/corpus for PAGEFERRY_FUZZ_SECONDS (default 5), or for PAGEFERRY_FUZZ_RUNS
+# executions. Fails on any crash, panic, canary hit, input slower than PAGEFERRY_FUZZ_TIMEOUT
+# (10 s) or process over 2 GiB; the input that failed is kept in $PAGEFERRY_FUZZ_ARTIFACTS
+# (default target/fuzz-smoke/). New inputs go to a scratch corpus, never into fuzz/corpus.
+# (The long runs in docs/RELIABILITY.md use cargo-fuzz, which instruments the dependencies too.)
 #
-# The stable build and tests do not depend on this: the fuzz workspace is excluded from the main
-# one. No -Z flag is used without a sanitizer; RUSTC_BOOTSTRAP=1 is set only because cargo-fuzz
-# sets it and some build scripts look at it, so both builds share fuzz/target.
+# The stable build and tests do not depend on this: the fuzz workspace is excluded from the
+# main one, and nothing here needs nightly, cargo-fuzz or RUSTC_BOOTSTRAP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${PAGEFERRY_FUZZ_SECONDS:-5}
@@ -23,29 +25,21 @@ runs=${PAGEFERRY_FUZZ_RUNS:-}
 # Seconds one input may take (a hang is a failure too); raise it where a watchdog may pause
 # the process (this project's helpers' machine SIGSTOPs fuzzers while benchmarks run).
 timeout=${PAGEFERRY_FUZZ_TIMEOUT:-10}
-triple=$(rustc -vV | sed -n 's/^host: //p')
 art=${PAGEFERRY_FUZZ_ARTIFACTS:-$PWD/target/fuzz-smoke}
-# The same flags, in the same order, as cargo-fuzz passes.
-flags=(
-  -Cpasses=sancov-module
-  -Cllvm-args=-sanitizer-coverage-level=4
-  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters
-  -Cllvm-args=-sanitizer-coverage-pc-table
-  -Cllvm-args=-sanitizer-coverage-trace-compares
-  --cfg fuzzing
-  -Cllvm-args=-simplifycfg-branch-fold-threshold=0
-  -Cllvm-args=-sanitizer-coverage-stack-depth
-  -Cdebug-assertions
-  -Ccodegen-units=16
-)
 start=$(date +%s)
-# --target: the flags reach the fuzz targets and their dependencies, not build scripts.
-RUSTC_BOOTSTRAP=1 RUSTFLAGS="${flags[*]}" cargo build --release --config 'profile.release.debug="line-tables-only"' \
-  --manifest-path fuzz/Cargo.toml --target "$triple" --bins
-built=$(date +%s)
-target_dir=${CARGO_TARGET_DIR:-fuzz/target}
+target_dir=${CARGO_TARGET_DIR:-target}
 case $target_dir in /*) ;; *) target_dir=$PWD/$target_dir ;; esac
-bin=$target_dir/$triple/release
+# The main build's features and profile (its codegen units), so the dependencies' artifacts are
+# the same ones; debug assertions and overflow checks for the crates under test (as
+# `cargo fuzz build -a`), which also keeps their artifacts apart from the main build's.
+cfg=(--config profile.release.codegen-units=4)
+for p in pageferry pageferry-fuzz; do
+  cfg+=(--config "profile.release.package.$p.debug-assertions=true" --config "profile.release.package.$p.overflow-checks=true")
+done
+RUSTC_WRAPPER=$PWD/scripts/fuzz-rustc-wrapper.sh cargo build --release --features pageferry/isal "${cfg[@]}" \
+  --manifest-path fuzz/Cargo.toml --target-dir "$target_dir" --bins
+built=$(date +%s)
+bin=$target_dir/release
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^pageferry-fuzz$')
