@@ -11,23 +11,24 @@
 //! the way kTLS takes over from a user-space handshake, but in user space: rustls hands over
 //! the traffic keys (`dangerous_into_kernel_connection`, rustls' API for exactly this) and
 //! keeps its key schedule for KeyUpdate. What TLS copies, per byte, and why:
-//! - send: one user-space copy, from the caller's slices into a reused 64 KiB buffer of
-//!   ≤ 16 KiB records, sealed there in place while cache-hot (AES-GCM needs somewhere to put
-//!   the ciphertext; writing it over guest memory is not an option), then the kernel's copy
-//!   into the socket as for plain TCP;
-//! - receive: the kernel's copy into a reused 64 KiB buffer, decryption in place, one copy
-//!   of the cache-hot plaintext into the caller's buffers (guest memory or a batch buffer);
-//!   nothing is handed out before its record authenticates.
+//! - send: nothing in user space when a record's 16 KiB are contiguous in the caller's
+//!   memory (the usual case: runs of guest pages, compressed batches): AES-GCM encrypts out
+//!   of place from there into a reused 64 KiB buffer of records, then the kernel copies that
+//!   (cache-hot) buffer into the socket, as it copies guest memory for plain TCP;
+//! - receive: the kernel's copy into a reused 256 KiB buffer, decryption in place, one copy
+//!   of the cache-hot plaintext into the caller's buffers (guest memory or a batch buffer):
+//!   nothing reaches the caller before its record authenticates.
 //!
-//! rustls' buffered connection costs one more copy each way and an allocation per record;
-//! `pageferry bench --tls both` measures the rest (docs/BENCHMARKS.md). The wire is standard
+//! rustls' buffered connection costs one or two more copies each way and an allocation per
+//! record; `pageferry bench --tls both` and `examples/tls_cost.rs` measure what is left
+//! (docs/BENCHMARKS.md). The wire is standard
 //! TLS 1.3 (tests run our record layer against plain rustls peers). Because nothing but data,
 //! alerts and KeyUpdate may follow the handshake, a server configuration is used with
 //! TLS 1.3 session tickets off, and both sides with secret extraction on (set here on a
 //! copy when a caller's configuration lacks them).
 //!
-//! kTLS (the kernel `tls` ULP, which would let the kernel encrypt from the page cache and
-//! save the send-side copy) is not used: this project's kernels have no `tls` module. The
+//! kTLS (the kernel `tls` ULP, which would let the kernel encrypt while it copies into the
+//! socket, and decrypt while it copies out) is not used: this project's kernels have no `tls` module. The
 //! keys it would need are the ones our record layer already takes.
 //!
 //! Credentials and their trust model are in [`creds`]; the library API takes rustls

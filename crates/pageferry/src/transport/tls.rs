@@ -3,19 +3,21 @@
 //! one writing).
 //!
 //! What is copied, and why:
-//! - **send**: each ≤ 16 KiB piece of plaintext is copied once, straight from the caller's
-//!   slices (guest memory, a compressed batch) into a reused 64 KiB record buffer behind
-//!   room for the header, sealed there in place while it is hot in L1/L2, and the buffer goes
-//!   to the socket in one `write` once it holds about 64 KiB of records. (The encryption
-//!   cannot read guest memory and write somewhere else without a second buffer anyway: the
-//!   ciphertext has to live somewhere until the kernel copies it.)
-//! - **receive**: the socket is read in 64 KiB chunks into a reused buffer; each complete
-//!   record is authenticated and decrypted there in place, and its plaintext (still hot) is
-//!   copied into the caller's buffers. Nothing is handed out before its record's tag checks.
+//! - **send**: each ≤ 16 KiB record is encrypted straight from the caller's memory (guest
+//!   pages, a compressed batch) into a reused write buffer (AES-GCM out of place, with the
+//!   inner content type as the extra byte: aws-lc-rs `seal_out_of_place_scatter`), so
+//!   there is no user-space copy; only a record that spans two of the caller's slices is
+//!   gathered into the buffer first and sealed there in place. About 64 KiB of records go
+//!   to the socket per `write`, while they are still in cache for the kernel's copy.
+//! - **receive**: the socket is read in 256 KiB chunks into a reused buffer (it stays in
+//!   L2); each complete record is authenticated and decrypted there in place, and its
+//!   plaintext, still hot, is copied into the caller's buffers. Decrypting straight into
+//!   the caller's memory would save that copy but would put bytes of a record that fails
+//!   authentication into guest memory; nothing is handed out before its tag checks.
 //!
-//! rustls' own buffered connection would add one more copy each way (plaintext into its
-//! per-record allocation, records into an output buffer; on receive a copy into its
-//! deframer and another out of its plaintext queue), which is what this module avoids.
+//! rustls' own buffered connection copies once more each way (plaintext into a new
+//! allocation per record, records into an output buffer; on receive into its deframer and
+//! out of its plaintext queue), which is what this module avoids.
 //!
 //! Locks: reading takes the read lock (it holds it across the socket read: readers are
 //! serialized among themselves), writing takes the write lock (records reach the socket in
@@ -46,7 +48,9 @@ use std::time::{Duration, Instant};
 /// record bytes are gathered before one socket write.
 const CHUNK: usize = 64 << 10;
 /// The read buffer: a chunk plus room for a partial record kept from the previous read.
-const READ_BUF: usize = CHUNK + HEADER + MAX_CIPHERTEXT;
+const READ_BUF: usize = READ_CHUNK + HEADER + MAX_CIPHERTEXT;
+/// TLS bytes read from the socket per call: fewer, larger reads (the buffer still fits L2).
+const READ_CHUNK: usize = 256 << 10;
 /// Largest handshake flight we buffer (certificate chains).
 const MAX_HANDSHAKE_BUF: usize = 1 << 20;
 
@@ -92,7 +96,10 @@ struct ReadState {
 
 struct WriteState {
     keys: Keys,
+    /// Sealed records waiting for the socket: `out[..fill]` (`out` is allocated once, at its
+    /// full size, so sealing never has to zero or grow it).
     out: Vec<u8>,
+    fill: usize,
     /// Send a KeyUpdate once the sequence number reaches this.
     update_at: u64,
     /// A write failed part way: the record stream is no longer well formed.
@@ -316,14 +323,19 @@ pub(crate) fn server(mut sock: TcpStream, config: Arc<rustls::ServerConfig>, tim
     TlsStream::new(sock, est)
 }
 
-/// Append one sealed record with `parts` as its plaintext and `typ` as its content type.
-fn seal_record(keys: &mut Keys, out: &mut Vec<u8>, plain: &[u8], typ: u8) -> Result<(), Error> {
-    let at = out.len();
-    out.extend_from_slice(&[0; HEADER]);
-    out.extend_from_slice(plain);
-    out.push(typ);
-    out.extend_from_slice(&[0; TAG]);
-    keys.seal(&mut out[at..])
+/// The write buffer: about a chunk of records, plus room for one more.
+const WRITE_BUF: usize = CHUNK + HEADER + MAX_PLAIN + 1 + TAG;
+
+impl WriteState {
+    /// Append one sealed record with `plain` (≤ 2^14 bytes) as its plaintext and `typ` as
+    /// its content type, encrypted straight from `plain` into the buffer.
+    fn seal(&mut self, plain: &[u8], typ: u8) -> Result<(), Error> {
+        let at = self.fill;
+        let end = at + HEADER + plain.len() + 1 + TAG;
+        self.keys.seal_from(plain, typ, &mut self.out[at..end])?;
+        self.fill = end;
+        Ok(())
+    }
 }
 
 impl TlsStream {
@@ -338,7 +350,7 @@ impl TlsStream {
         let (start, end) = (plain.len(), buf.len());
         buf.resize(buf.capacity(), 0);
         let read = ReadState { keys: Keys::new(rx_seq, rx).map_err(io_err)?, buf, start, end, plain: 0, plain_len: plain.len(), closed: false, failed: None };
-        let write = WriteState { keys: Keys::new(tx_seq, tx).map_err(io_err)?, out: Vec::with_capacity(CHUNK + HEADER + MAX_CIPHERTEXT), update_at: record::KEY_UPDATE_AFTER, broken: false };
+        let write = WriteState { keys: Keys::new(tx_seq, tx).map_err(io_err)?, out: vec![0; WRITE_BUF], fill: 0, update_at: record::KEY_UPDATE_AFTER, broken: false };
         sock.set_read_timeout(None).ok();
         sock.set_write_timeout(None).ok();
         let shared = Shared {
@@ -398,13 +410,13 @@ impl TlsStream {
             return Err(broken());
         }
         let level = if desc == AlertDescription::CloseNotify { 1 } else { 2 };
-        seal_record(&mut w.keys, &mut w.out, &[level, u8::from(desc)], ALERT).map_err(io_err)?;
+        w.seal(&[level, u8::from(desc)], ALERT).map_err(io_err)?;
         self.flush_out(w)
     }
 
     fn flush_out(&self, w: &mut WriteState) -> io::Result<()> {
-        let r = (&self.sock).write_all(&w.out);
-        w.out.clear();
+        let r = (&self.sock).write_all(&w.out[..w.fill]);
+        w.fill = 0;
         if r.is_err() {
             w.broken = true;
         }
@@ -414,7 +426,7 @@ impl TlsStream {
     /// Send a KeyUpdate (update_not_requested) under the current keys, then switch to the
     /// next ones (rustls' key schedule).
     fn key_update(&self, w: &mut WriteState) -> io::Result<()> {
-        seal_record(&mut w.keys, &mut w.out, &record::KEY_UPDATE, HANDSHAKE).map_err(io_err)?;
+        w.seal(&record::KEY_UPDATE, HANDSHAKE).map_err(io_err)?;
         let (seq, secrets) = self.shared.kernel.lock().unwrap().update_tx().map_err(io_err)?;
         w.keys = Keys::new(seq, secrets).map_err(io_err)?;
         Ok(())
@@ -439,9 +451,8 @@ impl TlsStream {
     #[cfg(test)]
     pub(crate) fn send_record_for_test(&self, plain: &[u8], typ: u8) -> io::Result<()> {
         let mut w = self.shared.write.lock().unwrap();
-        let w = &mut *w;
-        seal_record(&mut w.keys, &mut w.out, plain, typ).map_err(io_err)?;
-        self.flush_out(w)
+        w.seal(plain, typ).map_err(io_err)?;
+        self.flush_out(&mut w)
     }
 
     fn write_slices(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -461,34 +472,43 @@ impl TlsStream {
                 self.key_update(&mut w)?;
                 w.update_at = w.keys.seq() + record::KEY_UPDATE_AFTER;
             }
-            // One record: gather up to 16 KiB from the slices straight into the buffer.
             let n = left.min(MAX_PLAIN);
-            let w = &mut *w;
-            let at = w.out.len();
-            w.out.extend_from_slice(&[0; HEADER]);
-            let mut need = n;
-            while need > 0 {
-                if cur.is_empty() {
-                    cur = slices.next().expect("slice lengths add up");
-                }
-                let k = need.min(cur.len());
-                w.out.extend_from_slice(&cur[..k]);
-                cur = &cur[k..];
-                need -= k;
+            while cur.is_empty() {
+                cur = slices.next().expect("slice lengths add up");
             }
-            w.out.push(APPLICATION_DATA);
-            w.out.extend_from_slice(&[0; TAG]);
-            w.keys.seal(&mut w.out[at..]).map_err(io_err)?;
+            let w = &mut *w;
+            if cur.len() >= n {
+                // The usual case: the record's plaintext is contiguous in the caller's
+                // memory, encrypted from there straight into the buffer (no copy).
+                w.seal(&cur[..n], APPLICATION_DATA).map_err(io_err)?;
+                cur = &cur[n..];
+            } else {
+                // The record spans slices: gather them into the buffer, seal in place.
+                let at = w.fill;
+                let mut p = at + HEADER;
+                let mut need = n;
+                while need > 0 {
+                    while cur.is_empty() {
+                        cur = slices.next().expect("slice lengths add up");
+                    }
+                    let k = need.min(cur.len());
+                    w.out[p..p + k].copy_from_slice(&cur[..k]);
+                    cur = &cur[k..];
+                    p += k;
+                    need -= k;
+                }
+                w.out[p] = APPLICATION_DATA;
+                let end = p + 1 + TAG;
+                w.keys.seal(&mut w.out[at..end]).map_err(io_err)?;
+                w.fill = end;
+            }
             left -= n;
-            if w.out.len() >= CHUNK {
+            if w.fill >= CHUNK {
                 self.flush_out(w)?;
             }
         }
-        if !w.out.is_empty() {
+        if w.fill > 0 {
             self.flush_out(&mut w)?;
-        }
-        if w.out.capacity() > 4 * CHUNK {
-            w.out.shrink_to(CHUNK + HEADER + MAX_CIPHERTEXT);
         }
         Ok(total)
     }
@@ -587,7 +607,7 @@ impl TlsStream {
             if rs.start == rs.end {
                 rs.start = 0;
                 rs.end = 0;
-            } else if rs.buf.len() - rs.start < HEADER + MAX_CIPHERTEXT || rs.buf.len() - rs.end < CHUNK / 4 {
+            } else if rs.buf.len() - rs.start < HEADER + MAX_CIPHERTEXT || rs.buf.len() - rs.end < READ_CHUNK / 4 {
                 rs.buf.copy_within(rs.start..rs.end, 0);
                 rs.end -= rs.start;
                 rs.start = 0;
