@@ -123,6 +123,42 @@ struct Reader<'a, S: Read = Stream> {
     quiet_end: bool,
 }
 
+/// What every reader of one destination session shares (see [`Reader::new`]).
+struct ReaderShared<'a> {
+    memory: &'a GuestMemory,
+    accepted: &'a [Method],
+    config: &'a DestinationConfig,
+    gate: &'a Gate,
+    counters: &'a Counters,
+    fresh: &'a [bool],
+    events: &'a Sender<Event>,
+}
+
+impl<'a, S: Read> Reader<'a, S> {
+    /// A reader for data channel `idx` (or postcopy's urgent channel), the one constructor the
+    /// session's threads and the in-memory replay share.
+    fn new(shared: &ReaderShared<'a>, idx: usize, sock: S, urgent: bool, quiet_end: bool) -> Self {
+        Reader {
+            idx,
+            sock,
+            memory: shared.memory,
+            accepted: shared.accepted.to_vec(),
+            codecs: shared.accepted.iter().map(|_| None).collect(),
+            spec: &shared.config.codec,
+            gate: shared.gate,
+            counters: shared.counters,
+            fresh: shared.fresh,
+            events: shared.events.clone(),
+            bounce: vec![0u8; MAX_BATCH_BYTES],
+            zero_copy: shared.config.zero_copy,
+            urgent,
+            next_num: 0,
+            stall: shared.config.stall_timeout,
+            quiet_end,
+        }
+    }
+}
+
 impl<S: Read> Reader<'_, S> {
     fn err(&self, source: WireError) -> MigrationError {
         let round = self.gate.current();
@@ -542,6 +578,7 @@ fn destination_session(
             .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
     }
 
+    let shared = ReaderShared { memory, accepted: &accepted, config, gate: &gate, counters: &counters, fresh: &fresh, events: &ev_tx };
     let result = std::thread::scope(|scope| {
         let mut socks = Vec::new();
         let n_data = data.len();
@@ -550,24 +587,7 @@ fn destination_session(
             // The urgent channel may stay silent for the whole pre-copy phase.
             sock.set_read_timeout(if urgent { None } else { Some(config.stall_timeout) }).ok();
             socks.push(sock.try_clone().map_err(|e| MigrationError::Other(format!("socket: {e}")))?);
-            let reader = Reader {
-                idx,
-                sock,
-                memory,
-                accepted: accepted.clone(),
-                codecs: accepted.iter().map(|_| None).collect(),
-                spec: &config.codec,
-                gate: &gate,
-                counters: &counters,
-                fresh: &fresh,
-                events: ev_tx.clone(),
-                bounce: vec![0u8; MAX_BATCH_BYTES],
-                zero_copy: config.zero_copy,
-                urgent,
-                next_num: 0,
-                stall: config.stall_timeout,
-                quiet_end: false,
-            };
+            let reader = Reader::new(&shared, idx, sock, urgent, false);
             std::thread::Builder::new()
                 .name(if urgent { "pf-urgent-rx".into() } else { format!("pf-c{idx}-rx") })
                 .spawn_scoped(scope, move || reader.run())

@@ -50,25 +50,8 @@ pub fn replay_destination(
     let counters = Counters::default();
     let gate = Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels: 1, closed: std::sync::RwLock::new(false), postcopy: Mutex::new(None) };
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
-    Reader {
-        idx: 0,
-        sock: data,
-        memory: &memory,
-        accepted: accepted.clone(),
-        codecs: accepted.iter().map(|_| None).collect(),
-        spec: &config.codec,
-        gate: &gate,
-        counters: &counters,
-        fresh: &fresh,
-        events: ev_tx.clone(),
-        bounce: vec![0u8; MAX_BATCH_BYTES],
-        zero_copy: config.zero_copy,
-        urgent: false,
-        next_num: 0,
-        stall: config.stall_timeout,
-        quiet_end: true,
-    }
-    .run();
+    let shared = ReaderShared { memory: &memory, accepted: &accepted, config, gate: &gate, counters: &counters, fresh: &fresh, events: &ev_tx };
+    Reader::new(&shared, 0, data, false, true).run();
     // The control frames after the Hello, as the control thread reads them; the last event is
     // the error that ended the stream (its end: the source closed the control channel).
     loop {
