@@ -3,6 +3,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+use common::fake_qatzip_lib;
+
 fn pageferry(args: &[&str]) -> Output {
     pageferry_pid(args).0
 }
@@ -178,22 +181,6 @@ fn tc_link_case_and_namespace_removed() {
     let links = text(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout);
     assert!(!links.contains(&format!("pfb{pid}h")), "veth pfb{pid}h left behind");
     assert_eq!(shm_leftovers(pid), Vec::<String>::new());
-}
-
-/// The fake QATzip library for `bench pipeline`: `$PAGEFERRY_FAKE_QATZIP`, else
-/// `libfake_qatzip.so` next to the pageferry binary (`cargo test --workspace` builds it there as
-/// a workspace member), built there once when missing (`cargo test -p pageferry-cli`).
-fn fake_qatzip_lib() -> std::path::PathBuf {
-    use std::path::PathBuf;
-    use std::sync::OnceLock;
-    static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    LIB.get_or_init(|| {
-        // <target>/<profile>/pageferry
-        let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?;
-        pageferry_testsupport::locate_or_build(profile_dir)
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))
 }
 
 /// `bench pipeline` on a tiny grid: table, JSON lines, chart, conclusion; and depth 2 beating

@@ -4,18 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pageferry"))
-}
-
-fn shm_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("pageferry-test").tempdir_in("/dev/shm").unwrap()
-}
-
-fn make_image(path: &Path, size: &str) {
-    let out = bin().args(["image", "--size", size]).arg(path).output().unwrap();
-    assert!(out.status.success(), "image: {}", String::from_utf8_lossy(&out.stderr));
-}
+mod common;
+use common::{bin, shm_dir, make_image, same_file};
 
 /// Start `pageferry recv` and return it with the address it listens on.
 fn start_recv(image: &Path, extra: &[&str]) -> (Child, String, BufReader<std::process::ChildStdout>) {
@@ -51,10 +41,6 @@ fn finish_recv(mut child: Child, mut out: BufReader<std::process::ChildStdout>) 
 fn report(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "send failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("send --json prints one JSON object")
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
 
 fn migrate_image(method: &[&str], size: &str) -> (serde_json::Value, PathBuf, PathBuf, tempfile::TempDir) {

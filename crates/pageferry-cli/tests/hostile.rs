@@ -3,12 +3,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pageferry"))
-}
+mod common;
+use common::bin;
 
 /// The first bytes a source sends: a control Hello for `len` bytes of memory.
 fn hello_frame(len: u64) -> Vec<u8> {

@@ -2,11 +2,10 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdout, Output, Stdio};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pageferry"))
-}
+mod common;
+use common::bin;
 
 fn image(dir: &Path, size: &str) -> std::path::PathBuf {
     let path = dir.join("src.img");

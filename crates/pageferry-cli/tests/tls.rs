@@ -3,20 +3,10 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_pageferry"))
-}
-
-fn shm_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("pageferry-tls-test").tempdir_in("/dev/shm").unwrap()
-}
-
-fn make_image(path: &Path, size: &str) {
-    let out = bin().args(["image", "--size", size]).arg(path).output().unwrap();
-    assert!(out.status.success(), "image: {}", String::from_utf8_lossy(&out.stderr));
-}
+mod common;
+use common::{bin, shm_dir, make_image, same_file, fake_qatzip_lib};
 
 fn start_recv(listen: &str, image: &Path, extra: &[&str]) -> (Child, String) {
     start_recv_for(20, listen, image, extra)
@@ -61,10 +51,6 @@ fn finish_code(mut child: Child) -> (Option<i32>, String) {
     (code, err)
 }
 
-fn same_file(a: &Path, b: &Path) -> bool {
-    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
-}
-
 /// Throwaway x509 credentials in the --tls-creds layout (one directory serves both sides).
 fn x509() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -78,18 +64,6 @@ fn psk_file(dir: &Path, key_hex: &str) -> PathBuf {
     std::fs::write(&p, format!("qemu:{key_hex}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
-}
-
-/// The fake QATzip library next to the binary (built once when missing).
-fn fake_qatzip_lib() -> PathBuf {
-    use std::sync::OnceLock;
-    static LIB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    LIB.get_or_init(|| {
-        let profile_dir = Path::new(env!("CARGO_BIN_EXE_pageferry")).parent().ok_or("unexpected binary location")?;
-        pageferry_testsupport::locate_or_build(profile_dir)
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("fake QATzip library: {e}"))
 }
 
 fn every_method() -> Vec<Vec<String>> {
