@@ -176,38 +176,13 @@ fn demo_runs_over_tls() {
 /// crates/pageferry-cli/src/exit.rs: the peer refused the migration in the handshake.
 const EXIT_REFUSED: i32 = 5;
 
-struct Ca {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
+use pageferry_testsupport::pki::{ca, leaf, write, Ca};
 
-fn test_ca() -> Ca {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, "pageferry test CA");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    Ca { cert: p.self_signed(&key).unwrap(), key }
-}
-
-/// A --tls-creds directory: ca-cert.pem and `role`-cert.pem / `role`-key.pem (role: server or
-/// client) for common name `cn` and subject alternative names `sans`, signed by `ca`; valid
-/// only in 2020 when `expired`.
+/// A creds directory trusting `ca` with one `role` certificate (see [`leaf`]).
 fn creds_dir(ca: &Ca, role: &str, cn: &str, sans: &[&str], expired: bool) -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
     let d = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
-    if expired {
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    }
-    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
-    for (name, text) in [("ca-cert.pem".to_string(), ca.cert.pem()), (format!("{role}-cert.pem"), cert.pem()), (format!("{role}-key.pem"), key.serialize_pem())] {
-        let path = d.path().join(name);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    write(d.path(), "ca-cert.pem", &ca.cert.pem());
+    leaf(d.path(), ca, role, cn, sans, expired);
     d
 }
 
@@ -295,7 +270,7 @@ fn refused_and_nobody_else(recv_tls: &[&str], bad: &[&str], src_says: &[&str], d
 
 #[test]
 fn client_certificate_outside_tls_authz_is_refused_and_an_authorized_one_migrates() {
-    let ca = test_ca();
+    let ca = ca("test CA");
     let (srv, intruder, allowed) = (server_creds(&ca, false), client_creds(&ca, "intruder.example", false), client_creds(&ca, "allowed.example", false));
     let recv_tls = ["--tls-creds", arg(&srv), "--tls-authz", "CN=allowed.example"];
     refused_then_right_source(
@@ -310,7 +285,7 @@ fn client_certificate_outside_tls_authz_is_refused_and_an_authorized_one_migrate
 
 #[test]
 fn tls_hostname_not_in_the_server_certificate_is_refused_and_the_default_works() {
-    let ca = test_ca();
+    let ca = ca("test CA");
     let (srv, cli) = (server_creds(&ca, false), client_creds(&ca, "source.example", false));
     refused_then_right_source(
         &["--tls-creds", arg(&srv)],
@@ -324,14 +299,14 @@ fn tls_hostname_not_in_the_server_certificate_is_refused_and_the_default_works()
 
 #[test]
 fn expired_client_certificate_is_refused_on_both_sides() {
-    let ca = test_ca();
+    let ca = ca("test CA");
     let (srv, old, cli) = (server_creds(&ca, false), client_creds(&ca, "source.example", true), client_creds(&ca, "source.example", false));
     refused_then_right_source(&["--tls-creds", arg(&srv)], &["--tls-creds", arg(&old)], &["--tls-creds", arg(&cli)], &["expired"], &["has expired"]);
 }
 
 #[test]
 fn expired_server_certificate_is_refused_on_both_sides() {
-    let ca = test_ca();
+    let ca = ca("test CA");
     let (stale, cli) = (server_creds(&ca, true), client_creds(&ca, "source.example", false));
     refused_and_nobody_else(&["--tls-creds", arg(&stale)], &["--tls-creds", arg(&cli)], &["certificate has expired"], &["expired"]);
 }

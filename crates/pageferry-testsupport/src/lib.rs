@@ -3,6 +3,8 @@
 //! function for the library's own tests and the CLI's, so both locate and build it the same
 //! way.
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
