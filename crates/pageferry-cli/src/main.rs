@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod events;
 mod exit;
+mod partial;
 mod progress;
 mod tls;
 mod vm;
@@ -88,7 +89,8 @@ struct RecvArgs {
     listen: String,
     /// Image file to write, at the size the source announces. It is received into
     /// IMAGE.incomplete (space reserved in the handshake) and renamed to IMAGE only once the
-    /// migration completed; a failed one leaves IMAGE as it was.
+    /// migration completed; a failed one leaves IMAGE as it was, and a source refused in the
+    /// handshake leaves no file.
     #[arg(long)]
     image: PathBuf,
     /// Accept a source that skips the end-to-end memory digest (its --no-verify); without
@@ -100,7 +102,10 @@ struct RecvArgs {
     stall_timeout_s: u64,
     #[command(flatten)]
     method: MethodArgs,
-    /// Seconds to wait for the source to connect.
+    /// Seconds to wait for the source to connect. A source refused in the handshake (another
+    /// method, --no-verify, no room for its image, TLS credentials, ...) is told why, reported
+    /// on stderr, and recv keeps listening for the right one; when none came in time, recv
+    /// exits 5 naming the last refusal.
     #[arg(long = "accept-timeout", default_value_t = 60)]
     accept_timeout_s: u64,
     /// Give up after this many seconds from the accepted handshake (the source is told and
@@ -288,6 +293,10 @@ fn recv(a: RecvArgs) -> Result<()> {
 
 /// `recv`'s migration; events go to `events`, the listening address to `listening`.
 fn receive(a: &RecvArgs, events: engine::EventSink, listening: &dyn Fn(std::net::SocketAddr)) -> Result<RecvOutput> {
+    // Until the session is accepted, the partial image belongs to its handshake (see
+    // `partial`): a refused source's goes with its memory.
+    let accepted = partial::Accepted::default();
+    let events = accepted.watch(events);
     let config = DestinationConfig {
         codec: a.method.spec()?,
         only: a.method.restricts(),
@@ -311,13 +320,15 @@ fn receive(a: &RecvArgs, events: engine::EventSink, listening: &dyn Fn(std::net:
         let [(name, len)] = regions else {
             return Err(format!("an image destination takes one region, the source announced {}", regions.len()));
         };
-        // Called only for a handshake that passed every other check. A leftover of an
+        // Called only for a handshake that passed every check needing no memory; the engine
+        // may still refuse it (the file is then removed with its memory, before another
+        // source is served) and call this again for the next source. A leftover of an
         // interrupted run is ours (by its name) and incomplete by definition.
         let _ = std::fs::remove_file(&partial);
-        let r = MmapRegion::create_file_reserved(name, &partial, *len).map_err(|e| format!("destination image: {e}"))?;
+        let r = partial::PartialImage::create(name, &partial, *len, &accepted).map_err(|e| format!("destination image: {e}"))?;
         created = true;
         let m = GuestMemory::new(vec![Arc::new(r)]).map_err(|e| e.to_string())?;
-        *slot.lock().unwrap() = Some(m.clone());
+        *slot.lock().unwrap() = partial::WeakMemory::of(&m);
         Ok(m)
     };
     let workload: &mut dyn engine::DestinationWorkload = if a.resume_writer { &mut writer } else { &mut NoWorkload };

@@ -43,6 +43,12 @@ pub struct VmRecvArgs {
     /// Seconds a channel may stay silent before the migration fails.
     #[arg(long = "stall-timeout", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout_s: u64,
+    /// Seconds to wait for the source to connect. A source refused in the handshake (another
+    /// method or guest size, --no-verify, TLS credentials, ...) is told why, reported on
+    /// stderr, and vm recv keeps listening for the right one; when none came in time, it
+    /// exits 5 naming the last refusal.
+    #[arg(long = "accept-timeout", default_value_t = 60)]
+    accept_timeout_s: u64,
     /// Give up after this many seconds from the accepted handshake (the source is told and
     /// resumes its guest). Default: no bound of its own.
     #[arg(long = "timeout", value_parser = clap::value_parser!(u64).range(1..))]
@@ -187,6 +193,7 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         codec: a.method.spec()?,
         only: a.method.restricts(),
         require_verify: !a.no_verify,
+        accept_timeout: Duration::from_secs(a.accept_timeout_s),
         max_memory: Some(ram),
         postcopy_kernel_faults: true,
         events: crate::progress::stderr_events(),
@@ -197,11 +204,11 @@ fn recv(a: VmRecvArgs) -> Result<()> {
         ..Default::default()
     };
     let listener = TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
-    let pending = PendingDestination::new();
-    if let Some(mem) = a.mem {
+    let pending = match a.mem {
         // Made up front: the handshake then checks the source's size against it.
-        pending.provide(&[(pageferry_vmm::RAM_REGION.to_string(), mem)]).map_err(anyhow::Error::msg)?;
-    }
+        Some(mem) => PendingDestination::with_ram(mem).map_err(anyhow::Error::msg).context("creating the destination VM")?,
+        None => PendingDestination::new(),
+    };
     println!("listening on {}", listener.local_addr()?);
     std::io::stdout().flush()?;
     let mut workload = pending.clone();

@@ -187,8 +187,9 @@ impl Drop for DirtyWriter {
 /// once all memory is there). An empty device state (no writer on the source) starts nothing.
 #[derive(Clone, Default)]
 pub struct ResumeWriter {
-    /// The destination's memory, set when the region table has arrived.
-    pub memory: Arc<std::sync::Mutex<Option<GuestMemory>>>,
+    /// The destination's memory, set when the region table has arrived; held weakly, so a
+    /// handshake refused after it was made still drops it (the engine holds the session's).
+    pub memory: Arc<std::sync::Mutex<crate::partial::WeakMemory>>,
     /// The writer once resumed, and where it started.
     pub running: Arc<std::sync::Mutex<Option<(WriterState, DirtyWriter)>>>,
 }
@@ -199,7 +200,7 @@ impl DestinationWorkload for ResumeWriter {
             return Ok(());
         }
         let state = WriterState::from_bytes(device_state)?;
-        let memory = self.memory.lock().unwrap().clone().ok_or("no destination memory")?;
+        let memory = self.memory.lock().unwrap().upgrade().ok_or("no destination memory")?;
         *self.running.lock().unwrap() = Some((state, DirtyWriter::resume_at(&memory, state)));
         Ok(())
     }

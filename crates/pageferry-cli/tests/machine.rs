@@ -83,8 +83,9 @@ fn exit_status_names_the_failure_class() {
     assert_eq!(ev.last().unwrap()["data"]["exit_code"], 6);
     assert!(ev.last().unwrap()["data"]["error"].as_str().unwrap().contains("cannot connect"));
 
-    // 5: refused in the handshake, on both sides.
-    let (mut d, addr, _out) = recv(dir.path(), &["--multifd-compression", "zlib"]);
+    // 5: refused in the handshake, on both sides (recv once its --accept-timeout has passed
+    // with no other source).
+    let (mut d, addr, _out) = recv(dir.path(), &["--multifd-compression", "zlib", "--accept-timeout", "2"]);
     let out = send(&addr, &src, &["--multifd-compression", "zstd"]);
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.wait().unwrap().code(), Some(5));

@@ -46,6 +46,9 @@ impl DestinationWorkload for VmDestinationWorkload {
 #[derive(Clone, Default)]
 pub struct PendingDestination {
     vm: Arc<Mutex<Option<Vm>>>,
+    /// The VM was made up front at a size the operator chose ([`with_ram`](Self::with_ram)):
+    /// a source of another size is refused, the VM stays.
+    fixed: bool,
 }
 
 impl PendingDestination {
@@ -53,8 +56,20 @@ impl PendingDestination {
         Self::default()
     }
 
+    /// A destination whose VM is made now, with `len` bytes of RAM (`vm recv --mem`): the
+    /// handshake then refuses a source of another size.
+    pub fn with_ram(len: u64) -> Result<Self, String> {
+        let vm = Vm::new_destination(len).map_err(|e| e.to_string())?;
+        Ok(Self { vm: Arc::new(Mutex::new(Some(vm))), fixed: true })
+    }
+
     /// The engine's `provide` callback: accepts exactly one region, `"ram@0x0"`, and creates a
     /// destination VM of its size. A refusal (`Err`) is reported to both sides.
+    ///
+    /// It may be called again for the next source when the engine refused a handshake after
+    /// this (e.g. postcopy not possible here): that VM never ran and nothing reached its
+    /// memory, so it serves a source of the same size, and one of another size gets a new VM
+    /// (unless the size was fixed with [`with_ram`](Self::with_ram)).
     pub fn provide(&self, layout: &[(String, u64)]) -> Result<GuestMemory, String> {
         let [(name, len)] = layout else {
             return Err(format!("a pageferry-vmm destination takes one region \"{RAM_REGION}\", the source offers {}", layout.len()));
@@ -64,10 +79,17 @@ impl PendingDestination {
         }
         let mut slot = self.vm.lock().unwrap();
         if let Some(vm) = slot.as_ref() {
-            if vm.mem_bytes() == *len && vm.status() == crate::VmStatus::Created {
+            if vm.status() != crate::VmStatus::Created {
+                return Err("this destination already holds a VM".into());
+            }
+            if vm.mem_bytes() == *len {
                 return Ok(vm.guest_memory());
             }
-            return Err("this destination already holds a VM".into());
+            if self.fixed {
+                return Err(format!("this destination's guest has {} bytes of RAM, the source's has {len}", vm.mem_bytes()));
+            }
+            // Made for a refused source (the engine dropped its memory before calling again).
+            *slot = None;
         }
         let vm = Vm::new_destination(*len).map_err(|e| e.to_string())?;
         let memory = vm.guest_memory();

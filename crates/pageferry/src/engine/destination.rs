@@ -33,6 +33,15 @@ use accept::*;
 pub(super) mod replay;
 
 /// Provides the destination's memory once the source's region table is known.
+///
+/// It is called only for a control Hello that passed every check that needs no memory, and
+/// may be called again: a handshake can still be refused after it (the layout it returned
+/// differs from the source's, or postcopy is not possible on it), and then the destination
+/// drops the memory it returned — before serving anyone else — and keeps listening for the
+/// right source, whose Hello calls it anew. A provider that creates something for the memory
+/// (a file, a VM) should undo it when the memory is dropped unused, and must serve a second
+/// call (see `pageferry recv`'s image file, removed when a refused handshake drops it).
+/// An `Err` is a refusal too: the source is told why, and the destination keeps listening.
 pub type ProvideMemory<'a> = dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + 'a;
 
 /// Rounds completed by all channels; readers wait here at the end of each round.

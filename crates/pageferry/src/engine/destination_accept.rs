@@ -147,7 +147,9 @@ pub(super) fn dropped(config: &DestinationConfig, peer: SocketAddr, reason: Stri
     config.events.emit(Note::ConnectionDropped { peer: peer.to_string(), reason });
 }
 
-/// A peer refused by authentication (TLS handshake, credentials, channel binding).
+/// A peer refused: by authentication (TLS handshake, credentials, channel binding) or by
+/// the checks on its control Hello (method, layout, verification policy, postcopy, version,
+/// limits, no room for the memory). The listener keeps waiting for the right source.
 pub(super) fn refused(config: &DestinationConfig, peer: SocketAddr, reason: String) {
     config.events.emit(Note::ConnectionRefused { peer: peer.to_string(), reason });
 }
@@ -191,7 +193,8 @@ pub(super) enum Dropped {
     /// Silent, garbage, not a pageferry peer: reported, and the destination keeps listening.
     Reason(String),
     /// A Hello of a protocol version we cannot parse (already refused on the connection):
-    /// ends the destination when no session has started, as a refused control Hello does.
+    /// reported as a refusal when no session has started (as a refused control Hello is),
+    /// as a dropped connection otherwise; either way the destination keeps listening.
     Version(String),
 }
 
@@ -279,8 +282,13 @@ impl InHandshake {
 /// dripping (slowloris) peers that connected first never keep the right source waiting for
 /// their deadline. A silent, slow, evicted, plaintext or wrongly-credentialed peer is reported
 /// (an [`Event`](crate::engine::Event) on [`DestinationConfig::events`]) and dropped while
-/// the listener keeps waiting for the right source until the accept timeout. Data (and
-/// urgent) channels must come from the same authenticated identity as the control channel.
+/// the listener keeps waiting for the right source until the accept timeout. So is a source
+/// whose control Hello is refused (wrong method, layout, verification policy, postcopy not
+/// possible, bad channel count, a version we cannot speak, sizes over the limits, no room for
+/// the memory): it gets a Refuse frame naming why, and the memory `provide` made for it (if
+/// any) is dropped before the next connection is served. When nobody was accepted by the
+/// accept timeout, the last refusal is the outcome. Data (and urgent) channels must come
+/// from the same authenticated identity as the control channel.
 pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory, config: &DestinationConfig) -> Result<Session, MigrationError> {
     listener.set_nonblocking(true).map_err(|e| MigrationError::Other(format!("listener: {e}")))?;
     let deadline = Instant::now() + config.accept_timeout;
@@ -293,7 +301,8 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
     let mut data: Vec<Option<Stream>> = Vec::new();
     let mut urgent: Option<Stream> = None;
     let mut fresh = false;
-    // Peers refused by authentication so far: how many, and the last one and why.
+    // Peers refused so far (authentication or a refused control Hello): how many, and the
+    // last one and why; the outcome when nobody is accepted before the accept timeout.
     let mut last_refusal: Option<(usize, SocketAddr, String)> = None;
     fn note_refusal(last: &mut Option<(usize, SocketAddr, String)>, peer: SocketAddr, why: &str) {
         let n = last.as_ref().map_or(0, |r| r.0) + 1;
@@ -372,8 +381,13 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
         }
         let Arrival { mut sock, peer, hello, identity } = match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(Ok(a)) => a,
-            Ok(Err((_, Dropped::Version(reason)))) if control.is_none() => return Err(MigrationError::Refused(reason)),
             Ok(Err((peer, Dropped::Refused(msg)))) => {
+                note_refusal(&mut last_refusal, peer, &msg);
+                refused(config, peer, msg);
+                continue;
+            }
+            Ok(Err((peer, Dropped::Version(msg)))) if control.is_none() => {
+                // Already refused on its connection; the right source may still come.
                 note_refusal(&mut last_refusal, peer, &msg);
                 refused(config, peer, msg);
                 continue;
@@ -409,8 +423,13 @@ pub(super) fn accept_session(listener: &TcpListener, provide: &mut ProvideMemory
                         m
                     }
                     Err(reason) => {
+                        // The wrong source is told why (it ends with that reason); the
+                        // memory `provide` made for it is dropped here, before anyone else
+                        // is served, and the listener waits on for the right source.
+                        note_refusal(&mut last_refusal, peer, &reason);
+                        refused(config, peer, reason.clone());
                         refuse(&mut sock, &reason);
-                        return Err(MigrationError::Refused(reason));
+                        continue;
                     }
                 };
                 fresh = memory.regions().iter().all(|r| r.is_fresh_zeroed());

@@ -226,7 +226,10 @@ pub struct DestinationConfig {
     /// destination announces and decodes every method of this build, per packet, so a source
     /// may use any of them or choose per batch (`auto`).
     pub only: bool,
-    /// How long to wait for the source to connect all channels.
+    /// How long to wait for the source to connect all channels. Peers refused meanwhile (TLS,
+    /// or a control Hello this destination refuses) do not end the wait; when it passes with
+    /// nobody accepted, the destination fails with [`MigrationError::Refused`] naming the last
+    /// refusal (or a timeout when nobody was refused).
     pub accept_timeout: Duration,
     /// Bound on the whole migration, counted from the accepted control handshake
     /// \[`recv --timeout`\]: when it passes, the destination aborts (the source is told why,
@@ -304,7 +307,9 @@ pub enum MigrationError {
         /// The last connection error.
         cause: std::io::Error,
     },
-    /// The peer refused the session in the handshake (method, version, size, policy).
+    /// Source: the destination refused the session in the handshake (method, version, size,
+    /// policy) and said why. Destination: no source was accepted within the accept timeout,
+    /// and at least one was refused (the count, and the last one and why).
     #[error("handshake refused: {0}")]
     Refused(String),
     /// The peer ended the migration and said why.

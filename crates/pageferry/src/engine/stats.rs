@@ -298,10 +298,13 @@ pub enum Event {
         /// Why it was dropped.
         reason: String,
     },
-    /// The destination refused a connection that failed authentication: its TLS handshake
-    /// (a plaintext peer, wrong CA, expired certificate, wrong pre-shared key, outside
-    /// `--tls-authz`, TLS below 1.3) or channel binding. Nothing it sent reached memory; the
-    /// destination keeps waiting for the right source.
+    /// The destination refused a connection: one that failed authentication (its TLS
+    /// handshake: a plaintext peer, wrong CA, expired certificate, wrong pre-shared key,
+    /// outside `--tls-authz`, TLS below 1.3; or channel binding), or a source whose control
+    /// Hello it refused (compression method, memory layout, verification policy, postcopy not
+    /// possible, channel count, protocol version, announced sizes, no room for the memory;
+    /// that source was sent the same reason). Nothing it sent reached memory; the destination
+    /// keeps waiting for the right source until its accept timeout.
     ConnectionRefused {
         /// The peer's address.
         peer: String,

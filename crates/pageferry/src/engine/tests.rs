@@ -700,10 +700,19 @@ fn a_destination_requiring_digests_refuses_a_postcopy_source() {
     let src = test_memory([64, 16]);
     let dst = empty_like(&src);
     let cfg = SourceConfig { codec: crate::codec::CodecSpec::new(named("none")), postcopy: Some(PostcopyConfig::default()), ..Default::default() };
-    let (r, d) = migrate(&src, &dst, &mut StaticTracker::new(), &mut NoWorkload, cfg);
-    for e in [r.unwrap_err().to_string(), d.unwrap_err().to_string()] {
-        assert!(e.contains("postcopy") && e.contains("--no-verify"), "{e}");
-    }
+    // Refused in the handshake; the destination waits on for the right source until its
+    // accept timeout, then names the refusal.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { codec: cfg.codec.clone(), accept_timeout: std::time::Duration::from_secs(1), ..Default::default() };
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &dcfg));
+        (run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress), d.join().unwrap())
+    });
+    let (se, de) = (r.unwrap_err().to_string(), d.unwrap_err().to_string());
+    assert!(se.contains("postcopy") && se.contains("--no-verify"), "{se}");
+    let reason = se.strip_prefix("handshake refused: ").unwrap_or_else(|| panic!("{se}"));
+    assert!(de.contains("no source accepted within 1s: refused 1 connection(s)") && de.ends_with(reason), "{de}");
 }
 
 /// `n` pages of compressible text in one region.

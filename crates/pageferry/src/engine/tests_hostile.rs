@@ -131,8 +131,17 @@ type DestResult = Result<DestinationReport, MigrationError>;
 /// Run a real destination that accepts only `method` on its own thread; its result arrives
 /// on the receiver.
 fn spawn_destination(listener: TcpListener, memory: GuestMemory, method: Method, recorder: Recorder) -> Receiver<DestResult> {
+    spawn_destination_with(listener, memory, recorder, dest_config(method))
+}
+
+/// What [`spawn_destination`] runs with: only `method`, 10 s to accept, 10 s stall timeout.
+fn dest_config(method: Method) -> DestinationConfig {
+    DestinationConfig { codec: CodecSpec::new(method), only: true, accept_timeout: IO, stall_timeout: IO, ..Default::default() }
+}
+
+/// A real destination with `config` on its own thread; its result arrives on the receiver.
+fn spawn_destination_with(listener: TcpListener, memory: GuestMemory, recorder: Recorder, config: DestinationConfig) -> Receiver<DestResult> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let config = DestinationConfig { codec: CodecSpec::new(method), only: true, accept_timeout: IO, stall_timeout: IO, ..Default::default() };
     std::thread::Builder::new()
         .name("pf-test-dst".into())
         .spawn(move || {

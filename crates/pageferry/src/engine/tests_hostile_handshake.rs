@@ -12,51 +12,143 @@ fn refused_reason(e: &MigrationError) -> &str {
     }
 }
 
+/// The accept timeout of a destination that only wrong sources reach.
+const SHORT_ACCEPT: Duration = Duration::from_secs(1);
+
+/// A destination that refused `n` sources and accepted none ends at its accept timeout with
+/// the last refusal, `reason` (what that source was told).
+fn expect_gave_up(de: &MigrationError, n: usize, reason: &str) {
+    let msg = refused_reason(de);
+    let head = format!("no source accepted within {SHORT_ACCEPT:?}: refused {n} connection(s), the last from 127.0.0.1:");
+    assert!(msg.starts_with(&head), "'{msg}' does not start with '{head}'");
+    assert!(msg.ends_with(&format!(": {reason}")), "'{msg}' does not end with the last refusal '{reason}'");
+}
+
+/// A destination like [`spawn_destination`]'s (changed by `tweak`) that records its events.
+fn recording_destination(memory: &GuestMemory, method: Method, tweak: impl FnOnce(&mut DestinationConfig)) -> (String, Receiver<DestResult>, Arc<Events>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let events = Arc::new(Events::default());
+    let mut config = DestinationConfig { events: EventSink(events.clone()), ..dest_config(method) };
+    tweak(&mut config);
+    (addr, spawn_destination_with(listener, memory.clone(), Recorder::default(), config), events)
+}
+
+/// The refusals a destination reported, once it has reported `n` (a test failure if it does
+/// not within the watchdog).
+fn refusals(events: &Events, n: usize) -> Vec<String> {
+    let until = std::time::Instant::now() + WATCHDOG;
+    loop {
+        let got: Vec<String> = events
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::ConnectionRefused { reason, .. } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect();
+        if got.len() >= n || std::time::Instant::now() > until {
+            assert_eq!(got.len(), n, "refusals reported: {got:?}");
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// After wrong sources were refused with `reasons` (what each was told): the destination
+/// reported each, wrote nothing, kept listening, and the right source (`scfg`, memory of
+/// [`LAYOUT`]) now migrates byte-identical to the same listener.
+fn the_right_source_follows(addr: &str, dest: &Receiver<DestResult>, events: &Events, dst: &GuestMemory, reasons: &[&str], scfg: SourceConfig) {
+    assert_eq!(refusals(events, reasons.len()), reasons, "each refusal is reported with the reason its source got");
+    assert!(dest.try_recv().is_err(), "the destination ended after a refused source");
+    Model::canary().check(dst, &[]);
+    let src = super::tests::test_memory([64, 16]);
+    let r = run_source(addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress);
+    let r = r.unwrap_or_else(|e| panic!("the right source, after a refused one: {e}"));
+    let d = await_destination(dest).unwrap_or_else(|e| panic!("the destination, after a refused source: {e}"));
+    assert_eq!(r.verified, scfg.verify);
+    assert_eq!(d.verified, scfg.verify);
+    assert_eq!(src.digest(), dst.digest(), "destination differs from the right source");
+}
+
 #[test]
 fn method_mismatch_is_refused_with_the_same_reason_on_both_sides() {
+    // Only wrong sources come: the destination ends at its accept timeout, naming the last.
     let src = super::tests::test_memory([64, 16]);
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, source_config(named("zstd"), 2), named("zlib"));
-    let (se, de) = (r.unwrap_err(), d.unwrap_err());
-    let (sr, dr) = (refused_reason(&se), refused_reason(&de));
-    assert_eq!(sr, dr);
-    for e in [se.to_string(), de.to_string()] {
-        assert!(e.contains("compression method mismatch") && e.contains("zstd") && e.contains("zlib"), "{e}");
-    }
+    let (addr, dest, _) = recording_destination(&dst, named("zlib"), |c| c.accept_timeout = SHORT_ACCEPT);
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 2), &NoProgress).unwrap_err();
+    let reason = refused_reason(&se).to_string();
+    assert!(reason.contains("compression method mismatch") && reason.contains("zstd") && reason.contains("zlib"), "{reason}");
+    expect_gave_up(&await_destination(&dest).unwrap_err(), 1, &reason);
     Model::canary().check(&dst, &[]);
+}
+
+#[test]
+fn a_wrong_method_source_is_refused_and_the_right_one_then_migrates() {
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (addr, dest, events) = recording_destination(&dst, named("zlib"), |_| {});
+    let src = super::tests::test_memory([64, 16]);
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 2), &NoProgress).unwrap_err();
+    let reason = refused_reason(&se).to_string();
+    assert!(reason.contains("compression method mismatch"), "{reason}");
+    the_right_source_follows(&addr, &dest, &events, &dst, &[&reason], source_config(named("zlib"), 2));
 }
 
 #[test]
 fn layout_mismatch_is_refused_with_the_same_reason_on_both_sides() {
-    let src = super::tests::test_memory([64, 17]);
+    // Two wrong sources (a method, then a layout): both counted, the last one named.
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, source_config(named("none"), 1), named("none"));
-    let (se, de) = (r.unwrap_err(), d.unwrap_err());
-    assert_eq!(refused_reason(&se), refused_reason(&de));
-    for e in [se.to_string(), de.to_string()] {
-        assert!(e.contains("memory layout mismatch"), "{e}");
-        assert!(e.contains(&format!("ram1: {} bytes", 17 * PAGE_SIZE)) && e.contains(&format!("ram1: {} bytes", 16 * PAGE_SIZE)), "{e}");
-    }
+    let (addr, dest, _) = recording_destination(&dst, named("none"), |c| c.accept_timeout = SHORT_ACCEPT);
+    let other = super::tests::test_memory([64, 16]);
+    run_source(&addr, &other, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 1), &NoProgress).unwrap_err();
+    let src = super::tests::test_memory([64, 17]);
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 1), &NoProgress).unwrap_err();
+    let reason = refused_reason(&se).to_string();
+    assert!(reason.contains("memory layout mismatch"), "{reason}");
+    assert!(reason.contains(&format!("ram1: {} bytes", 17 * PAGE_SIZE)) && reason.contains(&format!("ram1: {} bytes", 16 * PAGE_SIZE)), "{reason}");
+    expect_gave_up(&await_destination(&dest).unwrap_err(), 2, &reason);
     Model::canary().check(&dst, &[]);
 }
 
-/// Send a control Hello offering `versions`; the destination's answer and its result.
-fn hello_with_versions(versions: VersionRange) -> (Control, u16, Receiver<DestResult>) {
+#[test]
+fn a_source_of_another_layout_is_refused_and_the_right_one_then_migrates() {
     let dst = memory_filled(&LAYOUT, CANARY);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
-    let mut ctl = connect(&addr);
-    let mut h = match hello(SessionId::random(), Role::Control, 0, 1, named("none"), dst.layout()) {
+    let (addr, dest, events) = recording_destination(&dst, named("none"), |_| {});
+    let src = super::tests::test_memory([64, 17]);
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 2), &NoProgress).unwrap_err();
+    let reason = refused_reason(&se).to_string();
+    assert!(reason.contains("memory layout mismatch"), "{reason}");
+    the_right_source_follows(&addr, &dest, &events, &dst, &[&reason], source_config(named("none"), 2));
+}
+
+/// Send a control Hello offering `versions` to `addr`; the destination's answer and the
+/// version of its frame.
+fn send_hello_with_versions(addr: &str, versions: VersionRange) -> (Control, u16) {
+    let mut ctl = connect(addr);
+    let mut h = match hello(SessionId::random(), Role::Control, 0, 1, named("none"), memory_filled(&LAYOUT, 0).layout()) {
         Control::Hello(h) => h,
         _ => unreachable!(),
     };
     h.versions = versions;
     wire::write_frame(&mut ctl, versions.max, &Control::Hello(h), &[]).unwrap();
     let reply = wire::read_frame(&mut ctl).unwrap();
-    (reply.msg, reply.version, dest)
+    (reply.msg, reply.version)
 }
 
+/// A destination (that gives up after [`SHORT_ACCEPT`]) answering a control Hello offering
+/// `versions`: its answer, the version of its frame, and its result.
+fn hello_with_versions(versions: VersionRange) -> (Control, u16, Receiver<DestResult>) {
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (addr, dest, _) = recording_destination(&dst, named("none"), |c| c.accept_timeout = SHORT_ACCEPT);
+    let (msg, version) = send_hello_with_versions(&addr, versions);
+    (msg, version, dest)
+}
+
+/// The Refuse in `reply` names every needle, and the destination ends with it as the last
+/// (and only) refusal at its accept timeout.
 fn expect_refused(reply: Control, dest: &Receiver<DestResult>, needles: &[&str]) {
     let reason = match reply {
         Control::Refuse { reason } => reason,
@@ -65,8 +157,7 @@ fn expect_refused(reply: Control, dest: &Receiver<DestResult>, needles: &[&str])
     for n in needles {
         assert!(reason.contains(n), "'{reason}' does not mention '{n}'");
     }
-    let de = await_destination(dest).unwrap_err();
-    assert_eq!(refused_reason(&de), reason);
+    expect_gave_up(&await_destination(dest).unwrap_err(), 1, &reason);
 }
 
 #[test]
@@ -81,6 +172,27 @@ fn a_source_two_versions_behind_is_refused_naming_both() {
     // N-2 against this build's N = 2 (its Hello frame is of version 0: refused unparsed).
     let (reply, _, dest) = hello_with_versions(VersionRange { min: 0, max: 0 });
     expect_refused(reply, &dest, &["protocol version mismatch: source speaks version 0, destination speaks version 2"]);
+}
+
+#[test]
+fn sources_of_versions_we_cannot_speak_are_refused_and_the_right_one_then_migrates() {
+    // One refused unparsed (a version-0 frame), one parsed (98..=99): the listener stays.
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (addr, dest, events) = recording_destination(&dst, named("none"), |_| {});
+    let mut reasons = Vec::new();
+    for versions in [VersionRange { min: 0, max: 0 }, VersionRange { min: 98, max: 99 }] {
+        match send_hello_with_versions(&addr, versions).0 {
+            Control::Refuse { reason } => {
+                assert!(reason.contains("protocol version mismatch"), "{reason}");
+                // Reported in order: wait for this one before the next peer connects.
+                reasons.push(reason);
+                refusals(&events, reasons.len());
+            }
+            other => panic!("expected Refuse, got {other:?}"),
+        }
+    }
+    let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
+    the_right_source_follows(&addr, &dest, &events, &dst, &reasons, source_config(named("none"), 2));
 }
 
 #[test]
@@ -106,7 +218,7 @@ fn a_version_1_source_gets_a_refusal_it_can_read() {
     let dst = memory_filled(&LAYOUT, CANARY);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let dest = spawn_destination(listener, dst.clone(), named("none"), Recorder::default());
+    let dest = spawn_destination_with(listener, dst.clone(), Recorder::default(), DestinationConfig { accept_timeout: SHORT_ACCEPT, ..dest_config(named("none")) });
     let body = br#"{"type":"hello","version":1,"session":"0123456789abcdef0123456789abcdef","role":"control","channel":0,"channels":1,"method":"none","level":0,"regions":[["ram0",262144],["ram1",65536]]}"#;
     let mut frame = Vec::new();
     frame.extend_from_slice(b"PFCT");
@@ -129,8 +241,7 @@ fn a_version_1_source_gets_a_refusal_it_can_read() {
     assert_eq!(v["type"], "refuse");
     let reason = v["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("source speaks version 1, destination speaks version 2"), "{reason}");
-    let de = await_destination(&dest).unwrap_err();
-    assert_eq!(refused_reason(&de), reason);
+    expect_gave_up(&await_destination(&dest).unwrap_err(), 1, &reason);
 }
 
 /// Relay connections to `upstream`; before relaying the second one (the first data channel,
@@ -250,12 +361,13 @@ fn missing_data_channels_time_out() {
 fn unverified_source_is_refused_unless_the_destination_agrees() {
     let src = super::tests::test_memory([64, 16]);
     let scfg = SourceConfig { verify: false, ..source_config(named("zstd"), 2) };
-    // The default destination requires the digest: refused, same reason on both sides.
+    // The default destination requires the digest: refused, the same reason on both sides
+    // (the destination's at its accept timeout, when no other source came).
     let dst = memory_filled(&LAYOUT, CANARY);
-    let (r, d) = migrate_with(&src, &dst, scfg.clone(), named("zstd"));
-    let (se, de) = (r.unwrap_err(), d.unwrap_err());
-    assert_eq!(refused_reason(&se), refused_reason(&de));
+    let (addr, dest, _) = recording_destination(&dst, named("zstd"), |c| c.accept_timeout = SHORT_ACCEPT);
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress).unwrap_err();
     assert!(se.to_string().contains("--no-verify"), "{se}");
+    expect_gave_up(&await_destination(&dest).unwrap_err(), 1, refused_reason(&se));
     Model::canary().check(&dst, &[]);
     // A destination that agreed to skip it: completes, and says it was not verified.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -268,6 +380,18 @@ fn unverified_source_is_refused_unless_the_destination_agrees() {
     assert!(!r.unwrap().verified);
     assert!(!d.unwrap().verified);
     assert_eq!(src.digest(), dst.digest());
+}
+
+#[test]
+fn an_unverified_source_is_refused_and_a_verifying_one_then_migrates() {
+    let dst = memory_filled(&LAYOUT, CANARY);
+    let (addr, dest, events) = recording_destination(&dst, named("zstd"), |_| {});
+    let src = super::tests::test_memory([64, 16]);
+    let scfg = SourceConfig { verify: false, ..source_config(named("zstd"), 2) };
+    let se = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &scfg, &NoProgress).unwrap_err();
+    let reason = refused_reason(&se).to_string();
+    assert!(reason.contains("--no-verify"), "{reason}");
+    the_right_source_follows(&addr, &dest, &events, &dst, &[&reason], source_config(named("zstd"), 2));
 }
 
 #[test]
@@ -295,8 +419,8 @@ fn oversized_announcements_are_refused_before_anything_is_allocated() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let provided = std::sync::atomic::AtomicBool::new(false);
-        let dcfg = DestinationConfig { accept_timeout: IO, max_memory: Some(1 << 40), ..Default::default() };
-        let de = std::thread::scope(|s| {
+        let dcfg = DestinationConfig { accept_timeout: SHORT_ACCEPT, max_memory: Some(1 << 40), ..Default::default() };
+        let (reason, de) = std::thread::scope(|s| {
             let d = s.spawn(|| {
                 let mut provide = |_: &[(String, u64)]| -> Result<GuestMemory, String> {
                     provided.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -306,15 +430,125 @@ fn oversized_announcements_are_refused_before_anything_is_allocated() {
             });
             let mut ctl = connect(&addr);
             wire::write_frame(&mut ctl, PROTOCOL_VERSION, &hello(SessionId::random(), Role::Control, 0, 1, named("none"), regions), &[]).unwrap();
-            match wire::read_frame(&mut ctl).unwrap().msg {
-                Control::Refuse { reason } => assert!(reason.contains(needle), "'{reason}' does not mention '{needle}'"),
+            let reason = match wire::read_frame(&mut ctl).unwrap().msg {
+                Control::Refuse { reason } => reason,
                 other => panic!("expected Refuse, got {other:?}"),
-            }
-            d.join().unwrap()
+            };
+            assert!(reason.contains(needle), "'{reason}' does not mention '{needle}'");
+            (reason, d.join().unwrap())
         });
-        assert!(de.is_err());
+        expect_gave_up(&de.err().expect("the destination refused the only source"), 1, &reason);
         assert!(!provided.load(std::sync::atomic::Ordering::SeqCst), "memory was provided for a refused announcement ({needle})");
     }
+}
+
+/// A region that counts the live ones it belongs to.
+struct Counted(MmapRegion, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Counted {
+    fn new(name: &str, len: u64, live: &Arc<std::sync::atomic::AtomicUsize>) -> Arc<dyn MemoryRegion> {
+        live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Arc::new(Counted(MmapRegion::anonymous(name, len).unwrap(), live.clone()))
+    }
+}
+
+// SAFETY: delegates to an MmapRegion, which upholds the contract.
+unsafe impl MemoryRegion for Counted {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn host_ptr(&self) -> *mut u8 {
+        self.0.host_ptr()
+    }
+    fn is_fresh_zeroed(&self) -> bool {
+        self.0.is_fresh_zeroed()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Run `run_destination_with(provide)` on a scoped thread while `sources` runs against its
+/// address; the destination's result (with the memory it returned) and the sources'.
+fn with_provider<T: Send>(
+    config: DestinationConfig,
+    provide: &mut (dyn FnMut(&[(String, u64)]) -> Result<GuestMemory, String> + Send),
+    sources: impl FnOnce(&str) -> T + Send,
+) -> (Result<(DestinationReport, GuestMemory), MigrationError>, T) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::scope(|s| {
+        let d = s.spawn(move || run_destination_with(&listener, provide, &mut NoWorkload, &config));
+        let t = sources(&addr);
+        (d.join().unwrap(), t)
+    })
+}
+
+#[test]
+fn a_handshake_refused_after_provide_drops_that_memory_before_the_next_source_is_served() {
+    // The provider makes memory of LAYOUT whatever the source announces (a destination of a
+    // fixed size): a source of another layout is refused after provide (layout mismatch).
+    // That memory must be gone before provide is called for the next source, which migrates.
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut calls = Vec::new();
+    let mut provide = |regions: &[(String, u64)]| -> Result<GuestMemory, String> {
+        calls.push((regions.to_vec(), live.load(std::sync::atomic::Ordering::SeqCst)));
+        let made = LAYOUT.iter().enumerate().map(|(i, &n)| Counted::new(&format!("ram{i}"), n * PAGE_SIZE as u64, &live)).collect();
+        Ok(GuestMemory::new(made).unwrap())
+    };
+    let src = super::tests::test_memory([64, 16]);
+    let config = DestinationConfig { accept_timeout: IO, stall_timeout: IO, ..Default::default() };
+    let (d, (wrong, right)) = with_provider(config, &mut provide, |addr| {
+        let other = super::tests::test_memory([64, 17]);
+        let wrong = run_source(addr, &other, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("none"), 1), &NoProgress);
+        (wrong, run_source(addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 2), &NoProgress))
+    });
+    let we = wrong.unwrap_err();
+    assert!(refused_reason(&we).contains("memory layout mismatch"), "{we}");
+    assert!(right.unwrap_or_else(|e| panic!("the right source: {e}")).verified);
+    let (report, memory) = d.unwrap_or_else(|e| panic!("the destination: {e}"));
+    assert!(report.verified);
+    assert_eq!(memory.digest(), src.digest());
+    let live_at: Vec<usize> = calls.iter().map(|c| c.1).collect();
+    assert_eq!(live_at, [0, 0], "regions alive when provide was called (the refused source's must be dropped first)");
+    assert_eq!(calls[1].0, src.layout(), "the second call is for the right source");
+    drop(memory);
+    assert_eq!(live.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_provider_refusal_keeps_the_listener_and_a_smaller_source_then_migrates() {
+    // A provider without room for the first source (as `recv` on a full file system) refuses
+    // it naming both sizes; the source is told, and the next, smaller one migrates.
+    let room = LAYOUT.iter().sum::<u64>() * PAGE_SIZE as u64;
+    let mut provide = |regions: &[(String, u64)]| -> Result<GuestMemory, String> {
+        let need: u64 = regions.iter().map(|r| r.1).sum();
+        if need > room {
+            return Err(format!("/images/guest.img: needs {need} bytes, the file system has {room} bytes free"));
+        }
+        Ok(GuestMemory::new(regions.iter().map(|(n, l)| Arc::new(MmapRegion::anonymous(n, *l).unwrap()) as Arc<dyn MemoryRegion>).collect()).unwrap())
+    };
+    let src = super::tests::test_memory([64, 16]);
+    let events = Arc::new(Events::default());
+    let config = DestinationConfig { accept_timeout: IO, stall_timeout: IO, events: EventSink(events.clone()), ..Default::default() };
+    let (d, (big, right)) = with_provider(config, &mut provide, |addr| {
+        let big = super::tests::test_memory([64, 64]);
+        let r = run_source(addr, &big, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 2), &NoProgress);
+        (r, run_source(addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &source_config(named("zstd"), 2), &NoProgress))
+    });
+    let be = big.unwrap_err();
+    let reason = refused_reason(&be).to_string();
+    assert_eq!(reason, format!("/images/guest.img: needs {} bytes, the file system has {room} bytes free", 128 * PAGE_SIZE));
+    assert_eq!(refusals(&events, 1), [reason]);
+    right.unwrap_or_else(|e| panic!("the smaller source: {e}"));
+    let (_, memory) = d.unwrap_or_else(|e| panic!("the destination: {e}"));
+    assert_eq!(memory.digest(), src.digest());
 }
 
 #[test]
