@@ -97,3 +97,45 @@ fn vm_recv_timeout_ends_the_migration_and_tells_the_source() {
     assert_eq!(send.status.code(), Some(1), "{se}");
     assert!(se.contains("the destination's --timeout"), "the source hears why: {se}");
 }
+
+#[test]
+fn vm_recv_refuses_a_wrong_source_and_the_right_one_then_migrates() {
+    if !kvm_usable() {
+        return;
+    }
+    use std::io::BufRead;
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_pageferry"))
+        .args(["vm", "recv", "--listen", "127.0.0.1:0", "--json", "--multifd-compression", "zstd", "--accept-timeout", "30", "--run-after-ms", "50"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(recv.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("vm recv said {line:?}")).to_string();
+    let send = |method: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pageferry"))
+            .args(["vm", "send", "--quiet", "--json", "--connect", &addr, "--mem", "4M", "--working-set", "2M", "--multifd-compression", method])
+            .output()
+            .unwrap()
+    };
+    let wrong = send("none");
+    let we = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(5), "{we}");
+    assert!(we.contains("compression method mismatch: source uses none, destination expects zstd"), "{we}");
+    // The same vm recv, still listening: the right source's guest resumes there.
+    let right = send("zstd");
+    assert!(right.status.success(), "the right source after a refused one: {}", String::from_utf8_lossy(&right.stderr));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = recv.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vm recv: {err}");
+    let refused: Vec<&str> = err.lines().filter(|l| l.starts_with("pageferry: refused connection from 127.0.0.1:")).collect();
+    assert!(refused.len() == 1 && refused[0].contains("compression method mismatch"), "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&right.stdout).unwrap();
+    let d: serde_json::Value = serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("vm recv --json ({e}): {rest}"));
+    assert_eq!(d["counter_at_restore"], s["counter_at_pause"], "counter continuity");
+    assert_eq!(d["stamps_ok"], true);
+}

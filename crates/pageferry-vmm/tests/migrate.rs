@@ -132,20 +132,24 @@ fn refused_migration_leaves_the_source_running() {
     let src = Vm::new(VmConfig { mem_bytes: 32 * MIB, working_set_bytes: 4 * MIB, pages_per_tick: 4, tick: Some(Duration::from_millis(1)), ..Default::default() }).unwrap();
     src.start().unwrap();
     src.wait_for_counter(10, Duration::from_secs(10)).unwrap();
-    // A destination of a different size refuses the region layout.
+    // A destination of a different size refuses the region layout (and, nobody else coming,
+    // ends at its accept timeout naming that refusal).
     let dst = Vm::new_destination(16 * MIB).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let dcfg = DestinationConfig { accept_timeout: Duration::from_secs(1), ..Default::default() };
     let (r, d) = std::thread::scope(|s| {
         let dmem = dst.guest_memory();
         let mut dwork = dst.destination_workload();
-        let d = s.spawn(move || run_destination(&listener, &dmem, &mut dwork, &DestinationConfig::default()));
+        let d = s.spawn(move || run_destination(&listener, &dmem, &mut dwork, &dcfg));
         let mut tracker = src.dirty_tracker();
         let mut work = src.source_workload();
         let r = run_source(&addr, &src.guest_memory(), &mut tracker, &mut work, &SourceConfig::default(), &NoProgress);
         (r, d.join().unwrap())
     });
-    assert!(r.is_err() && d.is_err());
+    let (se, de) = (r.unwrap_err().to_string(), d.unwrap_err().to_string());
+    assert!(se.contains("memory layout mismatch"), "{se}");
+    assert!(de.contains("refused 1 connection(s)") && de.contains("memory layout mismatch"), "{de}");
     assert_eq!(src.status(), VmStatus::Running);
     assert_eq!(dst.status(), VmStatus::Created);
     let c = src.counter();
@@ -153,6 +157,31 @@ fn refused_migration_leaves_the_source_running() {
     // Tracking was switched off again: a new tracker can start.
     let mut t = src.dirty_tracker();
     pageferry::dirty::DirtyTracker::start(&mut t, &src.guest_memory()).unwrap();
+}
+
+#[test]
+fn a_pending_destination_serves_the_next_source_after_a_handshake_refused_after_provide() {
+    // The engine may refuse a handshake after `provide` (postcopy not possible here, ...),
+    // drop its memory and call `provide` again for the next source.
+    if common::skip() {
+        return;
+    }
+    let ram = |len: u64| [(pageferry_vmm::RAM_REGION.to_string(), len)];
+    let pending = PendingDestination::new();
+    drop(pending.provide(&ram(16 * MIB)).unwrap());
+    let m = pending.provide(&ram(16 * MIB)).expect("the same size: the same unused VM");
+    assert_eq!(m.total_bytes(), 16 * MIB);
+    drop(m);
+    let m = pending.provide(&ram(32 * MIB)).expect("another size: a new VM, not \"already holds a VM\"");
+    assert_eq!(m.total_bytes(), 32 * MIB);
+    drop(m);
+    let vm = pending.take_vm().unwrap();
+    assert_eq!((vm.mem_bytes(), vm.status()), (32 * MIB, VmStatus::Created));
+    // A size fixed up front (`vm recv --mem`) refuses another one, naming both, and stays.
+    let fixed = PendingDestination::with_ram(16 * MIB).unwrap();
+    let e = fixed.provide(&ram(32 * MIB)).err().expect("a source of another size is refused");
+    assert!(e.contains(&(16 * MIB).to_string()) && e.contains(&(32 * MIB).to_string()), "{e}");
+    assert_eq!(fixed.provide(&ram(16 * MIB)).unwrap().total_bytes(), 16 * MIB);
 }
 
 #[test]

@@ -50,7 +50,8 @@
 //! ```text
 //! Listen ─control Hello ok (version, method, level, wants, verify, limits, storage)→
 //!        Welcome, AcceptData ─all N data Hellos of this session→ Running
-//!        │ control Hello refused → Refuse, Failed        (strays and garbage: dropped, go on)
+//!        │ control Hello refused → Refuse, go on     (strays and garbage: dropped, go on)
+//!        │ accept timeout, nobody accepted → Failed (Refused: the last refusal, if any)
 //! Running: reader i: Round(k) ─Pages(k)→ apply ─Sync(k)→ Gate(k) ─all N at the gate→ Round(k+1)
 //!          control: on each completed round k send RoundDone(k)
 //!          control ─Finish(f)→ wait for round f complete → Closed (no packet applied after)
