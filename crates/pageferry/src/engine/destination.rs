@@ -9,7 +9,7 @@
 //! until every channel has; only then may anyone apply round k+1, so a late stale copy can
 //! never overwrite a newer page.
 
-use super::postcopy::Placer;
+use super::postcopy::{FaultStop, Placer};
 use super::stats::{Counters, CpuMeter, DestinationReport, Event as Note, MigrationStatus};
 use super::{DestinationConfig, DestinationWorkload, MigrationError, Side};
 use crate::codec::{self, Codec, CodecSpec, Method, MAX_BATCH_BYTES};
@@ -642,14 +642,14 @@ fn accepted_methods(hello: &Hello, config: &DestinationConfig) -> Vec<Method> {
 struct PostcopyRun {
     round: u32,
     placer: Arc<Placer>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<FaultStop>,
     fault_thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     started: Instant,
 }
 
 impl PostcopyRun {
     fn stop_faults(&mut self) -> Result<(), String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.stop.stop();
         match self.fault_thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r,
             Some(Err(_)) => Err("the fault thread panicked".into()),
@@ -684,7 +684,7 @@ fn start_postcopy<W: std::io::Write + Send + 'static>(
     let started = Instant::now();
     let placer = Arc::new(Placer::start(memory, discard).map_err(MigrationError::Postcopy)?);
     *gate.postcopy.lock().unwrap() = Some((round, placer.clone()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(FaultStop::new().map_err(MigrationError::Postcopy)?);
     let (p, st, c) = (placer.clone(), stop.clone(), ctl.clone());
     let fault_thread = std::thread::Builder::new()
         .name("pf-dst-faults".into())

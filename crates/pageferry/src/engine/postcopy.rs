@@ -316,14 +316,14 @@ impl Placer {
     /// The fault thread: read faults until `stop`, and ask for each missing page once through
     /// `request(region, pages)` (pages of one region, in fault order). Returns on `stop` or on
     /// the first error.
-    pub fn serve_faults(&self, stop: &AtomicBool, request: &mut dyn FnMut(u16, Vec<u32>) -> Result<(), String>) -> Result<(), String> {
+    pub fn serve_faults(&self, stop: &FaultStop, request: &mut dyn FnMut(u16, Vec<u32>) -> Result<(), String>) -> Result<(), String> {
         let fd = self.uffd.as_raw_fd();
         let mut msgs = [UffdMsg { event: 0, _reserved: [0; 7], flags: 0, address: 0, _feat: 0 }; 64];
-        while !stop.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            // SAFETY: one pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, FAULT_POLL.as_millis() as libc::c_int) };
-            if n <= 0 {
+        while !stop.stopped() {
+            let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: stop.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            // SAFETY: two pollfds.
+            let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, FAULT_POLL.as_millis() as libc::c_int) };
+            if n <= 0 || pfd[0].revents == 0 {
                 continue;
             }
             // SAFETY: reading whole uffd_msg structs into a buffer of them.
@@ -347,6 +347,12 @@ impl Placer {
                     return Err(format!("fault at {:#x}, outside guest memory", m.address));
                 };
                 let page = (m.address - r.base) / PAGE_SIZE as u64;
+                if !r.wanted.get(page) {
+                    // Not discarded, yet missing: a hole round 0 skipped in fresh memory (a zero
+                    // page). Nothing will bring it: map zeros, which is what it holds.
+                    self.fill_hole(rid, r, page)?;
+                    continue;
+                }
                 if r.placed.get(page) || !r.requested.set(page) {
                     continue; // placed meanwhile (the copy woke the thread) or already asked for
                 }
@@ -364,6 +370,26 @@ impl Placer {
             }
         }
         Ok(())
+    }
+
+    /// Map a zero page at `page` of region `rid` (one that was never discarded); one already
+    /// there is left alone.
+    fn fill_hole(&self, rid: usize, r: &Region, page: u64) -> Result<(), String> {
+        static ZEROS: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        let dst = r.base + page * PAGE_SIZE as u64;
+        let rc = if self.have_zeropage[rid] {
+            let mut z = UffdioZeropage { range: UffdioRange { start: dst, len: PAGE_SIZE as u64 }, mode: 0, zeropage: 0 };
+            // SAFETY: UFFDIO_ZEROPAGE takes a uffdio_zeropage inside the region.
+            unsafe { ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) }
+        } else {
+            let mut c = UffdioCopy { dst, src: ZEROS.as_ptr() as u64, len: PAGE_SIZE as u64, mode: 0, copy: 0 };
+            // SAFETY: UFFDIO_COPY takes a uffdio_copy; src is one readable page, dst inside the region.
+            unsafe { ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) }
+        };
+        match (rc, std::io::Error::last_os_error().raw_os_error()) {
+            (0, _) | (_, Some(libc::EEXIST)) | (_, Some(libc::EAGAIN)) => Ok(()),
+            _ => Err(os("mapping a zero page")),
+        }
     }
 
     /// Counters and latency percentiles so far.
@@ -400,8 +426,39 @@ impl Placer {
     }
 }
 
-/// How long the fault thread waits on the descriptor between checks of its stop flag.
+/// How long the fault thread waits on the descriptor between checks of its stop flag (a
+/// [`FaultStop::stop`] also wakes it at once).
 pub(crate) const FAULT_POLL: Duration = Duration::from_millis(20);
+
+/// Tells the fault thread to return: a flag, and an eventfd its poll also waits on, so it
+/// returns at once rather than at its next poll timeout (postcopy's completion, and the
+/// in-memory replay, which starts and stops one per switchover, do not wait for it).
+pub(crate) struct FaultStop {
+    flag: AtomicBool,
+    wake: OwnedFd,
+}
+
+impl FaultStop {
+    pub fn new() -> Result<Self, String> {
+        // SAFETY: plain syscall; result checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(os("eventfd"));
+        }
+        // SAFETY: a fresh descriptor we own.
+        Ok(Self { flag: AtomicBool::new(false), wake: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a u64 to our eventfd (a full counter only means it is
+        // awake already).
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+    fn stopped(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
 
 /// The source's side of the return path: page requests from the destination become batches
 /// for the urgent channel's worker, ahead of (and skipped by) the background push.
@@ -543,7 +600,7 @@ mod tests {
                 return;
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(FaultStop::new().unwrap());
         let (tx, rx) = crossbeam_channel::unbounded::<(u16, Vec<u32>)>();
         let (p2, s2) = (placer.clone(), stop.clone());
         let faults = std::thread::spawn(move || p2.serve_faults(&s2, &mut |r, pages| tx.send((r, pages)).map_err(|e| e.to_string())));
@@ -554,12 +611,42 @@ mod tests {
         assert_eq!((region, pages), (0, vec![6]));
         placer.place(0, &[6], &[0x66; PAGE_SIZE], &[]).unwrap();
         assert_eq!(reader.join().unwrap(), 0x66);
-        stop.store(true, Ordering::Release);
+        stop.stop();
         faults.join().unwrap().unwrap();
         let st = placer.stats();
         assert_eq!((st.faults, st.pages_requested), (1, 1));
         assert!(st.fault_latency_max_us > 0.0 && st.fault_latency_p50_us <= st.fault_latency_max_us);
         placer.finish();
+    }
+
+    #[test]
+    fn a_fault_on_a_page_never_written_and_not_discarded_reads_zeros_at_once() {
+        // A fresh destination skips zero pages in round 0: they are holes, not discarded, and
+        // nothing will ever place them. A guest reading one must not wait for postcopy's end.
+        let m = anon(8);
+        unsafe { std::ptr::write_bytes(m.regions()[0].host_ptr(), 0x11, PAGE_SIZE) };
+        let placer = match Placer::start(&m, &[(0, 0, 1)]) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let stop = Arc::new(FaultStop::new().unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded::<(u16, Vec<u32>)>();
+        let (p2, s2) = (placer.clone(), stop.clone());
+        let faults = std::thread::spawn(move || p2.serve_faults(&s2, &mut |r, pages| tx.send((r, pages)).map_err(|e| e.to_string())));
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let m2 = m.clone();
+        std::thread::spawn(move || done_tx.send(page(&m2, 5).iter().all(|&b| b == 0)).unwrap());
+        let zeros = done_rx.recv_timeout(Duration::from_secs(5));
+        // (Before the fix the reader stayed blocked until `finish` unregistered the memory.)
+        stop.stop();
+        faults.join().unwrap().unwrap();
+        placer.finish();
+        assert_eq!(zeros, Ok(true), "the hole did not read as zeros within 5 s");
+        assert!(rx.try_recv().is_err(), "a hole is not asked of the source");
+        assert_eq!(placer.remaining(), 1, "the discarded page is still to come");
     }
 
     #[test]
