@@ -9,7 +9,7 @@
 use pageferry::codec::{self, Codec, CodecSpec, Method, MAX_BATCH_PAGES};
 use pageferry::engine::{self, DestinationConfig, NoWorkload};
 use pageferry::memory::{GuestMemory, MemoryRegion, MmapRegion, PAGE_SIZE};
-use pageferry::wire::{decode_offsets, decode_packet, encode_frame, read_frame, read_frame_limited, PacketHeader, PacketKind, MAX_HANDSHAKE_BODY, PACKET_HEADER_LEN};
+use pageferry::wire::{decode_offsets, decode_packet, encode_frame, read_frame, read_frame_limited, Control, PacketHeader, PacketKind, Role, MAX_HANDSHAKE_BODY, PACKET_HEADER_LEN};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -165,6 +165,12 @@ pub const LAYOUT: [(&str, usize); 3] = [("ram0", 16), ("ram1", 1), ("rom", 8)];
 pub const FRESH: u8 = 1;
 /// Flag: the destination reads raw and compressed pages through its buffers, not in place.
 pub const NO_ZERO_COPY: u8 = 2;
+/// Flag: the destination accepts a migration without the end-to-end digest (`recv
+/// --no-verify`); also set whenever the input's control Hello announces postcopy, which a
+/// verifying destination refuses.
+pub const NO_VERIFY: u8 = 4;
+/// At most this many channel streams (two data channels and postcopy's urgent one).
+pub const MAX_STREAMS: usize = 3;
 
 struct Dest {
     arena: Arena,
@@ -221,15 +227,15 @@ impl Dest {
         self.holds_fresh = fresh;
     }
 
-    /// Pages that differ from the base, as (region, page); restores them.
-    fn changed_pages(&mut self) -> Vec<(usize, usize)> {
+    /// Pages that differ from the base, as (region, page, now all zeros); restores them.
+    fn changed_pages(&mut self) -> Vec<(usize, usize, bool)> {
         let mut changed = Vec::new();
         for i in 0..LAYOUT.len() {
             let base = self.base(i, self.holds_fresh).to_vec();
             let span = self.arena.span(i);
             for (p, (now, was)) in span.chunks_exact_mut(PAGE_SIZE).zip(base.chunks_exact(PAGE_SIZE)).enumerate() {
                 if now != was {
-                    changed.push((i, p));
+                    changed.push((i, p, now.iter().all(|&b| b == 0)));
                     now.copy_from_slice(was);
                 }
             }
@@ -242,24 +248,28 @@ thread_local! {
     static DEST: RefCell<Option<Dest>> = const { RefCell::new(None) };
 }
 
-/// Pages an input may change, from an independent parse of the data stream (after its
+/// Pages an input may change, from an independent parse of one channel's stream (after its
 /// Hello) with the whole-packet decoder: the pages of each packet that is well-formed, in
-/// sequence, of the current round and CRC-correct, up to the first that is not; of that one
-/// only when it is raw and read in place (`zero_copy`), whose pages the reader receives
-/// before it can check the CRC (the migration then fails), and only its checked normal pages.
-pub fn allowed_pages(mut rest: &[u8], zero_copy: bool) -> Vec<(usize, usize)> {
+/// sequence, of the current round (any round on postcopy's `urgent` channel, which has no
+/// syncs) and CRC-correct, up to the first that is not; of that one only when it is raw and
+/// read in place (`zero_copy`), whose pages the reader receives before it can check the CRC
+/// (the migration then fails), and only its checked normal pages.
+pub fn allowed_pages(mut rest: &[u8], zero_copy: bool, urgent: bool) -> Vec<(usize, usize)> {
     let mut allowed = Vec::new();
     let (mut num, mut round) = (0u64, 0u32);
     while rest.len() >= PACKET_HEADER_LEN {
         let hdr: &[u8; PACKET_HEADER_LEN] = rest[..PACKET_HEADER_LEN].try_into().unwrap();
         let Ok(h) = PacketHeader::decode(hdr) else { break };
+        if urgent {
+            round = h.round;
+        }
         if h.packet_num != num || h.round != round {
             break;
         }
         num += 1;
         if h.kind == PacketKind::Sync {
             match rest.get(..h.wire_len()).map(|p| decode_packet(p, 1)) {
-                Some(Ok(_)) => round += 1,
+                Some(Ok(_)) if !urgent => round += 1,
                 _ => break,
             }
             rest = &rest[h.wire_len()..];
@@ -287,52 +297,165 @@ pub fn allowed_pages(mut rest: &[u8], zero_copy: bool) -> Vec<(usize, usize)> {
     allowed
 }
 
-/// Target `destination`: one source's streams replayed through the real destination
-/// (`engine::replay_destination`: handshake checks, the channel reader, the gate, the control
-/// loop) into a guest memory of three regions with canary pages around each. Input: byte 0
-/// flags ([`FRESH`], [`NO_ZERO_COPY`]), bytes 1–2 the control stream's length (u16 LE), the
-/// control stream (control Hello, control frames), the data stream (data Hello, packets).
-///
-/// Checks: no panic; no write outside the regions (canaries); no page changed that a
-/// correct packet did not name ([`allowed_pages`]). Returns the destination's outcome.
-pub fn destination(data: &[u8]) -> Option<Result<engine::DestinationReport, engine::MigrationError>> {
-    if data.len() < 3 {
-        return None;
+/// A `destination` input, split: byte 0 flags ([`FRESH`], [`NO_ZERO_COPY`], [`NO_VERIFY`]),
+/// then the control stream (u16 LE length, then the control Hello and control frames), the
+/// schedule (u16 LE length, then one byte per step: which stream delivers the next item,
+/// see `engine::replay_destination`), then up to [`MAX_STREAMS`] channel streams, each a u32
+/// LE length and the bytes (a data or urgent channel's Hello, then packets). A length past
+/// the end of the input is cut to what is there.
+pub struct DestinationInput<'a> {
+    pub flags: u8,
+    pub control: &'a [u8],
+    pub schedule: &'a [u8],
+    pub streams: Vec<&'a [u8]>,
+}
+
+impl<'a> DestinationInput<'a> {
+    pub fn parse(data: &'a [u8]) -> Option<Self> {
+        let (&flags, mut rest) = data.split_first()?;
+        let mut take = |len_bytes: usize| -> Option<&'a [u8]> {
+            if rest.len() < len_bytes {
+                return None;
+            }
+            let mut n = [0u8; 4];
+            n[..len_bytes].copy_from_slice(&rest[..len_bytes]);
+            let len = (u32::from_le_bytes(n) as usize).min(rest.len() - len_bytes);
+            let (chunk, after) = rest[len_bytes..].split_at(len);
+            rest = after;
+            Some(chunk)
+        };
+        let control = take(2)?;
+        let schedule = take(2).unwrap_or_default();
+        let mut streams = Vec::new();
+        while streams.len() < MAX_STREAMS {
+            match take(4) {
+                Some(s) => streams.push(s),
+                None => break,
+            }
+        }
+        Some(Self { flags, control, schedule, streams })
     }
-    let flags = data[0];
-    let ctl_len = (u16::from_le_bytes([data[1], data[2]]) as usize).min(data.len() - 3);
-    let (control, stream) = data[3..].split_at(ctl_len);
-    let fresh = flags & FRESH != 0;
-    let zero_copy = flags & NO_ZERO_COPY == 0;
+
+    /// The bytes of this input.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = vec![self.flags];
+        v.extend_from_slice(&u16::try_from(self.control.len()).expect("a control stream under 64 KiB").to_le_bytes());
+        v.extend_from_slice(self.control);
+        v.extend_from_slice(&u16::try_from(self.schedule.len()).expect("a schedule under 64 KiB").to_le_bytes());
+        v.extend_from_slice(self.schedule);
+        for s in &self.streams {
+            v.extend_from_slice(&u32::try_from(s.len()).unwrap().to_le_bytes());
+            v.extend_from_slice(s);
+        }
+        v
+    }
+}
+
+/// The control stream's Hello and frames as an independent parse sees them: whether the
+/// Hello announces postcopy, the digest of the first `Finish` (the one a destination can
+/// accept), and the pages of every in-range discard range of a `Postcopy`.
+struct ControlView {
+    postcopy: bool,
+    finish_digest: Option<Option<u128>>,
+    discarded: Vec<(usize, usize)>,
+}
+
+fn control_view(mut control: &[u8]) -> ControlView {
+    let mut v = ControlView { postcopy: false, finish_digest: None, discarded: Vec::new() };
+    match read_frame_limited(&mut control, MAX_HANDSHAKE_BODY) {
+        Ok(pageferry::wire::Frame { msg: Control::Hello(h), .. }) => v.postcopy = h.wants.postcopy,
+        _ => return v,
+    }
+    while let Ok(f) = read_frame(&mut control) {
+        match f.msg {
+            Control::Finish { digest, .. } if v.finish_digest.is_none() => {
+                v.finish_digest = Some(digest.and_then(|d| u128::from_str_radix(&d, 16).ok()));
+            }
+            Control::Postcopy { discard, .. } => {
+                for (r, first, n) in discard {
+                    let Some(&(_, pages)) = LAYOUT.get(r as usize) else { continue };
+                    let (first, n) = (first as usize, n as usize);
+                    if first.checked_add(n).is_some_and(|end| end <= pages) {
+                        v.discarded.extend((first..first + n).map(|p| (r as usize, p)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+/// Target `destination`: one source's streams (control, up to two data channels, postcopy's
+/// urgent channel) replayed through the real destination (`engine::replay_destination`:
+/// handshake checks, the channel readers, the gate, the control loop, the postcopy switch and
+/// placement) in the order the input's schedule decides, into a guest memory of three regions
+/// with canary pages around each. Input: see [`DestinationInput`].
+///
+/// Checks: no panic; no write outside the regions (canaries); no page changed that a correct
+/// packet did not name ([`allowed_pages`], on every stream), except pages a `Postcopy`
+/// discarded, which may read as zeros; and no completion unless everything was checked: a
+/// verified completion leaves exactly the memory whose digest the source's `Finish` named, an
+/// unverified one only where the destination was told to accept it, a postcopy completion
+/// only once every discarded page was named by a correct packet. Returns the outcome.
+pub fn destination(data: &[u8]) -> Option<Result<engine::DestinationReport, engine::MigrationError>> {
+    let input = DestinationInput::parse(data)?;
+    let fresh = input.flags & FRESH != 0;
+    let zero_copy = input.flags & NO_ZERO_COPY == 0;
+    let view = control_view(input.control);
+    let no_verify = input.flags & NO_VERIFY != 0 || view.postcopy;
     DEST.with(|d| {
         let mut d = d.borrow_mut();
         let d = d.get_or_insert_with(Dest::new);
         if d.holds_fresh != fresh {
             d.reset_all(fresh);
         }
-        let mut config = DestinationConfig { zero_copy, ..Default::default() };
+        let mut config = DestinationConfig { zero_copy, require_verify: !no_verify, ..Default::default() };
         config.codec.qatzip.provider = codec::qatzip::Provider::Cpu;
         let memory = if fresh { &d.fresh } else { &d.used };
-        let outcome = engine::replay_destination(control, stream, memory, &mut NoWorkload, &config);
+        let outcome = engine::replay_destination(input.control, &input.streams, input.schedule, memory, &mut NoWorkload, &config);
         d.arena.check_canaries();
+        let digest = matches!(&outcome, Ok(r) if r.verified).then(|| memory.digest());
         let changed = d.changed_pages();
+        let named = || {
+            let mut named = Vec::new();
+            for &s in &input.streams {
+                let mut rest = s;
+                if let Ok(pageferry::wire::Frame { msg: Control::Hello(h), .. }) = read_frame_limited(&mut rest, MAX_HANDSHAKE_BODY) {
+                    named.extend(allowed_pages(rest, zero_copy, h.role == Role::Urgent));
+                }
+            }
+            named
+        };
         if !changed.is_empty() {
-            let mut after_hello = stream;
-            let packets = match read_frame_limited(&mut after_hello, MAX_HANDSHAKE_BODY) {
-                Ok(_) => after_hello,
-                Err(_) => &[][..],
-            };
-            let allowed = allowed_pages(packets, zero_copy);
-            for page in &changed {
-                assert!(allowed.contains(page), "page {page:?} changed, but no correct packet named it (outcome: {outcome:?})");
+            let named = named();
+            for &(r, p, zeros) in &changed {
+                let page = (r, p);
+                assert!(
+                    named.contains(&page) || (zeros && view.discarded.contains(&page)),
+                    "page {page:?} changed, but no correct packet named it (outcome: {outcome:?})"
+                );
+            }
+        }
+        if let Ok(report) = &outcome {
+            match &report.postcopy {
+                Some(_) => {
+                    let named = named();
+                    for page in &view.discarded {
+                        assert!(named.contains(page), "postcopy completed, but no correct packet brought discarded page {page:?} (report: {report:?})");
+                    }
+                }
+                None if report.verified => {
+                    assert_eq!(view.finish_digest, Some(digest), "a verified completion whose memory is not the one the source's Finish named");
+                }
+                None => assert!(no_verify, "an unverified completion on a destination that requires the digest: {report:?}"),
             }
         }
         Some(outcome)
     })
 }
 
-/// A `destination` input: flags, the control stream, the data stream.
-pub fn destination_input(flags: u8, control: &[u8], data: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(control.len()).expect("a control stream under 64 KiB");
-    [&[flags][..], &len.to_le_bytes(), control, data].concat()
+/// A `destination` input: flags, the control stream, the schedule, the channels' streams.
+pub fn destination_input(flags: u8, control: &[u8], schedule: &[u8], streams: &[&[u8]]) -> Vec<u8> {
+    DestinationInput { flags, control, schedule, streams: streams.to_vec() }.encode()
 }

@@ -18,7 +18,7 @@ use crate::wire::{
     self, PostcopyStats, decode_offsets, page_runs, Capabilities, Control, Features, Frame, Hello, MethodCode, PacketCrc, PacketHeader, PacketKind, Role, SessionId,
     VersionRange, WireError, PACKET_HEADER_LEN, PROTOCOL_VERSION,
 };
-use crossbeam_channel::Sender;
+use crossbeam_channel::{RecvTimeoutError, Sender};
 use std::io::Read;
 use crate::transport::{self, PeerIdentity, Stream};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -49,6 +49,10 @@ struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
     channels: usize,
+    /// A channel that reaches the end of a round waits here for the others (the session's
+    /// threads); `false` in the single-threaded replay, whose scheduler does not step a
+    /// channel that is waiting (see [`Reader::waiting`]).
+    blocking: bool,
     /// Readers hold it shared while applying a packet; the control loop sets it (exclusively)
     /// once the final round is complete, so nothing changes memory during verification or
     /// after the workload resumes.
@@ -73,7 +77,12 @@ enum Event {
 }
 
 impl Gate {
-    /// Called by a channel that delivered all of `round`; returns when all channels have.
+    fn new(channels: usize, blocking: bool) -> Self {
+        Gate { state: Mutex::new(GateState::default()), cv: Condvar::new(), channels, blocking, closed: std::sync::RwLock::new(false), postcopy: Mutex::new(None) }
+    }
+
+    /// Called by a channel that delivered all of `round`; returns when all channels have
+    /// (at once when not `blocking`).
     fn arrive(&self, round: u32, events: &Sender<Event>) -> Result<(), WireError> {
         let mut s = self.state.lock().unwrap();
         if round != s.round {
@@ -87,7 +96,7 @@ impl Gate {
             self.cv.notify_all();
             return Ok(());
         }
-        while s.round == round && !s.failed {
+        while self.blocking && s.round == round && !s.failed {
             s = self.cv.wait(s).unwrap();
         }
         Ok(())
@@ -126,9 +135,11 @@ struct Reader<'a, S: Read = Stream> {
     urgent: bool,
     /// The packet number expected next.
     next_num: u64,
+    /// The last round this channel synced (it waits at the gate until that round completes).
+    synced: Option<u32>,
     stall: Duration,
     /// The end of the stream between packets is the source going quiet, not a failure (the
-    /// in-memory replay, [`replay::replay_destination`], whose control frames follow the data).
+    /// in-memory replay, [`replay::replay_destination`], which steps its streams in turn).
     quiet_end: bool,
 }
 
@@ -162,6 +173,7 @@ impl<'a, S: Read> Reader<'a, S> {
             zero_copy: shared.config.zero_copy,
             urgent,
             next_num: 0,
+            synced: None,
             stall: shared.config.stall_timeout,
             quiet_end,
         }
@@ -183,31 +195,46 @@ impl<S: Read> Reader<'_, S> {
 
     fn run(mut self) {
         let mut bufs = RxBufs::default();
-        loop {
-            let mut hdr = [0u8; PACKET_HEADER_LEN];
-            let first = loop {
-                match self.sock.read(&mut hdr[..1]) {
-                    // A stopped and continued process (SIGSTOP/SIGCONT) sees EINTR: not a failure.
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    r => break r,
-                }
-            };
-            match first {
-                // End of stream at a packet boundary: fine once the migration finished.
-                Ok(0) => return self.stream_ended(WireError::Closed(String::new())),
-                Ok(_) => {}
-                Err(e) => return self.stream_ended(WireError::Io(e)),
+        while self.step(&mut bufs) {}
+    }
+
+    /// Read and apply one packet; false once the stream ended or failed (reported).
+    fn step(&mut self, bufs: &mut RxBufs) -> bool {
+        let mut hdr = [0u8; PACKET_HEADER_LEN];
+        let first = loop {
+            match self.sock.read(&mut hdr[..1]) {
+                // A stopped and continued process (SIGSTOP/SIGCONT) sees EINTR: not a failure.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r,
             }
-            let r = wire::read_exact(&mut self.sock, &mut hdr[1..], "inside a packet header").map_err(PacketError::from).and_then(|_| self.packet(&hdr, &mut bufs));
-            if let Err(e) = r {
-                let e = match e {
-                    PacketError::Wire(w) => self.err(w),
-                    PacketError::Other(m) => m,
-                };
-                let _ = self.events.send(Event::Failed(e));
-                return;
+        };
+        match first {
+            // End of stream at a packet boundary: fine once the migration finished.
+            Ok(0) => {
+                self.stream_ended(WireError::Closed(String::new()));
+                return false;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.stream_ended(WireError::Io(e));
+                return false;
             }
         }
+        let r = wire::read_exact(&mut self.sock, &mut hdr[1..], "inside a packet header").map_err(PacketError::from).and_then(|_| self.packet(&hdr, bufs));
+        if let Err(e) = r {
+            let e = match e {
+                PacketError::Wire(w) => self.err(w),
+                PacketError::Other(m) => m,
+            };
+            let _ = self.events.send(Event::Failed(e));
+            return false;
+        }
+        true
+    }
+
+    /// Waiting at the gate: this channel synced a round the others have not all finished.
+    fn waiting(&self) -> bool {
+        self.synced.is_some_and(|r| self.gate.current() <= r)
     }
 
     /// The data channel ended between packets: a failure unless the migration finished.
@@ -271,6 +298,7 @@ impl<S: Read> Reader<'_, S> {
         wire::read_exact(&mut self.sock, &mut crc, "in a sync packet")?;
         PacketCrc::new().check(hdr, crc)?;
         self.gate.arrive(h.round, &self.events)?;
+        self.synced = Some(h.round);
         Ok(())
     }
 
@@ -559,13 +587,7 @@ fn destination_session(
     let memory = &memory;
     let fresh: Vec<bool> = memory.regions().iter().map(|r| r.is_fresh_zeroed()).collect();
     let counters = Counters::default();
-    let gate = Gate {
-        state: Mutex::new(GateState::default()),
-        cv: Condvar::new(),
-        channels: data.len(),
-        closed: std::sync::RwLock::new(false),
-        postcopy: Mutex::new(None),
-    };
+    let gate = Gate::new(data.len(), true);
     // Control frames are written by the control loop and, in postcopy, the fault thread.
     let ctl_w = Arc::new(Mutex::new(control.try_clone().map_err(|e| MigrationError::Other(format!("control socket: {e}")))?));
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<Event>();
@@ -602,7 +624,7 @@ fn destination_session(
                 .spawn_scoped(scope, move || reader.run())
                 .map_err(|e| MigrationError::Other(format!("spawn: {e}")))?;
         }
-        let outcome = control_loop(&ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, hello.wants.postcopy, deadline, config);
+        let outcome = control_loop(&mut &ev_rx, &ctl_w, version, memory, workload, &gate, &counters, &cpu, &provider, hello.verify, hello.wants.postcopy, deadline, config);
         if outcome.is_err() {
             // A postcopy that fails keeps its registration: whatever waits on a missing page
             // stays blocked rather than reading zeros (state kept, as QEMU's postcopy-paused).
@@ -703,9 +725,25 @@ fn start_postcopy<W: std::io::Write + Send + 'static>(
     Ok(run)
 }
 
+/// Where the control loop's events come from: the session's reader and control threads (a
+/// channel), or the in-memory replay, which steps its streams as the loop asks.
+trait EventSource {
+    fn recv_timeout(&mut self, wait: Duration) -> Result<Event, RecvTimeoutError>;
+    fn recv_deadline(&mut self, until: Instant) -> Result<Event, RecvTimeoutError>;
+}
+
+impl EventSource for &crossbeam_channel::Receiver<Event> {
+    fn recv_timeout(&mut self, wait: Duration) -> Result<Event, RecvTimeoutError> {
+        crossbeam_channel::Receiver::recv_timeout(self, wait)
+    }
+    fn recv_deadline(&mut self, until: Instant) -> Result<Event, RecvTimeoutError> {
+        crossbeam_channel::Receiver::recv_deadline(self, until)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn control_loop<W: std::io::Write + Send + 'static>(
-    events: &crossbeam_channel::Receiver<Event>,
+    events: &mut dyn EventSource,
     ctl: &Arc<Mutex<W>>,
     version: u16,
     memory: &GuestMemory,
@@ -768,7 +806,17 @@ fn control_loop<W: std::io::Write + Send + 'static>(
         let wait = if postcopy.is_some() { Duration::from_millis(2) } else { Duration::from_millis(100) };
         let event = match events.recv_timeout(wait) {
             Ok(e) => e,
-            Err(_) => continue, // sample memory ~10×/s while waiting
+            Err(RecvTimeoutError::Timeout) => continue, // sample memory ~10×/s while waiting
+            // No stream can say anything more (the replay's input ended).
+            Err(RecvTimeoutError::Disconnected) => {
+                let missing = postcopy.as_ref().map_or(0, |pc| pc.placer.remaining());
+                let e = format!(
+                    "every channel ended in round {} without completing the migration{}",
+                    gate.current(),
+                    if missing > 0 { format!(" ({missing} discarded pages never arrived)") } else { String::new() }
+                );
+                return Err(if postcopy.is_some() { MigrationError::Postcopy(e) } else { MigrationError::Other(e) });
+            }
         };
         let in_postcopy = |e: MigrationError| if postcopy.is_some() { MigrationError::Postcopy(e.to_string()) } else { e };
         match event {
