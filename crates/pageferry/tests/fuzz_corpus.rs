@@ -121,6 +121,60 @@ fn the_destination_harness_allows_only_pages_of_correct_packets() {
     assert!(e.to_string().contains("CRC"), "{e}");
 }
 
+/// A hostile source ends postcopy's round with discarded pages still missing, then sends a
+/// page of the next round: the destination must refuse it, not write it into memory whose
+/// missing pages block the writer until the source sends them (it never will: before the fix
+/// the reader, and so the whole destination, hung for good).
+#[test]
+fn a_page_of_a_later_round_after_the_postcopy_switchover_is_refused() {
+    let (name, seed) = seeds("destination").into_iter().find(|(n, _)| n.starts_with("ok-none-postcopy")).expect("a postcopy seed");
+    let input = DestinationInput::parse(&seed).unwrap();
+    let mut ctl = input.control;
+    read_frame(&mut ctl).unwrap();
+    let pc_round = std::iter::from_fn(|| read_frame(&mut ctl).ok())
+        .find_map(|f| match f.msg {
+            pageferry::wire::Control::Postcopy { round, .. } => Some(round),
+            _ => None,
+        })
+        .expect("a Postcopy frame");
+    let (mut data, urgent) = (input.streams[0], input.streams[1]);
+    let whole = data;
+    read_frame(&mut data).unwrap();
+    // The pre-copy rounds as recorded, then postcopy's Sync with none of its pages, then a
+    // raw page of the round after it, on a page the switchover discarded.
+    let mut n = 0u64;
+    let mut method = None;
+    while let Ok(h) = PacketHeader::decode(data[..32].try_into().unwrap()) {
+        if h.round >= pc_round {
+            break;
+        }
+        method = Some(h.method);
+        data = &data[h.wire_len()..];
+        n += 1;
+    }
+    let method = method.unwrap();
+    let mut stream = whole[..whole.len() - data.len()].to_vec();
+    stream.extend(pageferry::wire::encode_packet(&PacketHeader::sync(method, pc_round, n), &[], &[]));
+    let mut offsets = Vec::new();
+    pageferry::wire::encode_offsets(&[(3, 1)], &[], &mut offsets);
+    let page = PacketHeader { kind: PacketKind::Pages, raw: true, method, region: 0, normal: 1, zero: 0, round: pc_round + 1, packet_num: n + 1, payload_len: PAGE_SIZE as u32 };
+    stream.extend(pageferry::wire::encode_packet(&page, &offsets, &[0x5A; PAGE_SIZE]));
+    let mut urgent_hello = urgent;
+    read_frame(&mut urgent_hello).unwrap();
+    let urgent = &urgent[..urgent.len() - urgent_hello.len()];
+    // Every pre-copy packet, the Postcopy frame, then the Sync and the late page.
+    let schedule: Vec<u8> = std::iter::repeat_n(1u8, n as usize).chain([0, 1, 1]).collect();
+    let bad = harness::destination_input(input.flags, input.control, &schedule, &[&stream, urgent]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(harness::destination(&bad).unwrap().map(|r| format!("{r:?}")).map_err(|e| e.to_string())));
+    let outcome = rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap_or_else(|_| panic!("{name}: the destination hangs on a page after postcopy's round"));
+    let e = match outcome {
+        Err(e) if e.contains("postcopy is not possible on this destination") => return eprintln!("skipped: {e}"),
+        r => r.expect_err("a page after postcopy's round must fail the migration"),
+    };
+    assert!(e.contains("after the switchover to postcopy"), "{e}");
+}
+
 // ---- recording the destination seeds ----
 
 /// What a recording proxy saw: each connection's bytes from the source (in connection

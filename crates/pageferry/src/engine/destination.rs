@@ -104,10 +104,6 @@ impl Gate {
     fn current(&self) -> u32 {
         self.state.lock().unwrap().round
     }
-    /// The placer when `round` is the postcopy round.
-    fn postcopy_placer(&self, round: u32) -> Option<Arc<Placer>> {
-        self.postcopy.lock().unwrap().as_ref().filter(|(r, _)| *r == round).map(|(_, p)| p.clone())
-    }
     fn fail(&self) {
         self.state.lock().unwrap().failed = true;
         self.cv.notify_all();
@@ -260,6 +256,11 @@ impl<S: Read> Reader<'_, S> {
         if *closed {
             return Err(WireError::malformed("packet", "pages after the final round").into());
         }
+        // Checked before the switchover began, applied after it (the switchover waits for
+        // packets being applied, see `start_postcopy`): its pages may be discarded already.
+        if self.gate.postcopy.lock().unwrap().is_some() {
+            return Err(WireError::malformed("packet", format!("of round {} sent before the destination reported postcopy running", h.round)).into());
+        }
         let region = self.region(&h)?;
         let mut runs = self.receive_offsets(&h, &region, bufs)?;
         let received = self.receive(hdr, &h, bufs, &mut runs)?;
@@ -281,7 +282,15 @@ impl<S: Read> Reader<'_, S> {
             return Err(WireError::malformed("packet", format!("number {} where {} was expected", h.packet_num, self.next_num)).into());
         }
         self.next_num += 1;
-        let placer = self.gate.postcopy_placer(h.round);
+        let switched = self.gate.postcopy.lock().unwrap().as_ref().map(|(r, p)| (*r, p.clone()));
+        let placer = match switched {
+            Some((r, p)) if r == h.round => Some(p),
+            // Every page of another round would be written straight into memory whose
+            // discarded pages are registered missing: the writer would block until the source
+            // sends them, and a hostile one never does.
+            Some((r, _)) => return Err(WireError::malformed("packet", format!("of round {} after the switchover to postcopy in round {r}", h.round)).into()),
+            None => None,
+        };
         if self.urgent && (h.kind == PacketKind::Sync || placer.is_none()) {
             return Err(WireError::malformed("urgent packet", format!("{:?} of round {} outside postcopy", h.kind, h.round)).into());
         }
@@ -704,8 +713,12 @@ fn start_postcopy<W: std::io::Write + Send + 'static>(
     gate: &Gate,
 ) -> Result<PostcopyRun, MigrationError> {
     let started = Instant::now();
+    // No packet is being applied while memory is registered and pages are discarded (a
+    // direct write into a discarded page would block on it); later ones see the placer.
+    let applying = gate.closed.write().unwrap();
     let placer = Arc::new(Placer::start(memory, discard).map_err(MigrationError::Postcopy)?);
     *gate.postcopy.lock().unwrap() = Some((round, placer.clone()));
+    drop(applying);
     let stop = Arc::new(FaultStop::new().map_err(MigrationError::Postcopy)?);
     let (p, st, c) = (placer.clone(), stop.clone(), ctl.clone());
     let fault_thread = std::thread::Builder::new()

@@ -129,8 +129,11 @@
 //!
 //! The destination is complete when every page of D is placed and all data channels synced
 //! round k+1; a page can arrive twice (requested while its background copy was on the way):
-//! the second copy is dropped. There is no digest (the guest runs before all memory is
-//! there), so a destination that requires verification refuses a postcopy source. After
+//! the second copy is dropped. Once it has switched, the destination refuses a packet of any
+//! other round, and one of the postcopy round that was checked before the switchover and
+//! applied during it (the source sends none before `PostcopyRunning`). There is no digest
+//! (the guest runs before all memory is there), so a destination that requires verification
+//! refuses a postcopy source. After
 //! `Postcopy` is written, any failure is a postcopy failure: the source never resumes, the
 //! destination keeps what arrived and leaves the guest blocked on the missing pages (it never
 //! reads zeros). There is no `--postcopy-recover`: recovering would need a reconnect handshake
