@@ -7,7 +7,7 @@
 //! {"timestamp":{"seconds":1764300000,"microseconds":12},"event":"MIGRATION","data":{"status":"setup"}}
 //! {"timestamp":…,"event":"MIGRATION","data":{"status":"active"}}
 //! {"timestamp":…,"event":"MIGRATION_PASS","data":{"pass":1,"round":0,"pages":262144}}
-//! {"timestamp":…,"event":"MIGRATION_ROUND","data":{"round":0,"pages":262144,"wire_bytes":…,"seconds":…,"raw_bytes_per_s":…,"wire_bytes_per_s":…,"dirty_pages":…,"expected_downtime_ms":…}}
+//! {"timestamp":…,"event":"MIGRATION_ROUND","data":{"round":0,"pages":262144,"wire_bytes":…,"seconds":…,"raw_bytes_per_s":…,"wire_bytes_per_s":…,"dirty_pages":…,"expected_downtime_ms":…,"overhead_ms":…,"fixed_ms":…}}
 //! {"timestamp":…,"event":"MIGRATION","data":{"status":"pre-switchover"}}
 //! {"timestamp":…,"event":"MIGRATION","data":{"status":"device"}}
 //! {"timestamp":…,"event":"MIGRATION_PASS","data":{"pass":3,"round":2,"pages":118}}

@@ -41,15 +41,81 @@ fn wire_err(channel: &str) -> impl FnOnce(WireError) -> MigrationError + '_ {
 }
 
 
-/// How long sending `remaining` guest bytes takes at `raw_rate` guest bytes per second: the
-/// switchover test against `--downtime-limit`. The rate is the last round's guest bytes moved
-/// per second, so compression counts — zstd at ratio 3 over a 1 Gbit/s link moves ~375 MB/s
-/// of guest memory, not 125 (an estimate from wire bytes per second, as QEMU's, would be
-/// pessimistic by the ratio and keep iterating rounds whose remainder already fits).
-pub(crate) fn switchover_estimate(remaining: f64, raw_rate: f64) -> Duration {
-    Duration::from_secs_f64(if raw_rate > 0.0 { remaining / raw_rate } else { 0.0 })
+/// Expected switchover downtime: `fixed` (what the switchover costs whatever is left, see
+/// [`SwitchoverModel`]) plus sending `remaining` guest bytes at `raw_rate` guest bytes per
+/// second — the test against `--downtime-limit`. The rate is guest bytes moved per second, so
+/// compression counts — zstd at ratio 3 over a 1 Gbit/s link moves ~375 MB/s of guest memory,
+/// not 125 (an estimate from wire bytes per second, as QEMU's, would be pessimistic by the
+/// ratio and keep iterating rounds whose remainder already fits).
+pub(crate) fn switchover_estimate(fixed: Duration, remaining: f64, raw_rate: f64) -> Duration {
+    fixed + Duration::from_secs_f64(if raw_rate > 0.0 { remaining / raw_rate } else { 0.0 })
 }
 
+/// What one pre-copy round measured, for [`SwitchoverModel::observe`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RoundTiming {
+    /// Guest bytes the round sent.
+    pub bytes: f64,
+    /// The whole round: first batch queued to the destination's `RoundDone`, seconds.
+    pub secs: f64,
+    /// The part of it after every batch was queued to a socket (the drain of the channels'
+    /// queues, the `Sync` round trip, the destination's work), seconds.
+    pub tail: f64,
+    /// Wire bytes the round put on the sockets, and how many of them only during `tail`.
+    pub wire: u64,
+    pub wire_in_tail: u64,
+    /// Collecting the dirty log after the round (the switchover does it once more), seconds.
+    pub collect: f64,
+}
+
+/// The switchover's fixed cost, measured live on every pre-copy round.
+///
+/// A round is modelled as `overhead + bytes / rate`. Its overhead is the time after every
+/// batch was queued to a socket (`tail`) less the time the bytes still unwritten then needed
+/// at the round's wire rate: what remains is the `Sync` round trip and the destination's
+/// per-round work, which the switchover pays again (its `Finish` and `Done`). The guest rate
+/// is the round's bytes over the round's time less that overhead (at most half the round is
+/// taken out), so a small round's rate is not made slow by its fixed part. The fixed cost of
+/// a switchover is the last dirty-log collection's time plus the largest overhead of the last
+/// [`SwitchoverModel::WINDOW`] rounds — that maximum is the margin for their spread on a
+/// loaded machine. Not in it: pausing the workload and the size of its device state (unknown
+/// before the pause; both small for this project's workloads, a few KiB of state), and the
+/// memory digests of verification, which `--downtime-limit` does not bound (see
+/// `MigrationReport::switchover_ms`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SwitchoverModel {
+    /// Per-round overheads, seconds, newest last (at most `WINDOW`).
+    overheads: std::collections::VecDeque<f64>,
+}
+
+/// The model's view after a round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RoundModel {
+    /// Guest bytes per second, the round's overhead taken out.
+    pub rate: f64,
+    /// This round's overhead, seconds.
+    pub overhead: f64,
+    /// The switchover's fixed cost predicted now.
+    pub fixed: Duration,
+}
+
+impl SwitchoverModel {
+    /// Rounds whose largest overhead counts.
+    pub const WINDOW: usize = 3;
+
+    pub fn observe(&mut self, t: &RoundTiming) -> RoundModel {
+        let secs = t.secs.max(1e-6);
+        let wire_rate = t.wire as f64 / secs;
+        let drain = if wire_rate > 0.0 { t.wire_in_tail as f64 / wire_rate } else { 0.0 };
+        let overhead = (t.tail - drain).clamp(0.0, secs / 2.0);
+        if self.overheads.len() == Self::WINDOW {
+            self.overheads.pop_front();
+        }
+        self.overheads.push_back(overhead);
+        let worst = self.overheads.iter().copied().fold(0.0, f64::max);
+        RoundModel { rate: t.bytes / (secs - overhead), overhead, fixed: Duration::from_secs_f64(t.collect.max(0.0) + worst) }
+    }
+}
 
 /// `auto`'s candidates: those of `auto` that the destination decodes (method and level, as
 /// its Welcome announced) and that open here, with their codec specs and the method code their
@@ -200,6 +266,11 @@ struct RunSummary {
     total_time: Duration,
     downtime: Duration,
     expected_downtime: Duration,
+    /// The fixed part of `expected_downtime` (see [`SwitchoverModel`]).
+    expected_fixed: Duration,
+    /// How much later the final state went out for the source's memory digest (see
+    /// [`SourceRun::last_round`]).
+    digest_wait: Duration,
     rounds: u32,
     pages_per_round: Vec<u64>,
     throttle_pct_per_round: Vec<u8>,
@@ -212,8 +283,8 @@ struct RunSummary {
 
 /// How pre-copy ended (when it did not give up).
 enum Precopy {
-    /// The dirty rest fits the downtime limit: this is the expected downtime.
-    Fits(Duration),
+    /// The dirty rest fits the downtime limit: the expected downtime, and its fixed part.
+    Fits { estimate: Duration, fixed: Duration },
     /// Switch to postcopy, because of this.
     Postcopy(String),
 }
@@ -345,14 +416,14 @@ impl<'a> SourceRun<'a> {
     fn migrate(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload) -> Result<(RunSummary, DestinationReport), MigrationError> {
         let mut dirty = DirtyPages::for_memory(self.memory);
         let mut pages_per_round = Vec::new();
-        let expected_downtime = match self.precopy(tracker, workload, &mut dirty, &mut pages_per_round)? {
-            Precopy::Fits(d) => d,
+        let (expected_downtime, expected_fixed) = match self.precopy(tracker, workload, &mut dirty, &mut pages_per_round)? {
+            Precopy::Fits { estimate, fixed } => (estimate, fixed),
             Precopy::Postcopy(why) => return self.postcopy(tracker, workload, dirty, pages_per_round, why),
         };
         // Switchover: pause, send the last dirty set and the device state.
         self.progress.event(&Event::Status(MigrationStatus::PreSwitchover));
         let paused_at = Instant::now();
-        let dest = self.switchover(tracker, workload, &mut dirty, &mut pages_per_round)?;
+        let (dest, digest_wait) = self.switchover(tracker, workload, &mut dirty, &mut pages_per_round)?;
         let downtime = paused_at.elapsed();
         self.tick(true);
         self.progress.finish();
@@ -360,6 +431,8 @@ impl<'a> SourceRun<'a> {
             total_time: self.t0.elapsed(),
             downtime,
             expected_downtime,
+            expected_fixed,
+            digest_wait,
             rounds: self.round + 1,
             pages_per_round,
             throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
@@ -376,23 +449,34 @@ impl<'a> SourceRun<'a> {
     fn precopy(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>) -> Result<Precopy, MigrationError> {
         tracker.collect(dirty)?;
         self.progress.event(&Event::Status(MigrationStatus::Active));
+        let mut model = SwitchoverModel::default();
         loop {
             let started = Instant::now();
             let wire_before = self.counters.wire();
             self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
             let pages = self.send_round(dirty)?;
+            let (queued, wire_queued) = (Instant::now(), self.counters.wire());
             self.wait_round_done()?;
             pages_per_round.push(pages);
-            let secs = started.elapsed().as_secs_f64().max(1e-6);
-            // Guest (raw) bytes moved per second in this round, compression and free zero
-            // pages included — not wire bytes per second.
-            let rate = pages as f64 * PAGE_SIZE as f64 / secs;
-            dirty.clear();
-            tracker.collect(dirty)?;
-            let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
-            let estimate = switchover_estimate(remaining, rate);
+            let (secs, tail) = (started.elapsed().as_secs_f64().max(1e-6), queued.elapsed().as_secs_f64());
             let wire_bytes = self.counters.wire() - wire_before;
+            dirty.clear();
+            let collect_started = Instant::now();
+            tracker.collect(dirty)?;
+            // Guest (raw) bytes moved per second in this round, compression and free zero
+            // pages included — not wire bytes per second — and the switchover's fixed cost.
+            let m = model.observe(&RoundTiming {
+                bytes: pages as f64 * PAGE_SIZE as f64,
+                secs,
+                tail,
+                wire: wire_bytes,
+                wire_in_tail: wire_before + wire_bytes - wire_queued,
+                collect: collect_started.elapsed().as_secs_f64(),
+            });
+            let rate = m.rate;
+            let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
+            let estimate = switchover_estimate(m.fixed, remaining, rate);
             self.progress.event(&Event::RoundFinished(RoundStats {
                 round: self.round,
                 pages,
@@ -402,43 +486,49 @@ impl<'a> SourceRun<'a> {
                 wire_bytes_per_s: wire_bytes as f64 / secs,
                 dirty_pages: dirty.count(),
                 expected_downtime_ms: estimate.as_secs_f64() * 1000.0,
+                overhead_ms: m.overhead * 1000.0,
+                fixed_ms: m.fixed.as_secs_f64() * 1000.0,
             }));
             if estimate <= self.config.downtime_limit {
-                return Ok(Precopy::Fits(estimate));
+                return Ok(Precopy::Fits { estimate, fixed: m.fixed });
             }
             self.auto_converge(workload, dirty.count() * PAGE_SIZE as u64, self.counters.wire() - wire_before)?;
             let rounds_done = self.round + 1;
             let out_of_time = rounds_done >= self.config.max_rounds || self.t0.elapsed() >= self.config.timeout;
-            if let Some(why) = self.postcopy_reason(rounds_done, out_of_time, pages, dirty.count(), rate) {
+            if let Some(why) = self.postcopy_reason(rounds_done, out_of_time, pages, dirty.count(), rate, m.fixed) {
                 return Ok(Precopy::Postcopy(why));
             }
             if out_of_time {
-                return Err(self.not_converged(rounds_done, remaining, rate, estimate));
+                return Err(self.not_converged(rounds_done, remaining, rate, estimate, m.fixed));
             }
             self.round += 1;
         }
     }
 
-    fn not_converged(&self, rounds_done: u32, remaining: f64, rate: f64, estimate: Duration) -> MigrationError {
+    fn not_converged(&self, rounds_done: u32, remaining: f64, rate: f64, estimate: Duration, fixed: Duration) -> MigrationError {
+        let limit = self.config.downtime_limit;
         let hint = match (&self.throttler, &self.throttle_unsupported) {
+            _ if fixed >= limit => "raise --downtime-limit: the switchover's fixed cost alone exceeds it (fewer channels' queues to drain, a faster link or a less loaded machine lower it)".into(),
             (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
             (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
             (None, None) => "raise --downtime-limit, --max-rounds or --timeout, lower the guest's dirty rate, or use --auto-converge".into(),
         };
         MigrationError::NotConverged(format!(
-            "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s that needs {:.0} ms, over the downtime limit of {} ms; {hint}; the source keeps running",
+            "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s the switchover needs {:.0} ms ({:.0} ms fixed + {:.0} ms for the pages), over the downtime limit of {} ms; {hint}; the source keeps running",
             self.t0.elapsed().as_secs_f64(),
             remaining / (1 << 20) as f64,
             rate / 1e6,
             estimate.as_secs_f64() * 1000.0,
-            self.config.downtime_limit.as_millis()
+            fixed.as_secs_f64() * 1000.0,
+            (estimate - fixed.min(estimate)).as_secs_f64() * 1000.0,
+            limit.as_millis()
         ))
     }
 
     /// Pause the workload, send the last dirty set and the device state (Finish), wait for
     /// Done. On failure before the commit point the workload is resumed here; after it, only
     /// the destination's own Abort allows that.
-    fn switchover(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>) -> Result<DestinationReport, MigrationError> {
+    fn switchover(&mut self, tracker: &mut dyn DirtyTracker, workload: &mut dyn SourceWorkload, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>) -> Result<(DestinationReport, Duration), MigrationError> {
         let state = workload.pause().map_err(|source| MigrationError::Workload { what: "pause", cause: source })?;
         self.progress.event(&Event::Status(MigrationStatus::Device));
         // Set once Finish is on the wire: the commit point (see the protocol doc in wire/).
@@ -465,18 +555,46 @@ impl<'a> SourceRun<'a> {
         }
     }
 
-    /// The final round (the guest is paused), Finish, and the destination's Done.
-    fn last_round(&mut self, tracker: &mut dyn DirtyTracker, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>, state: &[u8], committed: &mut bool) -> Result<DestinationReport, MigrationError> {
+    /// The final round (the guest is paused), Finish, and the destination's Done; with the
+    /// destination's report, how much later `Finish` went out because of the source's memory
+    /// digest: the digest runs while the last pages are sent, and `Finish` (which carries it)
+    /// waits for it; the wait counts from when the last pages were queued or, if later, when
+    /// the destination said it has them all (its `RoundDone`), since until then the switchover
+    /// was waiting for the pages anyway. It is verification's share of the downtime on this
+    /// side (the destination's hashing is its `verify_ms`).
+    fn last_round(&mut self, tracker: &mut dyn DirtyTracker, dirty: &mut DirtyPages, pages_per_round: &mut Vec<u64>, state: &[u8], committed: &mut bool) -> Result<(DestinationReport, Duration), MigrationError> {
         tracker.collect(dirty)?;
         self.round += 1;
         self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
         let memory = self.memory;
         let verify = self.config.verify;
-        let (pages, digest) = std::thread::scope(|s| {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let (pages, digest, digest_wait) = std::thread::scope(|s| {
             // The guest is paused: hash its memory while the last round travels.
-            let digest = s.spawn(move || verify.then(|| memory.digest()));
+            s.spawn(move || {
+                let _ = done_tx.send(verify.then(|| memory.digest()));
+            });
             let pages = self.send_round(dirty);
-            (pages, digest.join().expect("digest thread"))
+            let queued = Instant::now();
+            // While the digest runs, note when the destination has every page of this round.
+            let mut pages_in: Option<Instant> = None;
+            let mut ctl: Result<(), MigrationError> = Ok(());
+            let digest = loop {
+                if ctl.is_err() {
+                    break done_rx.recv().expect("digest thread");
+                }
+                crossbeam_channel::select! {
+                    recv(done_rx) -> d => break d.expect("digest thread"),
+                    recv(self.ctl_rx) -> m => match m {
+                        Ok(Ok((Control::RoundDone { round, .. }, _))) if round == self.round => pages_in = Some(Instant::now()),
+                        Ok(m) => ctl = self.unexpected(m),
+                        Err(_) => ctl = Err(MigrationError::Other("control channel reader stopped".into())),
+                    },
+                }
+            };
+            // (Pages not all in when the digest was ready: it delayed nothing.)
+            let digest_wait = pages_in.filter(|_| verify).map_or(Duration::ZERO, |t| t.max(queued).elapsed());
+            (pages.and_then(|p| ctl.map(|()| p)), digest, digest_wait)
         });
         pages_per_round.push(pages?);
         self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
@@ -486,7 +604,7 @@ impl<'a> SourceRun<'a> {
         self.control.send(&Control::Finish { round: self.round, digest }, state).map_err(wire_err("control channel"))?;
         *committed = true;
         self.watch.committed.store(true, Ordering::SeqCst);
-        self.wait_done()
+        Ok((self.wait_done()?, digest_wait))
     }
 
     /// Whether to switch to postcopy after a round that did not converge, and why.
@@ -494,7 +612,7 @@ impl<'a> SourceRun<'a> {
     /// With `--postcopy`: after `--postcopy-after-rounds` rounds; when rounds or time run out;
     /// or when pre-copy is projected not to converge in the rounds and time left — unless
     /// auto-converge can still raise the throttle (it gets its chance first).
-    fn postcopy_reason(&self, rounds_done: u32, out_of_time: bool, sent: u64, remaining: u64, rate: f64) -> Option<String> {
+    fn postcopy_reason(&self, rounds_done: u32, out_of_time: bool, sent: u64, remaining: u64, rate: f64, fixed: Duration) -> Option<String> {
         let pc = self.config.postcopy?;
         if pc.after_rounds.is_some_and(|n| rounds_done >= n) {
             return Some(format!("--postcopy-after-rounds {}", rounds_done));
@@ -509,10 +627,14 @@ impl<'a> SourceRun<'a> {
         }
         // Each round leaves `f` times the dirty pages of the one before.
         let f = remaining as f64 / sent.max(1) as f64;
-        let limit_bytes = self.config.downtime_limit.as_secs_f64() * rate;
+        // What the pages may take once the switchover's fixed cost is paid.
+        let limit_bytes = self.config.downtime_limit.saturating_sub(fixed).as_secs_f64() * rate;
         let remaining_bytes = remaining as f64 * PAGE_SIZE as f64;
         if f >= 0.9 {
             return Some(format!("pre-copy does not converge (each round leaves {:.0}% of the pages of the one before)", f * 100.0));
+        }
+        if limit_bytes <= 0.0 {
+            return Some(format!("the switchover's fixed cost ({:.0} ms) alone exceeds the downtime limit", fixed.as_secs_f64() * 1000.0));
         }
         let rounds_needed = ((limit_bytes / remaining_bytes).ln() / f.ln()).ceil().max(0.0);
         let time_needed = remaining_bytes / rate.max(1.0) / (1.0 - f);
@@ -586,6 +708,8 @@ impl<'a> SourceRun<'a> {
             total_time: self.t0.elapsed(),
             downtime: running.map_or(Duration::ZERO, |r| r - paused_at),
             expected_downtime: Duration::ZERO,
+            expected_fixed: Duration::ZERO,
+            digest_wait: Duration::ZERO,
             rounds: self.round + 1,
             pages_per_round,
             throttle_pct_per_round: std::mem::take(&mut self.throttle_per_round),
@@ -786,5 +910,74 @@ impl<'a> SourceRun<'a> {
                 m => self.unexpected(Ok(m))?,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: f64 = 1e-3;
+
+    fn round(secs: f64, tail: f64, wire_in_tail: u64) -> RoundTiming {
+        // 100 MB of guest memory over 50 MB of wire in `secs`.
+        RoundTiming { bytes: 100e6, secs, tail, wire: 50_000_000, wire_in_tail, collect: 2.0 * MS }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn the_estimate_is_the_fixed_cost_plus_the_remainder_at_the_rate() {
+        let fixed = Duration::from_millis(20);
+        assert_eq!(switchover_estimate(fixed, 8e6, 100e6), Duration::from_millis(100));
+        assert_eq!(switchover_estimate(Duration::ZERO, 8e6, 100e6), Duration::from_millis(80));
+        // Nothing left, or no rate measured: the fixed cost is all there is.
+        assert_eq!(switchover_estimate(fixed, 0.0, 100e6), fixed);
+        assert_eq!(switchover_estimate(fixed, 8e6, 0.0), fixed);
+    }
+
+    #[test]
+    fn a_tail_that_is_only_the_drain_of_queued_bytes_is_no_overhead() {
+        // 1 MB of 50 MB still unwritten when the last batch was queued: 20 ms at the round's
+        // wire rate, the whole tail.
+        let m = SwitchoverModel::default().observe(&round(1.0, 20.0 * MS, 1_000_000));
+        assert!(close(m.overhead, 0.0), "{m:?}");
+        assert!(close(m.rate, 100e6), "{m:?}");
+        assert_eq!(m.fixed, Duration::from_secs_f64(2.0 * MS), "only the dirty-log collection");
+    }
+
+    #[test]
+    fn the_tail_beyond_the_drain_is_overhead_taken_out_of_the_rate_and_into_the_fixed_cost() {
+        let m = SwitchoverModel::default().observe(&round(1.0, 50.0 * MS, 1_000_000));
+        assert!(close(m.overhead, 30.0 * MS), "{m:?}");
+        assert!(close(m.rate, 100e6 / 0.97), "the rate of the bytes, without the round's fixed part: {m:?}");
+        assert_eq!(m.fixed, Duration::from_secs_f64(32.0 * MS));
+        // So a remainder as big as this round is expected to take the round's own time.
+        let again = switchover_estimate(m.fixed, 100e6, m.rate).as_secs_f64() - 2.0 * MS;
+        assert!((again - 1.0).abs() < 1e-6, "{again}");
+    }
+
+    #[test]
+    fn the_fixed_cost_keeps_the_largest_overhead_of_the_last_three_rounds() {
+        let mut model = SwitchoverModel::default();
+        let overheads: Vec<f64> = [40.0, 10.0, 0.0, 0.0, 0.0]
+            .iter()
+            .map(|o| model.observe(&round(1.0, (20.0 + o) * MS, 1_000_000)).fixed.as_secs_f64() - 2.0 * MS)
+            .collect();
+        let want = [40.0, 40.0, 40.0, 10.0, 0.0];
+        for (got, want) in overheads.iter().zip(want) {
+            assert!((got - want * MS).abs() < 1e-6, "{overheads:?}");
+        }
+    }
+
+    #[test]
+    fn at_most_half_a_round_is_taken_as_overhead() {
+        // A round of a few batches: queued at once, then nearly all of it is the round trip.
+        let t = RoundTiming { bytes: 1e6, secs: 10.0 * MS, tail: 9.9 * MS, wire: 1_000_000, wire_in_tail: 0, collect: 0.0 };
+        let m = SwitchoverModel::default().observe(&t);
+        assert!(close(m.overhead, 5.0 * MS), "{m:?}");
+        assert!(close(m.rate, 1e6 / (5.0 * MS)), "{m:?}");
     }
 }

@@ -128,12 +128,27 @@ pub struct MigrationReport {
     /// Connecting, handshake and channel setup, seconds.
     pub setup_time_s: f64,
     /// Workload paused on the source → destination reports it running (includes verification
-    /// when `verify` is on; see `verify_ms`).
+    /// when `verify` is on: `digest_wait_ms` and `verify_ms`).
     pub downtime_ms: f64,
-    /// What the switchover test predicted for the last round: its dirty bytes over the guest
-    /// bytes per second of the round before (compression included).
+    /// The switchover downtime, what `--downtime-limit` bounds: `downtime_ms` less the memory
+    /// digests of verification (`digest_wait_ms` + `verify_ms`); equal to it with `--no-verify`.
+    #[serde(default)]
+    pub switchover_ms: f64,
+    /// What the switchover test predicted for the switchover downtime: its fixed cost
+    /// (`expected_fixed_ms`) plus the last round's dirty bytes at the guest bytes per second of
+    /// the round before (compression included).
     #[serde(default)]
     pub expected_downtime_ms: f64,
+    /// The fixed part of `expected_downtime_ms`, measured on the pre-copy rounds: the last
+    /// dirty-log collection plus the largest per-round overhead (sync round trip, the
+    /// destination's per-round work) of the last three rounds.
+    #[serde(default)]
+    pub expected_fixed_ms: f64,
+    /// How much later the source sent its final state because it was still hashing its memory
+    /// for verification (the hash runs while the last pages travel; this is the part of it
+    /// after they were all queued and at the destination), ms.
+    #[serde(default)]
+    pub digest_wait_ms: f64,
     /// Time the destination spent hashing memory for verification, ms.
     pub verify_ms: f64,
     /// Rounds, the final one included.
@@ -228,13 +243,26 @@ impl MigrationReport {
         line("total time:", format!("{:.3} s", self.total_time_s));
         line("setup time:", format!("{:.1} ms", self.setup_time_s * 1000.0));
         line("downtime:", if self.verified {
-            format!("{:.1} ms (of which {:.1} ms comparing memory digests)", self.downtime_ms, self.verify_ms)
+            format!(
+                "{:.1} ms (of which memory digests {:.1} ms: {:.1} ms waiting for the source's, {:.1} ms the destination's)",
+                self.downtime_ms,
+                self.digest_wait_ms + self.verify_ms,
+                self.digest_wait_ms,
+                self.verify_ms
+            )
         } else {
             format!("{:.1} ms", self.downtime_ms)
         });
         line("mechanisms:", self.mechanisms.join(" + "));
         if self.postcopy_reason.is_none() {
-            line("expected downtime:", format!("{:.1} ms (last round's dirty bytes at the guest bytes/s of the round before)", self.expected_downtime_ms));
+            line("switchover:", format!("{:.1} ms (downtime less the digests: what --downtime-limit bounds)", self.switchover_ms));
+            line(
+                "expected downtime:",
+                format!(
+                    "{:.1} ms ({:.1} ms fixed, measured per round, + the last round's dirty bytes at the guest bytes/s of the round before)",
+                    self.expected_downtime_ms, self.expected_fixed_ms
+                ),
+            );
         }
         line("rounds:", format!("{} (pages per round: {:?})", self.rounds, self.pages_per_round));
         if self.throttle_pct_per_round.iter().any(|&p| p > 0) {
@@ -400,8 +428,17 @@ pub struct RoundStats {
     pub wire_bytes_per_s: f64,
     /// Pages the guest dirtied meanwhile: the next round's work.
     pub dirty_pages: u64,
-    /// Downtime if the source switched over now, at this round's rate, milliseconds.
+    /// Downtime if the source switched over now (`fixed_ms` + the dirty pages at this round's
+    /// rate), milliseconds.
     pub expected_downtime_ms: f64,
+    /// This round's fixed overhead: its time after every batch was queued less the time the
+    /// bytes still unwritten then needed, milliseconds (taken out of `raw_bytes_per_s`).
+    #[serde(default)]
+    pub overhead_ms: f64,
+    /// The switchover's fixed cost predicted after this round (in `expected_downtime_ms`): the
+    /// dirty-log collection plus the largest overhead of the last three rounds, milliseconds.
+    #[serde(default)]
+    pub fixed_ms: f64,
 }
 
 impl std::fmt::Display for Event {

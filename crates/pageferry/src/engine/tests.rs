@@ -789,3 +789,104 @@ fn auto_against_a_destination_restricted_to_one_method_uses_only_that_method() {
     assert_eq!(names, ["none", "zlib:1"], "candidates against a zlib-only destination");
     assert!(a.shares[1].batches > 0, "{}", a.summary());
 }
+
+/// Keeps the source's round statistics.
+#[derive(Default)]
+struct Rounds(std::sync::Mutex<Vec<RoundStats>>);
+
+impl ProgressSink for Rounds {
+    fn update(&self, _p: &Progress) {}
+    fn event(&self, e: &Event) {
+        if let Event::RoundFinished(r) = e {
+            self.0.lock().unwrap().push(r.clone());
+        }
+    }
+}
+
+#[test]
+fn a_dirtying_migration_expects_a_measured_fixed_switchover_cost_and_reports_the_digests_apart() {
+    if let Err(e) = UffdTracker::probe() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    let src = test_memory([8192, 1024]);
+    let dst = empty_like(&src);
+    let mut tracker = UffdTracker::new();
+    let mut writer = Writer::start(src.clone(), 20);
+    let limit = std::time::Duration::from_millis(100);
+    let cfg = SourceConfig { codec: crate::codec::CodecSpec::new(named("zstd")), downtime_limit: limit, max_bandwidth: Some(200_000_000), ..Default::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let rounds = Rounds::default();
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &DestinationConfig::default()));
+        (run_source(&addr, &src, &mut tracker, &mut writer, &cfg, &rounds), d.join().unwrap())
+    });
+    let r = r.unwrap();
+    d.unwrap();
+    assert!(writer.writes.load(Ordering::SeqCst) > 0);
+    let rounds = rounds.0.into_inner().unwrap();
+    assert_eq!(rounds.len() as u32, r.rounds - 1, "one RoundFinished per pre-copy round");
+    for k in &rounds {
+        // Every round's estimate has a fixed part (at least the dirty-log collection), which
+        // holds at least this round's overhead, and the pages' part on top.
+        assert!(k.fixed_ms > 0.0 && k.fixed_ms >= k.overhead_ms && k.overhead_ms >= 0.0, "{k:?}");
+        assert!(k.expected_downtime_ms >= k.fixed_ms, "{k:?}");
+    }
+    // The switchover was decided on the last round's estimate, fixed part included.
+    let last = rounds.last().unwrap();
+    assert_eq!((r.expected_downtime_ms, r.expected_fixed_ms), (last.expected_downtime_ms, last.fixed_ms));
+    assert!(r.expected_fixed_ms > 0.0 && r.expected_downtime_ms >= r.expected_fixed_ms, "{}", r.render());
+    assert!(r.expected_downtime_ms <= limit.as_secs_f64() * 1000.0, "{}", r.render());
+    assert!(rounds[..rounds.len() - 1].iter().all(|k| k.expected_downtime_ms > limit.as_secs_f64() * 1000.0), "switched at the first round that fit");
+    // The downtime splits into the switchover and the two digests of verification.
+    assert!(r.verified);
+    assert!(r.digest_wait_ms >= 0.0 && r.verify_ms > 0.0);
+    assert!((r.switchover_ms + r.digest_wait_ms + r.verify_ms - r.downtime_ms).abs() < 0.01, "{}", r.render());
+    assert!(r.render().contains("switchover:"), "{}", r.render());
+    assert_eq!(src.digest(), dst.digest());
+}
+
+/// Every collection of the dirty log takes 30 ms and finds one page dirty.
+struct SlowCollect {
+    started: bool,
+}
+
+impl crate::dirty::DirtyTracker for SlowCollect {
+    fn start(&mut self, _memory: &GuestMemory) -> Result<(), crate::dirty::DirtyError> {
+        self.started = true;
+        Ok(())
+    }
+    fn collect(&mut self, into: &mut crate::dirty::DirtyPages) -> Result<(), crate::dirty::DirtyError> {
+        if std::mem::replace(&mut self.started, false) {
+            for i in 0..into.regions().len() {
+                into.region_mut(i).set_all();
+            }
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            into.region_mut(0).set_range(0, 1);
+        }
+        Ok(())
+    }
+    fn guest_may_write(&self) -> bool {
+        false
+    }
+    fn name(&self) -> &'static str {
+        "slow-collect"
+    }
+}
+
+#[test]
+fn a_switchover_whose_fixed_cost_alone_exceeds_the_limit_does_not_converge_and_says_so() {
+    // One dirty page is nothing to send, but collecting the dirty log (which the switchover
+    // does again with the guest paused) takes 30 ms: a 20 ms limit cannot be met, and the
+    // estimate knows it instead of switching over.
+    let src = test_memory([64, 16]);
+    let dst = empty_like(&src);
+    let mut w = CountingWorkload::default();
+    let cfg = SourceConfig { downtime_limit: std::time::Duration::from_millis(20), max_rounds: 3, ..Default::default() };
+    let (r, _d) = migrate(&src, &dst, &mut SlowCollect { started: false }, &mut w, cfg);
+    let msg = r.unwrap_err().to_string();
+    assert!(msg.contains("did not converge") && msg.contains("fixed cost alone exceeds"), "{msg}");
+    assert_eq!(w.pauses, 0, "never paused: the source keeps running");
+}
