@@ -507,14 +507,14 @@ impl<'a> SourceRun<'a> {
 
     fn not_converged(&self, rounds_done: u32, remaining: f64, rate: f64, estimate: Duration, fixed: Duration) -> MigrationError {
         let limit = self.config.downtime_limit;
+        let fixed_note = if fixed >= limit { "; its fixed part alone exceeds the limit (the sync round trip and the dirty-log collection, measured on the rounds: raise --downtime-limit)" } else { "" };
         let hint = match (&self.throttler, &self.throttle_unsupported) {
-            _ if fixed >= limit => "raise --downtime-limit: the switchover's fixed cost alone exceeds it (fewer channels' queues to drain, a faster link or a less loaded machine lower it)".into(),
             (_, Some(why)) => format!("--auto-converge could not throttle the workload ({why})"),
             (Some(t), None) => format!("auto-converge throttled the workload to {}% (a higher --cpu-throttle-initial or --cpu-throttle-increment gets there in fewer rounds, or raise --max-rounds)", t.pct()),
             (None, None) => "raise --downtime-limit, --max-rounds or --timeout, lower the guest's dirty rate, or use --auto-converge".into(),
         };
         MigrationError::NotConverged(format!(
-            "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s the switchover needs {:.0} ms ({:.0} ms fixed + {:.0} ms for the pages), over the downtime limit of {} ms; {hint}; the source keeps running",
+            "after {rounds_done} rounds and {:.1} s, {:.1} MiB are still dirty; at the measured {:.1} MB/s the switchover needs {:.0} ms ({:.0} ms fixed + {:.0} ms for the pages), over the downtime limit of {} ms{fixed_note}; {hint}; the source keeps running",
             self.t0.elapsed().as_secs_f64(),
             remaining / (1 << 20) as f64,
             rate / 1e6,
