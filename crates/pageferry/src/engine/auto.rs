@@ -128,6 +128,11 @@ impl AutoSelector {
         self.state.lock().unwrap().policy.record(choice, raw, wire, secs);
     }
 
+    /// A probe with a shadow: see [`Policy::record_pair`].
+    pub fn record_pair(&self, choice: &Choice, raw: u64, wire: u64, wire_cur: u64, secs: f64, secs_cur: f64) {
+        self.state.lock().unwrap().policy.record_pair(choice, raw, wire, wire_cur, secs, secs_cur);
+    }
+
     pub fn report(&self) -> AutoReport {
         self.state.lock().unwrap().policy.report()
     }

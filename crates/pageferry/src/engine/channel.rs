@@ -287,6 +287,27 @@ impl Pool {
     }
 }
 
+/// Time of one codec call for auto's paired probes: this thread's CPU time for a codec that
+/// runs on the CPU (a worker descheduled in the middle of one call would otherwise make it
+/// look several times slower than its pair on a busy machine), wall time for an accelerator.
+#[derive(Clone, Copy)]
+enum CodecClock {
+    Cpu(std::time::Duration),
+    Wall(std::time::Instant),
+}
+
+impl CodecClock {
+    fn start(hardware: bool) -> Self {
+        if hardware { CodecClock::Wall(std::time::Instant::now()) } else { CodecClock::Cpu(super::stats::thread_cpu_time()) }
+    }
+    fn secs(self) -> f64 {
+        match self {
+            CodecClock::Cpu(t0) => super::stats::thread_cpu_time().saturating_sub(t0).as_secs_f64(),
+            CodecClock::Wall(t0) => t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// What compressing a packet's pages gave.
 enum Compressed {
     Shrunk(Payload),
@@ -302,8 +323,14 @@ struct Worker {
     method: MethodCode,
     compresses: bool,
     /// What auto learns from this batch: raw and payload bytes, and the seconds it waited
-    /// for the link (socket queue full, no buffer back yet), which are not the worker's work.
+    /// for the link (socket queue full, no buffer back yet) or spent on a paired probe's
+    /// shadow, which are not the worker's work on the batch.
     learned: (u64, u64, f64),
+    /// auto, a probe with a shadow (`Choice::shadow`): raw bytes, the probe's and the shadow's
+    /// wire bytes and codec seconds, on the same input.
+    paired: (u64, u64, u64, f64, f64),
+    /// Output of the shadow compression (thrown away).
+    shadow_out: Vec<u8>,
     /// Compress a stable copy, not guest memory in place (see `Codec::tolerates_changing_input`).
     copy_for_codec: bool,
     pool: Pool,
@@ -322,7 +349,7 @@ impl Worker {
         let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let mut pool = Pool { tx, rx, allocated: 0, buf_len, waited: 0.0 };
         let scratch = pool.get();
-        let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), copy_for_codec: false, pool, scratch, to_socket };
+        let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), paired: (0, 0, 0, 0.0, 0.0), shadow_out: Vec::new(), copy_for_codec: false, pool, scratch, to_socket };
         if let Coder::Fixed(c, code) = &w.coder {
             (w.method, w.compresses) = (*code, c.compresses());
             w.copy_for_codec = (w.ctx.live && !c.tolerates_changing_input()) || !w.ctx.zero_copy;
@@ -333,8 +360,12 @@ impl Worker {
     /// auto: the candidate for this batch (maybe a probe), its codec opened.
     fn select(&mut self) -> Result<(), CodecError> {
         self.learned = (0, 0, 0.0);
+        self.paired = (0, 0, 0, 0.0, 0.0);
         if let Coder::Auto { selector, encoders } = &mut self.coder {
             let ch = selector.choose();
+            if let Some(j) = ch.shadow {
+                encoders.get(j)?;
+            }
             let c = encoders.get(ch.index)?;
             self.compresses = c.compresses();
             self.copy_for_codec = (self.ctx.live && !c.tolerates_changing_input()) || !self.ctx.zero_copy;
@@ -367,8 +398,13 @@ impl Worker {
             }
         }
         if let (Some(ch), Coder::Auto { selector, .. }) = (&self.choice, &self.coder) {
+            // The shadow is the policy's work, not the probe's.
             let secs = (started.elapsed().as_secs_f64() - self.learned.2 - self.pool.waited).max(1e-7);
             selector.record(ch, self.learned.0, self.learned.1, secs);
+            if ch.shadow.is_some() {
+                let (raw, wire, wire_cur, s, s_cur) = self.paired;
+                selector.record_pair(ch, raw, wire, wire_cur, s, s_cur);
+            }
         }
     }
 
@@ -412,7 +448,28 @@ impl Worker {
         let failure = &self.ctx.failure;
         let _slot = gate.as_ref().and_then(|g| g.enter(|| failure.is_set()));
         self.learned.2 += t.elapsed().as_secs_f64();
+        let paired = self.choice.and_then(|c| c.shadow).map(|j| (j, CodecClock::start(codec.hardware())));
         let r = codec.compress(input, &mut out);
+        if let (Some((j, clock)), Coder::Auto { encoders, .. }, Ok(got)) = (paired, &mut self.coder, &r) {
+            // auto's paired probe: the current candidate on the same bytes, for comparison.
+            let secs = clock.secs();
+            let wire = got.filter(|&n| n < n_bytes).unwrap_or(n_bytes);
+            let shadow = encoders.opened(j);
+            let need = shadow.max_compressed_len(n_bytes);
+            if self.shadow_out.len() < need {
+                self.shadow_out.resize(need, 0);
+            }
+            let clock = CodecClock::start(shadow.hardware());
+            let wall = std::time::Instant::now();
+            let wire_cur = match shadow.compress(input, &mut self.shadow_out) {
+                Ok(Some(n)) if n < n_bytes => n,
+                _ => n_bytes,
+            };
+            let p = &mut self.paired;
+            *p = (p.0 + n_bytes as u64, p.1 + wire as u64, p.2 + wire_cur as u64, p.3 + secs, p.4 + clock.secs());
+            // Not the probe's work: the policy's.
+            self.learned.2 += wall.elapsed().as_secs_f64();
+        }
         match r {
             Ok(Some(n)) if n < n_bytes => Ok(Compressed::Shrunk(Payload::Owned(out, n))),
             Ok(_) => {

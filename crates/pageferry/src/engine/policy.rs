@@ -5,11 +5,12 @@
 //! workers, then the link — and predicts its time per raw byte as
 //!
 //! ```text
-//! t(c)    = max( 1 / (cpu_rate(c) × cores),      ratio(c) / link_rate )
-//! t(none) = max( 1 / (cpu_rate(none) × workers),  1 / link_rate )
+//! t(c)    = pipeline( 1 / (cpu_rate(c) × cores),      ratio(c) / link_rate )
+//! t(none) = pipeline( 1 / (cpu_rate(none) × workers),  1 / link_rate )
 //! ```
 //!
-//! where `cpu_rate(c)` is raw bytes one worker turns into packets per second with `c` —
+//! where `pipeline(a, b)` is the slower stage's time, a little more when the stages are close
+//! ([`pipeline`]); `cpu_rate(c)` is raw bytes one worker turns into packets per second with `c` —
 //! measured by the engine as the worker's whole time on a batch (zero-page scan, gathering,
 //! the codec, checksums, and the time it waited for a core on a shared machine), but not the
 //! time it waited for the link (a full socket queue, buffers not yet back from the writer) —
@@ -39,6 +40,23 @@
 //! moved by half or more, brings every candidate back to [`AutoConfig::probe_gap`]. On a link
 //! faster than any compressor (loopback), probes are then a fraction of a percent of the
 //! batches instead of a few percent of the CPU.
+//!
+//! Probes are paired while the current candidate compresses: the worker compresses the probe's
+//! batch with the current candidate too (thrown away), so the two are compared on the same
+//! bytes — the ratio of their wire bytes and the difference of their codec CPU times — and a
+//! candidate's prediction is the current one's measurements adjusted by that. Unpaired, one
+//! probe measures mostly which batch it drew: on the silesia-like image a batch's ratio is
+//! anything from 1.5 to 10, while candidates differ by 5–10% on one batch (auto then switched
+//! 10 times in a 4-second migration at 1 Gbit/s). After a switch, the candidates that may
+//! compete are paired a few times at once.
+//!
+//! A candidate's CPU rate measured while it carried the migration (its "loaded" rate) is what
+//! the policy uses for it afterwards, for [`AutoConfig::loaded_ttl_s`] or until the link
+//! moves: probes and pairs measure codecs one batch at a time, under the load the current
+//! candidate makes, and miss what running everything with a slower codec costs once the
+//! workers compete for the cores (with the destination decoding on the same machine, over
+//! loopback). So a candidate that looked better on paper and was not is tried once.
+//!
 //! Zero pages cost nothing whatever the method, and a batch that does not shrink is sent raw
 //! by the channel worker, so neither needs a decision here.
 //!
@@ -130,6 +148,11 @@ pub struct AutoConfig {
     pub backoff_above: f64,
     /// ... up to this many batches.
     pub max_probe_gap: u32,
+    /// A CPU rate measured while a candidate carried the migration counts this many seconds
+    /// after it stopped doing so (probes and pairs measure codecs one batch at a time, and
+    /// miss what running everything on one costs: the destination decoding it on a shared
+    /// machine, every worker competing for the cores).
+    pub loaded_ttl_s: f64,
     /// Add compressing methods that run on an accelerator here (qatzip with a QAT device),
     /// when the destination decodes them. The CLI sets it off when `--auto-candidates`
     /// names the candidates.
@@ -148,6 +171,7 @@ impl Default for AutoConfig {
             probe_gap: 16,
             backoff_above: 1.3,
             max_probe_gap: 1024,
+            loaded_ttl_s: 20.0,
             hardware_candidates: true,
         }
     }
@@ -167,6 +191,21 @@ impl Default for AutoConfig {
 pub fn default_candidates() -> Vec<Candidate> {
     let list: &[&str] = if crate::codec::deflate_backend_name(1) == "libdeflate" { &["none", "zstd:-3", "zstd:1", "zstd:3"] } else { &["none", "zlib:1", "zstd:1", "zstd:3"] };
     list.iter().map(|c| c.parse().expect("registered methods")).collect()
+}
+
+/// Seconds per raw byte of the two-stage pipeline (workers, then link) whose stages take `a`
+/// and `b`: the slower stage's, and somewhat more when the two are close — batches differ
+/// (one compresses 2:1, the next 8:1), the queue between the stages holds a few batches, so
+/// a balanced pipeline stalls now one stage, now the other. `(a^k + b^k)^(1/k)` with k = 8
+/// adds 9% when the stages are equal and under 1% once one is 1.4 times the other. (With
+/// the plain maximum, zstd:3 at 1 Gbit/s on this project's 2-core machine looked link bound
+/// by 6% and ran CPU bound.)
+pub fn pipeline(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    if m <= 0.0 || !m.is_finite() {
+        return m;
+    }
+    m * ((a / m).powi(8) + (b / m).powi(8)).powf(1.0 / 8.0)
 }
 
 /// What the data channels' writers did during one window.
@@ -210,6 +249,10 @@ pub struct Choice {
     pub candidate: Candidate,
     /// Sent with a non-current candidate to measure it.
     pub probe: bool,
+    /// A probe of a compressing candidate while the current one compresses too: the worker
+    /// also compresses the batch with this one (the current candidate, by index) and throws
+    /// the result away, so both are measured on the same bytes ([`Policy::record_pair`]).
+    pub shadow: Option<usize>,
 }
 
 /// Moving estimates for one candidate.
@@ -219,7 +262,31 @@ struct Estimate {
     cpu_rate: Option<f64>,
     /// Wire bytes per raw byte.
     ratio: Option<f64>,
+    /// `cpu_rate` measured while this candidate carried the migration (every worker on it,
+    /// the destination decoding it), and when (seconds on the policy's clock). Probes run
+    /// one batch at a time under whatever load the current candidate makes, so they tell how
+    /// fast a codec is, not how fast it is once everything runs on it.
+    loaded: Option<(f64, f64)>,
 }
+
+/// Paired measurements of one candidate against the current one on the same batches
+/// (sums, decayed to the last [`PAIR_HORIZON`] raw bytes): the ratio of their wire bytes
+/// and the difference of their codec times. Batches differ far more from each other than
+/// candidates do on one batch (the silesia-like image changes content every 512 KiB, ratios
+/// 1.5 to 10), so unpaired probes, one batch each, compare mostly which batch they drew.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pair {
+    raw: f64,
+    wire: f64,
+    wire_cur: f64,
+    secs: f64,
+    secs_cur: f64,
+}
+
+/// Raw bytes of paired samples a [`Pair`] remembers.
+const PAIR_HORIZON: f64 = (16u64 << 20) as f64;
+/// Raw bytes paired at once after a switch (four 512 KiB batches).
+const PAIR_FIRST: f64 = (2u64 << 20) as f64;
 
 /// Measurements of the current window, per candidate.
 #[derive(Clone, Copy, Debug, Default)]
@@ -238,6 +305,9 @@ pub struct AutoShare {
     pub batches: u64,
     /// Of which probes.
     pub probes: u64,
+    /// Of those, probes compared with the current candidate on the same bytes (paired).
+    #[serde(default)]
+    pub paired: u64,
     /// Raw (non-zero) bytes these batches carried.
     pub raw_bytes: u64,
     /// Wire bytes of their payloads.
@@ -301,6 +371,8 @@ pub struct Policy {
     gap: Vec<u32>,
     due: Vec<u64>,
     probe_secs: f64,
+    /// Per candidate: paired against the current one (reset when the current one changes).
+    pairs: Vec<Pair>,
     report: AutoReport,
 }
 
@@ -340,6 +412,7 @@ impl Policy {
             gap,
             due: vec![0; n],
             probe_secs: 0.0,
+            pairs: vec![Pair::default(); n],
             report: AutoReport { cores, shares, ..Default::default() },
         }
     }
@@ -364,9 +437,10 @@ impl Policy {
         self.batches += 1;
         if let Some(i) = self.probe_target(now) {
             self.since_probe = 0;
-            return Choice { index: i, candidate: self.cands[i], probe: true };
+            let shadow = (self.cands[i].compresses() && self.current().compresses()).then_some(self.current);
+            return Choice { index: i, candidate: self.cands[i], probe: true, shadow };
         }
-        Choice { index: self.current, candidate: self.cands[self.current], probe: false }
+        Choice { index: self.current, candidate: self.cands[self.current], probe: false, shadow: None }
     }
 
     fn probe_target(&mut self, now: f64) -> Option<usize> {
@@ -375,6 +449,16 @@ impl Policy {
         // every candidate's numbers.
         if let Some(i) = (1..n).find(|&i| i != self.current && !self.measured(i)) {
             return (self.since_probe >= 2).then_some(i);
+        }
+        // A compressing current one: candidates that may compete with it and have few pairs
+        // with it yet are paired at once (every other batch, a few times after each switch).
+        if self.current().compresses() {
+            if let Some(i) = (1..n).find(|&i| i != self.current && self.gap[i] <= self.cfg.probe_gap && self.pairs[i].raw < PAIR_FIRST) {
+                return (self.since_probe >= 2).then(|| {
+                    self.due[i] = self.batches + self.gap[i] as u64;
+                    i
+                });
+            }
         }
         // Candidates other than the current one whose turn has come (the earliest first),
         // one probe per `probe_gap` batches at most, within the CPU budget.
@@ -432,6 +516,63 @@ impl Policy {
         s.wire_bytes += wire;
     }
 
+    /// A probe planned with `choice.shadow` compressed its `raw` bytes into `wire` bytes in
+    /// `secs` of codec time, and the current candidate (the shadow, thrown away) into
+    /// `wire_cur` in `secs_cur`. Call it besides [`Policy::record`] for the same batch.
+    /// Ignored when the current candidate changed since the choice.
+    pub fn record_pair(&mut self, choice: &Choice, raw: u64, wire: u64, wire_cur: u64, secs: f64, secs_cur: f64) {
+        self.probe_secs += secs_cur;
+        if choice.shadow != Some(self.current) || raw == 0 || wire_cur == 0 {
+            return;
+        }
+        self.report.shares[choice.index].paired += 1;
+        let p = &mut self.pairs[choice.index];
+        let raw = raw as f64;
+        if p.raw + raw > PAIR_HORIZON {
+            let keep = (PAIR_HORIZON - raw).max(0.0) / p.raw;
+            *p = Pair { raw: p.raw * keep, wire: p.wire * keep, wire_cur: p.wire_cur * keep, secs: p.secs * keep, secs_cur: p.secs_cur * keep };
+        }
+        p.raw += raw;
+        p.wire += wire as f64;
+        p.wire_cur += wire_cur as f64;
+        p.secs += secs;
+        p.secs_cur += secs_cur;
+    }
+
+    /// Candidate `i`'s wire bytes per raw byte and one worker's raw bytes per second, as far
+    /// as known: the current candidate's own; another's from pairs with the current one when
+    /// there are any, its loaded CPU rate when it carried the migration lately; else from
+    /// its probes.
+    fn estimate(&self, i: usize) -> (Option<f64>, Option<f64>) {
+        let e = self.est[i];
+        if i == self.current {
+            return (e.ratio, e.loaded.map(|l| l.0).or(e.cpu_rate));
+        }
+        let cur = self.est[self.current];
+        let cur_rate = cur.loaded.map(|l| l.0).or(cur.cpu_rate);
+        let p = self.pairs[i];
+        let paired = p.raw > 0.0 && p.wire_cur > 0.0;
+        let ratio = match (paired, cur.ratio) {
+            (true, Some(q)) => Some((q * p.wire / p.wire_cur).min(1.0)),
+            _ => e.ratio,
+        };
+        let rate = match (e.loaded, paired, cur_rate) {
+            (Some((r, _)), _, _) => Some(r),
+            (None, true, Some(rc)) => {
+                // The current one's whole time per byte, plus the codec time the candidate
+                // needs more (or less) on the same bytes, stretched as much as the current
+                // one's whole time is longer than its codec time (a worker that gets half a
+                // core needs twice its codec time).
+                let s_cur = 1.0 / rc;
+                let stretch = if p.secs_cur > 0.0 { (s_cur / (p.secs_cur / p.raw)).clamp(1.0, 4.0) } else { 1.0 };
+                let s = s_cur + stretch * (p.secs - p.secs_cur) / p.raw;
+                Some(1.0 / s.max(0.1 * s_cur))
+            }
+            _ => e.cpu_rate,
+        };
+        (ratio, rate)
+    }
+
     /// Has candidate `i` a measurement (an estimate, or a sample in this window)?
     fn measured(&self, i: usize) -> bool {
         self.est[i].ratio.is_some() || self.win[i].raw > 0
@@ -447,12 +588,12 @@ impl Policy {
     /// Predicted seconds per raw byte with candidate `i`, if it has been measured.
     fn predict(&self, i: usize) -> Option<f64> {
         let link = self.link?;
-        let e = self.est[i];
+        let (ratio, rate) = self.estimate(i);
         if !self.cands[i].compresses() {
             // Sends every batch raw; its worker stage (scan, checksums) counts when measured.
-            return Some(e.cpu_rate.map_or(0.0, |r| 1.0 / (r * self.workers)).max(1.0 / link));
+            return Some(pipeline(rate.map_or(0.0, |r| 1.0 / (r * self.workers)), 1.0 / link));
         }
-        Some((1.0 / (e.cpu_rate? * self.cores)).max(e.ratio? / link))
+        Some(pipeline(1.0 / (rate? * self.cores), ratio? / link))
     }
 
     /// End the window: fold in its measurements and the link sample, maybe switch. Returns
@@ -470,8 +611,17 @@ impl Policy {
             if a.secs > 0.0 {
                 let rate = a.raw as f64 / a.secs;
                 e.cpu_rate = Some(e.cpu_rate.map_or(rate, |r| r + w * (rate - r)));
+                if i == self.current {
+                    e.loaded = Some((e.loaded.map_or(rate, |(r, _)| r + w * (rate - r)), now));
+                }
             }
             *a = Acc::default();
+        }
+        // Loaded rates of other candidates age: the machine's load moves too.
+        for (i, e) in self.est.iter_mut().enumerate() {
+            if i != self.current && e.loaded.is_some_and(|(_, at)| now - at > self.cfg.loaded_ttl_s) {
+                e.loaded = None;
+            }
         }
         let mut link_moved = false;
         if let Some(r) = link.rate() {
@@ -483,6 +633,11 @@ impl Policy {
                     r
                 }
             });
+        }
+        if link_moved {
+            // Another link, another balance between the stages: measure again.
+            let cur = self.current;
+            self.est.iter_mut().enumerate().filter(|&(i, _)| i != cur).for_each(|(_, e)| e.loaded = None);
         }
         self.win_start = now;
         self.win_batches = 0;
@@ -501,9 +656,14 @@ impl Policy {
         let switch = best != self.current && t_cur.is_none_or(|t| t_best < t * (1.0 - self.cfg.hysteresis));
         let gib = (1u64 << 30) as f64;
         let describe = |i: usize, t: f64| {
-            let e = self.est[i];
-            match (self.cands[i].compresses(), e.cpu_rate, e.ratio) {
-                (_, Some(r), Some(q)) => format!("{} {:.2} s/GiB ({:.0} MB/s per core, ratio {:.2})", self.cands[i], t * gib, r / 1e6, 1.0 / q),
+            let how = match (i == self.current, self.est[i].loaded.is_some(), self.pairs[i].raw > 0.0) {
+                (true, _, _) => "",
+                (false, true, _) => ", loaded",
+                (false, false, true) => ", paired",
+                _ => "",
+            };
+            match self.estimate(i) {
+                (Some(q), Some(r)) => format!("{} {:.2} s/GiB ({:.0} MB/s per core, ratio {:.2}{how})", self.cands[i], t * gib, r / 1e6, 1.0 / q),
                 _ => format!("{} {:.2} s/GiB", self.cands[i], t * gib),
             }
         };
@@ -515,6 +675,16 @@ impl Policy {
         );
         if switch {
             reason.push_str(&format!("; switched from {}", self.current()));
+            // Pairs compare with the current candidate: keep what they said as the plain
+            // estimates, and pair again with the new one.
+            for i in 0..self.cands.len() {
+                if i != self.current && self.pairs[i].raw > 0.0 {
+                    let (ratio, rate) = self.estimate(i);
+                    let e = &mut self.est[i];
+                    (e.ratio, e.cpu_rate) = (ratio.or(e.ratio), rate.or(e.cpu_rate));
+                }
+            }
+            self.pairs.iter_mut().for_each(|p| *p = Pair::default());
             self.current = best;
             self.report.switches += 1;
             self.report.switch_log.push((now - self.start, self.current().to_string(), reason.clone()));
@@ -817,6 +987,106 @@ mod tests {
         assert!(p.current().compresses(), "{}", p.report().last_reason);
         let near = p.gap.iter().filter(|&&g| g == p.cfg.probe_gap).count();
         assert!(near >= 2, "{:?}", p.gap);
+    }
+
+    /// Batch `k`'s compressibility, a factor on every candidate's ratio: on the silesia-like
+    /// image batches differ far more from each other than candidates do on one batch.
+    fn content(k: u64) -> f64 {
+        [0.5, 1.0, 2.5, 0.7, 1.6, 3.0, 0.6, 1.2][(k.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize]
+    }
+
+    /// Drive `p` through `windows` windows of 64 batches on a `link` (wire bytes/s) with two
+    /// workers, batch `k` of content `content(k)`. `world(c, carrying)`: candidate c's raw
+    /// bytes/s per worker (when `carrying`: c is the current one, every worker on it) and
+    /// ratio. Paired probes are recorded as the engine does. Returns batches per candidate.
+    fn drive(p: &mut Policy, now: &mut f64, k: &mut u64, windows: usize, link: f64, world: impl Fn(Candidate, bool) -> (f64, f64)) -> std::collections::HashMap<Candidate, u64> {
+        let mut used = std::collections::HashMap::new();
+        let cur_of = |p: &Policy, i: usize| p.candidates()[i];
+        for _ in 0..windows {
+            let (t0, mut wire_w) = (*now, 0u64);
+            for _ in 0..64 {
+                *k += 1;
+                let ch = p.choose(*now);
+                *used.entry(ch.candidate).or_insert(0) += 1;
+                let wire_of = |c: Candidate| match world(c, false).1 {
+                    _ if !c.compresses() => BATCH,
+                    r => ((BATCH as f64 / (r * content(*k))) as u64).min(BATCH),
+                };
+                let (rate, _) = world(ch.candidate, !ch.probe);
+                let (wire, secs) = if ch.candidate.compresses() { (wire_of(ch.candidate), BATCH as f64 / rate) } else { (BATCH, 0.0) };
+                p.record(&ch, BATCH, wire, secs);
+                if let Some(j) = ch.shadow {
+                    let cur = cur_of(p, j);
+                    p.record_pair(&ch, BATCH, wire, wire_of(cur), BATCH as f64 / world(ch.candidate, false).0, BATCH as f64 / world(cur, false).0);
+                }
+                *now += (secs / 2.0).max(wire as f64 / link);
+                wire_w += wire;
+            }
+            let link_s = wire_w as f64 / link;
+            p.decide(*now, LinkSample { wire_bytes: wire_w, busy_s: 2.0 * link_s, writers: 2, wall_s: *now - t0, cap: Some(link) });
+        }
+        used
+    }
+
+    #[test]
+    fn paired_probes_see_through_batches_that_differ() {
+        // 100 Mbit/s, every candidate link bound: the best ratio wins. zstd:1 (3.06) beats
+        // zlib:1 (2.83) by 8% on every batch, but one batch differs from the next by up to 6x.
+        // Paired with the current candidate on the same batches, the probes see the 8%; the
+        // policy settles on zstd:1 and stays.
+        let (z, d) = ("zstd:1".parse::<Candidate>().unwrap(), "zlib:1".parse::<Candidate>().unwrap());
+        let world = |c: Candidate, _| if c == z { (340e6, 3.06) } else if c == d { (480e6, 2.83) } else { (5e9, 1.0) };
+        for start in [z, d] {
+            let mut p = Policy::new(&[z, d], AutoConfig::default(), 2, 0.0);
+            // Start from one or the other: the first decision, from unpaired probes, may pick either.
+            p.current = p.candidates().iter().position(|&c| c == start).unwrap();
+            let (mut now, mut k) = (0.0, 0);
+            let used = drive(&mut p, &mut now, &mut k, 60, 12.5e6, world);
+            assert_eq!(p.current(), z, "from {start}: {}", p.report().last_reason);
+            assert!(p.report().switches <= 1, "from {start}: {:?}", p.report().switch_log);
+            assert!(used[&z] > 60 * 64 * 8 / 10, "from {start}: {used:?}");
+        }
+    }
+
+    #[test]
+    fn a_candidate_slower_than_its_probes_promised_is_tried_once() {
+        // 1 Gbit/s. Probed one batch at a time, zstd:3 (ratio 3.34, 250 MB/s per core) keeps
+        // the link full on two cores and beats zstd:1 on ratio; carrying the migration its
+        // workers get a fraction of their cores (the destination decodes on the same
+        // machine) and it falls to 120 MB/s per worker: CPU bound, slower than zstd:1. The
+        // policy tries it, goes back, and does not try again while that measurement is fresh.
+        let (z1, z3) = ("zstd:1".parse::<Candidate>().unwrap(), "zstd:3".parse::<Candidate>().unwrap());
+        let world = |c: Candidate, carrying: bool| {
+            if c == z1 {
+                (340e6, 3.06)
+            } else if c == z3 {
+                (if carrying { 120e6 } else { 250e6 }, 3.34)
+            } else {
+                (5e9, 1.0)
+            }
+        };
+        let mut p = Policy::new(&[z1, z3], AutoConfig { hysteresis: 0.03, ..Default::default() }, 2, 0.0);
+        p.current = 1;
+        let (mut now, mut k) = (0.0, 0);
+        drive(&mut p, &mut now, &mut k, 80, 125e6, world);
+        assert!(now < p.cfg.loaded_ttl_s, "the test needs fresh measurements: {now} s");
+        assert_eq!(p.current(), z1, "{}", p.report().last_reason);
+        let to_z3 = p.report().switch_log.iter().filter(|s| s.1 == "zstd:3").count();
+        assert_eq!(to_z3, 1, "{:?}", p.report().switch_log);
+        // Once the link moves, the old measurement no longer holds.
+        assert!(p.est[2].loaded.is_some());
+        drive(&mut p, &mut now, &mut k, 2, 12.5e6, world);
+        assert!(p.est[2].loaded.is_none() || p.current() == z3, "{}", p.report().last_reason);
+    }
+
+    #[test]
+    fn the_pipeline_time_is_the_slower_stage_and_more_when_they_are_close() {
+        assert_eq!(pipeline(0.0, 2.0), 2.0);
+        assert_eq!(pipeline(3.0, 0.0), 3.0);
+        let equal = pipeline(1.0, 1.0);
+        assert!((equal - 2f64.powf(1.0 / 8.0)).abs() < 1e-12, "{equal}");
+        assert!(pipeline(1.0, 1.4) < 1.4 * 1.01 && pipeline(1.0, 1.4) > 1.4);
+        assert_eq!(pipeline(1.0, 2.0), pipeline(2.0, 1.0));
     }
 
     #[test]

@@ -769,6 +769,33 @@ fn auto_changes_its_choice_when_the_link_slows_down_mid_migration() {
 }
 
 #[test]
+fn auto_pairs_its_probes_with_the_compressing_current_candidate() {
+    // A slow link: auto compresses, and its probes of the other compressor are paired (the
+    // worker compresses the same batch with the current candidate too, and throws that away).
+    // The pages arrive intact whichever candidate carried them.
+    let src = text_memory(8192);
+    let dst = empty_like(&src);
+    let limiter = Arc::new(ratelimit::RateLimiter::new(40_000_000));
+    let auto = policy::AutoConfig { candidates: vec!["zstd:1".parse().unwrap(), "zlib:1".parse().unwrap()], ..Default::default() };
+    let cfg = SourceConfig { auto: Some(auto), limiter: Some(limiter), ..Default::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &DestinationConfig::default()));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    let r = r.unwrap();
+    d.unwrap();
+    assert_eq!(src.digest(), dst.digest());
+    let a = r.auto.expect("auto report");
+    assert!(a.share_of("none") < 0.2, "{}", a.summary());
+    let paired: u64 = a.shares.iter().map(|s| s.paired).sum();
+    assert!(paired > 0, "no paired probe: {a:?}");
+    assert!(a.shares.iter().all(|s| s.paired <= s.probes), "{a:?}");
+}
+
+#[test]
 fn auto_against_a_destination_restricted_to_one_method_uses_only_that_method() {
     let src = test_memory([2048, 256]);
     let dst = empty_like(&src);
