@@ -467,10 +467,11 @@ impl Policy {
         if let Some(i) = (1..n).find(|&i| i != self.current && !self.measured(i)) {
             return (self.since_probe >= 2).then_some(i);
         }
-        // A compressing current one: candidates that may compete with it and have few pairs
-        // with it yet are paired at once (every other batch, a few times after each switch).
+        // A compressing current one: the other compressors, with few pairs with it yet, are
+        // paired at once (every other batch, a few times after each switch) — those backed
+        // off too, whose estimates may come from one unpaired probe under other conditions.
         if self.current().compresses() {
-            if let Some(i) = (1..n).find(|&i| i != self.current && self.gap[i] <= self.cfg.probe_gap && self.pairs[i].raw < PAIR_FIRST) {
+            if let Some(i) = (1..n).find(|&i| i != self.current && self.pairs[i].raw < PAIR_FIRST) {
                 return (self.since_probe >= 2).then(|| {
                     self.due[i] = self.batches + self.gap[i] as u64;
                     i
@@ -1109,6 +1110,34 @@ mod tests {
         assert!(p.est[2].loaded.is_some());
         drive(&mut p, &mut now, &mut k, 2, 12.5e6, world);
         assert!(p.est[2].loaded.is_none() || p.current() == z3, "{}", p.report().last_reason);
+    }
+
+    #[test]
+    fn after_a_switch_every_other_compressor_is_paired_at_once() {
+        // zstd:3 looked hopeless in the first window (one unpaired probe under start-up load
+        // said 60 MB/s per core) and was backed off; once a compressor carries the migration
+        // it is paired with it within a few dozen batches all the same, and judged on that.
+        let (z1, z3, d) = ("zstd:1".parse::<Candidate>().unwrap(), "zstd:3".parse::<Candidate>().unwrap(), "zlib:1".parse::<Candidate>().unwrap());
+        let mut p = Policy::new(&[z1, z3, d], AutoConfig::default(), 2, 0.0);
+        let i3 = p.candidates().iter().position(|&c| c == z3).unwrap();
+        p.est[i3] = Estimate { cpu_rate: Some(60e6), ratio: Some(1.0 / 3.3), loaded: None };
+        p.gap[i3] = 512;
+        p.due[i3] = 1 << 20;
+        let id = p.candidates().iter().position(|&c| c == d).unwrap();
+        p.current = id;
+        let mut pairs = 0;
+        for k in 0..40u64 {
+            let ch = p.choose(k as f64 * 0.001);
+            p.record(&ch, BATCH, BATCH / 3, 0.001);
+            if let Some(j) = ch.shadow {
+                assert_eq!(j, id);
+                p.record_pair(&ch, BATCH, BATCH / 3, BATCH / 3, 0.001, 0.001);
+                pairs += 1;
+            }
+        }
+        assert!(p.pairs[i3].raw >= PAIR_FIRST, "{:?} after {pairs} pairs", p.pairs[i3]);
+        assert!(p.pairs.iter().enumerate().all(|(i, q)| i == 0 || i == id || q.raw >= PAIR_FIRST), "{:?}", p.pairs);
+        assert!(pairs <= 12, "{pairs} pairs in 40 batches");
     }
 
     #[test]

@@ -775,7 +775,7 @@ fn auto_pairs_its_probes_with_the_compressing_current_candidate() {
     // The pages arrive intact whichever candidate carried them.
     let src = text_memory(8192);
     let dst = empty_like(&src);
-    let limiter = Arc::new(ratelimit::RateLimiter::new(40_000_000));
+    let limiter = Arc::new(ratelimit::RateLimiter::new(20_000_000));
     let auto = policy::AutoConfig { candidates: vec!["zstd:1".parse().unwrap(), "zlib:1".parse().unwrap()], ..Default::default() };
     let cfg = SourceConfig { auto: Some(auto), limiter: Some(limiter), ..Default::default() };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
