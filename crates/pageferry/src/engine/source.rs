@@ -66,6 +66,34 @@ pub(crate) struct RoundTiming {
     pub wire_in_tail: u64,
     /// Collecting the dirty log after the round (the switchover does it once more), seconds.
     pub collect: f64,
+    /// Guest bytes per second in the slowest [`RATE_WINDOW`] of the round (None: the round
+    /// was shorter).
+    pub slowest_window: Option<f64>,
+}
+
+/// The short windows whose slowest rate bounds the estimate's rate (see [`SwitchoverModel`]).
+pub(crate) const RATE_WINDOW: Duration = Duration::from_millis(50);
+
+/// Guest bytes per second over consecutive [`RATE_WINDOW`]s of a round: the slowest one.
+struct RateWindows {
+    start: Instant,
+    bytes: u64,
+    slowest: Option<f64>,
+}
+
+impl RateWindows {
+    fn new(bytes: u64) -> Self {
+        RateWindows { start: Instant::now(), bytes, slowest: None }
+    }
+    /// `bytes`: guest bytes handed to the channels so far.
+    fn sample(&mut self, bytes: u64) {
+        let dt = self.start.elapsed();
+        if dt >= RATE_WINDOW {
+            let rate = bytes.saturating_sub(self.bytes) as f64 / dt.as_secs_f64();
+            self.slowest = Some(self.slowest.map_or(rate, |s| s.min(rate)));
+            *self = RateWindows { start: Instant::now(), bytes, slowest: self.slowest };
+        }
+    }
 }
 
 /// The switchover's fixed cost, measured live on every pre-copy round.
@@ -78,7 +106,10 @@ pub(crate) struct RoundTiming {
 /// taken out), so a small round's rate is not made slow by its fixed part. The fixed cost of
 /// a switchover is the last dirty-log collection's time plus the largest overhead of the last
 /// [`SwitchoverModel::WINDOW`] rounds — that maximum is the margin for their spread on a
-/// loaded machine. Not in it: pausing the workload and the size of its device state (unknown
+/// loaded machine. The remaining pages are expected at the round's rate or, if slower, at the
+/// slowest [`RATE_WINDOW`] of this round and the one before: the switchover is itself a short
+/// stretch, and on a loaded machine (or with the source's digest competing for its CPU) short
+/// stretches run well below a round's average. Not in it: pausing the workload and the size of its device state (unknown
 /// before the pause; both small for this project's workloads, a few KiB of state), and the
 /// memory digests of verification, which `--downtime-limit` does not bound (see
 /// `MigrationReport::switchover_ms`).
@@ -86,6 +117,8 @@ pub(crate) struct RoundTiming {
 pub(crate) struct SwitchoverModel {
     /// Per-round overheads, seconds, newest last (at most `WINDOW`).
     overheads: std::collections::VecDeque<f64>,
+    /// The slowest short-window rate of the round before.
+    slowest_before: Option<f64>,
 }
 
 /// The model's view after a round.
@@ -93,6 +126,9 @@ pub(crate) struct SwitchoverModel {
 pub(crate) struct RoundModel {
     /// Guest bytes per second, the round's overhead taken out.
     pub rate: f64,
+    /// What the switchover estimate uses: `rate`, or the slowest short window of this round
+    /// and the one before if slower.
+    pub switch_rate: f64,
     /// This round's overhead, seconds.
     pub overhead: f64,
     /// The switchover's fixed cost predicted now.
@@ -113,7 +149,12 @@ impl SwitchoverModel {
         }
         self.overheads.push_back(overhead);
         let worst = self.overheads.iter().copied().fold(0.0, f64::max);
-        RoundModel { rate: t.bytes / (secs - overhead), overhead, fixed: Duration::from_secs_f64(t.collect.max(0.0) + worst) }
+        let rate = t.bytes / (secs - overhead);
+        let switch_rate = [t.slowest_window, self.slowest_before].into_iter().flatten().fold(rate, f64::min);
+        if t.slowest_window.is_some() {
+            self.slowest_before = t.slowest_window;
+        }
+        RoundModel { rate, switch_rate, overhead, fixed: Duration::from_secs_f64(t.collect.max(0.0) + worst) }
     }
 }
 
@@ -315,6 +356,8 @@ struct SourceRun<'a> {
     bytes_total: u64,
     round: u32,
     last_tick: Instant,
+    /// This round's short-window rates.
+    windows: RateWindows,
     peak_rss: u64,
     /// Auto-converge state (None without --auto-converge).
     throttler: Option<Throttler>,
@@ -359,6 +402,7 @@ impl<'a> SourceRun<'a> {
             bytes_total: 0,
             round: 0,
             last_tick: Instant::now(),
+            windows: RateWindows::new(0),
             peak_rss: 0,
             throttler: config.auto_converge.map(Throttler::new),
             throttle_per_round: Vec::new(),
@@ -455,6 +499,7 @@ impl<'a> SourceRun<'a> {
             let wire_before = self.counters.wire();
             self.throttle_per_round.push(self.throttler.as_ref().map_or(0, |t| t.pct()));
             self.progress.event(&Event::RoundStarted { round: self.round, pages: dirty.count() });
+            self.windows = RateWindows::new(self.counters.raw_bytes());
             let pages = self.send_round(dirty)?;
             let (queued, wire_queued) = (Instant::now(), self.counters.wire());
             self.wait_round_done()?;
@@ -473,8 +518,9 @@ impl<'a> SourceRun<'a> {
                 wire: wire_bytes,
                 wire_in_tail: wire_before + wire_bytes - wire_queued,
                 collect: collect_started.elapsed().as_secs_f64(),
+                slowest_window: self.windows.slowest,
             });
-            let rate = m.rate;
+            let rate = m.switch_rate;
             let remaining = dirty.count() as f64 * PAGE_SIZE as f64;
             let estimate = switchover_estimate(m.fixed, remaining, rate);
             self.progress.event(&Event::RoundFinished(RoundStats {
@@ -482,7 +528,8 @@ impl<'a> SourceRun<'a> {
                 pages,
                 wire_bytes,
                 seconds: secs,
-                raw_bytes_per_s: rate,
+                raw_bytes_per_s: m.rate,
+                switchover_bytes_per_s: rate,
                 wire_bytes_per_s: wire_bytes as f64 / secs,
                 dirty_pages: dirty.count(),
                 expected_downtime_ms: estimate.as_secs_f64() * 1000.0,
@@ -825,6 +872,7 @@ impl<'a> SourceRun<'a> {
 
     /// Between batches: surface failures and aborts from the destination, update progress.
     fn poll(&mut self) -> Result<(), MigrationError> {
+        self.windows.sample(self.counters.raw_bytes());
         self.check_failure()?;
         if let Ok(msg) = self.ctl_rx.try_recv() {
             self.unexpected(msg)?;
@@ -921,7 +969,7 @@ mod tests {
 
     fn round(secs: f64, tail: f64, wire_in_tail: u64) -> RoundTiming {
         // 100 MB of guest memory over 50 MB of wire in `secs`.
-        RoundTiming { bytes: 100e6, secs, tail, wire: 50_000_000, wire_in_tail, collect: 2.0 * MS }
+        RoundTiming { bytes: 100e6, secs, tail, wire: 50_000_000, wire_in_tail, collect: 2.0 * MS, slowest_window: None }
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -973,9 +1021,30 @@ mod tests {
     }
 
     #[test]
+    fn the_remainder_is_expected_at_the_slowest_short_window_of_this_round_and_the_one_before() {
+        let mut model = SwitchoverModel::default();
+        let with = |slowest| RoundTiming { slowest_window: slowest, ..round(1.0, 20.0 * MS, 1_000_000) };
+        // No window measured: the round's rate.
+        assert!(close(model.observe(&with(None)).switch_rate, 100e6));
+        // A window at 40 MB/s in this round: that.
+        let m = model.observe(&with(Some(40e6)));
+        assert!(close(m.rate, 100e6) && close(m.switch_rate, 40e6), "{m:?}");
+        // The next round's windows were faster, but the one before still counts ...
+        assert!(close(model.observe(&with(Some(80e6))).switch_rate, 40e6));
+        // ... and a round without windows (too short) keeps the last one that had some.
+        assert!(close(model.observe(&with(None)).switch_rate, 80e6));
+        // Windows faster than the round's average do not raise the rate.
+        assert!(close(model.observe(&with(Some(300e6))).switch_rate, 80e6), "the round before still counts");
+        assert!(close(model.observe(&with(Some(300e6))).switch_rate, 100e6));
+        // The estimate with it.
+        let m = model.observe(&with(Some(50e6)));
+        assert_eq!(switchover_estimate(m.fixed, 5e6, m.switch_rate), m.fixed + Duration::from_millis(100));
+    }
+
+    #[test]
     fn at_most_half_a_round_is_taken_as_overhead() {
         // A round of a few batches: queued at once, then nearly all of it is the round trip.
-        let t = RoundTiming { bytes: 1e6, secs: 10.0 * MS, tail: 9.9 * MS, wire: 1_000_000, wire_in_tail: 0, collect: 0.0 };
+        let t = RoundTiming { bytes: 1e6, secs: 10.0 * MS, tail: 9.9 * MS, wire: 1_000_000, wire_in_tail: 0, collect: 0.0, slowest_window: None };
         let m = SwitchoverModel::default().observe(&t);
         assert!(close(m.overhead, 5.0 * MS), "{m:?}");
         assert!(close(m.rate, 1e6 / (5.0 * MS)), "{m:?}");

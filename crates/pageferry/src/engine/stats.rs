@@ -430,8 +430,14 @@ pub struct RoundStats {
     pub wire_bytes: u64,
     /// How long the round took, seconds.
     pub seconds: f64,
-    /// Guest bytes moved per second in the round (compression and zero pages count).
+    /// Guest bytes moved per second in the round (compression and zero pages count), its
+    /// fixed overhead (`overhead_ms`) taken out.
     pub raw_bytes_per_s: f64,
+    /// The guest bytes per second `expected_downtime_ms` uses for the dirty pages:
+    /// `raw_bytes_per_s`, or the slowest 50 ms window of this round and the one before if
+    /// slower (the switchover is a short stretch itself).
+    #[serde(default)]
+    pub switchover_bytes_per_s: f64,
     /// Wire bytes per second in the round.
     pub wire_bytes_per_s: f64,
     /// Pages the guest dirtied meanwhile: the next round's work.
