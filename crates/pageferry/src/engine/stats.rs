@@ -144,7 +144,7 @@ pub struct MigrationReport {
     pub switchover_ms: f64,
     /// What the switchover test predicted for the switchover downtime: its fixed cost
     /// (`expected_fixed_ms`) plus the last round's dirty bytes at the guest bytes per second of
-    /// the round before (compression included).
+    /// the round before (compression included), or of its slowest 50 ms if slower.
     #[serde(default)]
     pub expected_downtime_ms: f64,
     /// The fixed part of `expected_downtime_ms`, measured on the pre-copy rounds: the last
@@ -267,7 +267,7 @@ impl MigrationReport {
             line(
                 "expected downtime:",
                 format!(
-                    "{:.1} ms ({:.1} ms fixed, measured per round, + the last round's dirty bytes at the guest bytes/s of the round before)",
+                    "{:.1} ms ({:.1} ms fixed, measured per round, + the last dirty pages at the guest bytes/s of the round before or of its slowest 50 ms)",
                     self.expected_downtime_ms, self.expected_fixed_ms
                 ),
             );
