@@ -116,7 +116,9 @@ pub struct SourceArgs {
     /// Batches each channel keeps in flight to its compressor (default: the method's choice).
     #[arg(long = "pipeline-depth")]
     pub pipeline_depth: Option<usize>,
-    /// Switch over when the rest fits this many milliseconds at the measured rate.
+    /// Switch over when the switchover is expected to fit this many milliseconds: its fixed
+    /// cost measured on the rounds plus the rest at the measured rate (verification's memory
+    /// digests come on top; see the report's `switchover`).
     #[arg(long = "downtime-limit", default_value_t = 300)]
     pub downtime_limit_ms: u64,
     /// Give up after this many rounds (the source keeps running).
