@@ -590,20 +590,31 @@ mod tests {
         placer.finish();
     }
 
-    #[test]
-    fn a_fault_on_a_missing_page_is_requested_once_and_the_reader_gets_the_source_page() {
-        let m = anon(8);
-        let placer = match Placer::start(&m, &[(0, 0, 8)]) {
+    /// A placer over `discard` of `m` with its fault thread serving, its requests sent to the
+    /// returned receiver; None (the test skips, saying why) where userfaultfd is unavailable.
+    #[allow(clippy::type_complexity)]
+    fn serving(
+        m: &GuestMemory,
+        discard: &[(u16, u32, u32)],
+    ) -> Option<(Arc<Placer>, Arc<FaultStop>, crossbeam_channel::Receiver<(u16, Vec<u32>)>, std::thread::JoinHandle<Result<(), String>>)> {
+        let placer = match Placer::start(m, discard) {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 eprintln!("skipping: {e}");
-                return;
+                return None;
             }
         };
         let stop = Arc::new(FaultStop::new().unwrap());
         let (tx, rx) = crossbeam_channel::unbounded::<(u16, Vec<u32>)>();
         let (p2, s2) = (placer.clone(), stop.clone());
         let faults = std::thread::spawn(move || p2.serve_faults(&s2, &mut |r, pages| tx.send((r, pages)).map_err(|e| e.to_string())));
+        Some((placer, stop, rx, faults))
+    }
+
+    #[test]
+    fn a_fault_on_a_missing_page_is_requested_once_and_the_reader_gets_the_source_page() {
+        let m = anon(8);
+        let Some((placer, stop, rx, faults)) = serving(&m, &[(0, 0, 8)]) else { return };
         // The "guest" reads page 6: it blocks until the page is placed.
         let m2 = m.clone();
         let reader = std::thread::spawn(move || page(&m2, 6)[100]);
@@ -625,17 +636,7 @@ mod tests {
         // nothing will ever place them. A guest reading one must not wait for postcopy's end.
         let m = anon(8);
         unsafe { std::ptr::write_bytes(m.regions()[0].host_ptr(), 0x11, PAGE_SIZE) };
-        let placer = match Placer::start(&m, &[(0, 0, 1)]) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                eprintln!("skipping: {e}");
-                return;
-            }
-        };
-        let stop = Arc::new(FaultStop::new().unwrap());
-        let (tx, rx) = crossbeam_channel::unbounded::<(u16, Vec<u32>)>();
-        let (p2, s2) = (placer.clone(), stop.clone());
-        let faults = std::thread::spawn(move || p2.serve_faults(&s2, &mut |r, pages| tx.send((r, pages)).map_err(|e| e.to_string())));
+        let Some((placer, stop, rx, faults)) = serving(&m, &[(0, 0, 1)]) else { return };
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let m2 = m.clone();
         std::thread::spawn(move || done_tx.send(page(&m2, 5).iter().all(|&b| b == 0)).unwrap());
