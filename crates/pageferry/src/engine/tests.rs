@@ -509,10 +509,19 @@ fn a_workload_that_cannot_be_throttled_is_reported_not_pretended() {
 }
 
 /// Reports every page first, then the scripted page counts (pages 0..n of region 0), then
-/// nothing: a guest whose dirty set shrinks round by round, exactly.
+/// pages 0..`then` in every later collection (none when 0): a guest whose dirty set shrinks
+/// round by round, exactly. Every collection after the first takes `delay` (a slow dirty log).
 struct ScriptedTracker {
     script: std::collections::VecDeque<u64>,
+    then: u64,
+    delay: std::time::Duration,
     started: bool,
+}
+
+impl ScriptedTracker {
+    fn new(script: impl Into<std::collections::VecDeque<u64>>) -> Self {
+        Self { script: script.into(), then: 0, delay: std::time::Duration::ZERO, started: false }
+    }
 }
 
 impl crate::dirty::DirtyTracker for ScriptedTracker {
@@ -522,7 +531,9 @@ impl crate::dirty::DirtyTracker for ScriptedTracker {
     }
     fn collect(&mut self, into: &mut crate::dirty::DirtyPages) -> Result<(), crate::dirty::DirtyError> {
         if !std::mem::replace(&mut self.started, false) {
-            if let Some(n) = self.script.pop_front() {
+            std::thread::sleep(self.delay);
+            let n = self.script.pop_front().unwrap_or(self.then);
+            if n > 0 {
                 into.region_mut(0).set_range(0, n);
             }
             return Ok(());
@@ -553,7 +564,7 @@ fn switchover_counts_compression_the_first_round_that_fits_is_the_last() {
     let limit = std::time::Duration::from_millis(150);
     let mib = (1 << 20) / PAGE_SIZE as u64;
     let dst = empty_like(&src);
-    let mut tracker = ScriptedTracker { script: [16 * mib, 4 * mib, 2 * mib].into(), started: false };
+    let mut tracker = ScriptedTracker::new([16 * mib, 4 * mib, 2 * mib]);
     let cfg = SourceConfig {
         codec: crate::codec::CodecSpec::new(named("zstd")),
         max_bandwidth: Some(16_000_000),
@@ -874,35 +885,6 @@ fn a_dirtying_migration_expects_a_measured_fixed_switchover_cost_and_reports_the
     assert_eq!(src.digest(), dst.digest());
 }
 
-/// Every collection of the dirty log takes 30 ms and finds one page dirty.
-struct SlowCollect {
-    started: bool,
-}
-
-impl crate::dirty::DirtyTracker for SlowCollect {
-    fn start(&mut self, _memory: &GuestMemory) -> Result<(), crate::dirty::DirtyError> {
-        self.started = true;
-        Ok(())
-    }
-    fn collect(&mut self, into: &mut crate::dirty::DirtyPages) -> Result<(), crate::dirty::DirtyError> {
-        if std::mem::replace(&mut self.started, false) {
-            for i in 0..into.regions().len() {
-                into.region_mut(i).set_all();
-            }
-        } else {
-            std::thread::sleep(std::time::Duration::from_millis(30));
-            into.region_mut(0).set_range(0, 1);
-        }
-        Ok(())
-    }
-    fn guest_may_write(&self) -> bool {
-        false
-    }
-    fn name(&self) -> &'static str {
-        "slow-collect"
-    }
-}
-
 #[test]
 fn a_switchover_whose_fixed_cost_alone_exceeds_the_limit_does_not_converge_and_says_so() {
     // One dirty page is nothing to send, but collecting the dirty log (which the switchover
@@ -912,7 +894,9 @@ fn a_switchover_whose_fixed_cost_alone_exceeds_the_limit_does_not_converge_and_s
     let dst = empty_like(&src);
     let mut w = CountingWorkload::default();
     let cfg = SourceConfig { downtime_limit: std::time::Duration::from_millis(20), max_rounds: 3, ..Default::default() };
-    let (r, _d) = migrate(&src, &dst, &mut SlowCollect { started: false }, &mut w, cfg);
+    // Every collection of the dirty log after the first takes 30 ms and finds one page dirty.
+    let mut slow = ScriptedTracker { then: 1, delay: std::time::Duration::from_millis(30), ..ScriptedTracker::new([]) };
+    let (r, _d) = migrate(&src, &dst, &mut slow, &mut w, cfg);
     let msg = r.unwrap_err().to_string();
     assert!(msg.contains("did not converge") && msg.contains("fixed part alone exceeds the limit"), "{msg}");
     assert_eq!(w.pauses, 0, "never paused: the source keeps running");
