@@ -387,6 +387,25 @@ pub fn plan(links: &[Link], method_levels: &[(BenchMethod, i32)], channels: &[us
     v
 }
 
+/// The order of the runs: link by link (a `tc:` link is shaped once), and within one link
+/// round by round — every case once per round, each round starting one case later — so that
+/// a machine whose load drifts (2 shared cores, page cache, a build elsewhere) weighs on every
+/// case alike instead of on whichever ran its reps while the drift lasted. Entries are
+/// (case index, rep).
+pub fn schedule(cases: &[Case], reps: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::with_capacity(cases.len() * reps);
+    let mut start = 0;
+    while start < cases.len() {
+        let end = (start..cases.len()).find(|&i| cases[i].link != cases[start].link).unwrap_or(cases.len());
+        let n = end - start;
+        for rep in 0..reps {
+            out.extend((0..n).map(|k| (start + (k + rep) % n, rep)));
+        }
+        start = end;
+    }
+    out
+}
+
 /// A first guess of a run's seconds on a 2-core machine before anything was measured.
 fn prior_secs(case: &Case, bytes: u64) -> f64 {
     let b = bytes as f64;
@@ -515,14 +534,17 @@ pub fn run(a: MatrixArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:20}] {pos}/{len} runs done | {wide_msg}").expect("static template"));
     let plain = bar.is_hidden();
 
-    let mut results: Vec<CaseResult> = Vec::new();
+    let mut results: Vec<CaseResult> = cases.iter().map(|c| CaseResult { case: c.clone(), status: Status::Ok, reason: None, runs: Vec::new() }).collect();
+    // A case that failed or was skipped runs no more reps.
+    let mut ended = vec![false; cases.len()];
     let mut shaped: Option<Link> = None;
     let mut dead_link: Option<(Link, String)> = None;
     let mut method_ok: Vec<(BenchMethod, i32)> = Vec::new();
     let mut method_dead: Vec<((BenchMethod, i32), String)> = Vec::new();
-    let mut runs_done = 0usize;
-    for (ci, case) in cases.iter().enumerate() {
-        let mut res = CaseResult { case: case.clone(), status: Status::Ok, reason: None, runs: Vec::new() };
+    let order = schedule(&cases, a.reps);
+    for (step, &(ci, rep)) in order.iter().enumerate() {
+        let case = &cases[ci];
+        let res = &mut results[ci];
         // Link shaping (once per tc link).
         if case.link.is_tc() && shaped.as_ref() != Some(&case.link) {
             shaped = Some(case.link.clone());
@@ -533,6 +555,10 @@ pub fn run(a: MatrixArgs) -> Result<()> {
                 dead_link = Some((case.link.clone(), format!("{e:#}")));
             }
         }
+        if ended[ci] {
+            bar.inc(1);
+            continue;
+        }
         let dead = match (&dead_link, method_dead.iter().find(|(ml, _)| *ml == (case.method, case.level))) {
             (Some((l, why)), _) if *l == case.link => Some(why.clone()),
             (_, Some((_, why))) => Some(why.clone()),
@@ -541,59 +567,52 @@ pub fn run(a: MatrixArgs) -> Result<()> {
         if let Some(why) = dead {
             res.status = Status::Skipped;
             res.reason = Some(why);
-            runs_done += a.reps;
-            bar.set_position(runs_done as u64);
-            results.push(res);
+            ended[ci] = true;
+            bar.inc(1);
             continue;
         }
         let env = env_base(if case.link.is_tc() { net.as_ref() } else { None });
-        for rep in 0..a.reps {
-            let remaining_after: f64 = cases[ci..].iter().map(|c| eta.estimate(c) * a.reps as f64).sum::<f64>() - eta.estimate(case) * (rep + 1) as f64;
-            let est_now = eta.estimate(case);
-            let label = format!("case {}/{} {}{}", ci + 1, cases.len(), case.name(), if a.reps > 1 { format!(" rep {}/{}", rep + 1, a.reps) } else { String::new() });
-            if plain {
-                eprintln!("pageferry bench: [{}/{}] {label} ...", runs_done + 1, total_runs);
-            }
-            let tick = |el: f64| bar.set_message(format!("{label} {:.0}s | ETA {}", el, fmt_secs(remaining_after + (est_now - el).max(0.0))));
-            tick(0.0);
-            match run_once(&env, case, &tick) {
-                Ok(r) => {
-                    if plain {
-                        eprintln!("pageferry bench:   {:.2} s, {:.0} Mbps raw, verified {}, files {}", r.metrics.time_s, r.metrics.raw_mbps, r.verified, r.file_check);
-                    }
-                    eta.done.push((case.clone(), r.wall_s));
-                    if !method_ok.contains(&(case.method, case.level)) {
-                        method_ok.push((case.method, case.level));
-                    }
-                    if !r.verified || r.file_check == "mismatch" {
-                        res.status = Status::Failed;
-                        res.reason = Some(format!("verification failed (engine verified: {}, files: {})", r.verified, r.file_check));
-                    }
-                    res.runs.push(r);
-                }
-                Err(e) => {
-                    let why = format!("{e:#}");
-                    if method_ok.contains(&(case.method, case.level)) || !is_setup_failure(&why) {
-                        bar.suspend(|| eprintln!("pageferry bench: {} failed: {why}", case.name()));
-                        res.status = Status::Failed;
-                        res.reason = Some(why);
-                    } else {
-                        // The method never worked here and failed setting up: not a result.
-                        bar.suspend(|| eprintln!("pageferry bench: skipping method {} level {}: {why}", case.method, case.level));
-                        skipped.push((format!("method {} level {}", case.method, case.level), why.clone()));
-                        method_dead.push(((case.method, case.level), why.clone()));
-                        res.status = Status::Skipped;
-                        res.reason = Some(why);
-                    }
-                    runs_done += a.reps - rep;
-                    bar.set_position(runs_done as u64);
-                    break;
-                }
-            }
-            runs_done += 1;
-            bar.set_position(runs_done as u64);
+        let remaining_after: f64 = order[step + 1..].iter().filter(|&&(i, _)| !ended[i]).map(|&(i, _)| eta.estimate(&cases[i])).sum();
+        let est_now = eta.estimate(case);
+        let label = format!("case {}/{} {}{}", ci + 1, cases.len(), case.name(), if a.reps > 1 { format!(" rep {}/{}", rep + 1, a.reps) } else { String::new() });
+        if plain {
+            eprintln!("pageferry bench: [{}/{}] {label} ...", step + 1, total_runs);
         }
-        results.push(res);
+        let tick = |el: f64| bar.set_message(format!("{label} {:.0}s | ETA {}", el, fmt_secs(remaining_after + (est_now - el).max(0.0))));
+        tick(0.0);
+        match run_once(&env, case, &tick) {
+            Ok(r) => {
+                if plain {
+                    eprintln!("pageferry bench:   {:.2} s, {:.0} Mbps raw, verified {}, files {}", r.metrics.time_s, r.metrics.raw_mbps, r.verified, r.file_check);
+                }
+                eta.done.push((case.clone(), r.wall_s));
+                if !method_ok.contains(&(case.method, case.level)) {
+                    method_ok.push((case.method, case.level));
+                }
+                if !r.verified || r.file_check == "mismatch" {
+                    res.status = Status::Failed;
+                    res.reason = Some(format!("verification failed (engine verified: {}, files: {})", r.verified, r.file_check));
+                }
+                res.runs.push(r);
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if method_ok.contains(&(case.method, case.level)) || !is_setup_failure(&why) {
+                    bar.suspend(|| eprintln!("pageferry bench: {} failed: {why}", case.name()));
+                    res.status = Status::Failed;
+                    res.reason = Some(why);
+                } else {
+                    // The method never worked here and failed setting up: not a result.
+                    bar.suspend(|| eprintln!("pageferry bench: skipping method {} level {}: {why}", case.method, case.level));
+                    skipped.push((format!("method {} level {}", case.method, case.level), why.clone()));
+                    method_dead.push(((case.method, case.level), why.clone()));
+                    res.status = Status::Skipped;
+                    res.reason = Some(why);
+                }
+                ended[ci] = true;
+            }
+        }
+        bar.inc(1);
     }
     bar.finish_and_clear();
     drop(net);
@@ -638,6 +657,30 @@ mod tests {
         assert_eq!(cases[0].name(), "none L0 1ch unlimited");
         assert_eq!(cases[3].name(), "zstd L1 4ch unlimited");
         assert_eq!(cases[4].link.name(), "cap:8bit");
+    }
+
+    #[test]
+    fn runs_go_link_by_link_and_round_by_round_each_round_starting_one_case_later() {
+        let fast = Link::Unlimited;
+        let slow = Link::Cap { bytes_per_s: 1, text: "8bit".into() };
+        let mls: Vec<(BenchMethod, i32)> = vec![(named("none").into(), 0), (named("zlib").into(), 1), (named("zstd").into(), 1)];
+        let cases = plan(&[slow, fast], &mls, &[2], &[false]);
+        let order = schedule(&cases, 3);
+        let expect = [
+            // cap:8bit, cases 0..3
+            (0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (0, 1), (2, 2), (0, 2), (1, 2),
+            // unlimited, cases 3..6
+            (3, 0), (4, 0), (5, 0), (4, 1), (5, 1), (3, 1), (5, 2), (3, 2), (4, 2),
+        ];
+        assert_eq!(order, expect);
+        // Every case runs every rep exactly once.
+        for ci in 0..cases.len() {
+            let mut reps: Vec<usize> = order.iter().filter(|&&(c, _)| c == ci).map(|&(_, r)| r).collect();
+            reps.sort();
+            assert_eq!(reps, vec![0, 1, 2]);
+        }
+        assert_eq!(schedule(&cases[..1], 2), vec![(0, 0), (0, 1)]);
+        assert!(schedule(&[], 3).is_empty());
     }
 
     #[test]

@@ -157,23 +157,19 @@ pub fn auto_versus_fixed(results: &[CaseResult]) -> String {
             .filter_map(|r| Some((format!("{} {}", r.case.method, r.case.level), r.summary()?.median.time_s)))
             .collect();
         let best = fixed.iter().min_by(|x, y| x.1.total_cmp(&y.1));
-        let none = results
-            .iter()
-            .filter(ok)
-            .filter(same)
-            .find(|r| r.case.method == BenchMethod::Fixed(pageferry::codec::Method::default()))
-            .and_then(|r| r.summary())
-            .map(|x| x.median.time_s);
+        let none_case = results.iter().filter(ok).filter(same).find(|r| r.case.method == BenchMethod::Fixed(pageferry::codec::Method::default()));
+        let none = none_case.and_then(|r| r.summary()).map(|x| x.median.time_s);
+        let by_round = none_case.and_then(|n| ratio_by_round(a, n));
         // The run whose time is the median (or nearest to it).
         let run = a.runs.iter().min_by(|x, y| (x.metrics.time_s - t_auto).abs().total_cmp(&(y.metrics.time_s - t_auto).abs()));
         let shares = run.and_then(|r| r.report.auto.as_ref()).map(|x| x.summary()).unwrap_or_default();
         if s.is_empty() {
-            s.push_str("\n**auto against the fixed methods** (median times; auto/best ≤ 1.10 and auto/none ≤ 1.00 are the targets):\n\n");
-            s.push_str("| link | channels | auto (s) | best fixed | best (s) | auto/best | none (s) | auto/none | auto's batches |\n|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+            s.push_str("\n**auto against the fixed methods** (median times; auto/best ≤ 1.10 and auto/none ≤ 1.00 are the targets; \"by round\": the median of auto/none within each round of runs, which ran side by side):\n\n");
+            s.push_str("| link | channels | auto (s) | best fixed | best (s) | auto/best | none (s) | auto/none | auto/none by round | auto's batches |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---|\n");
         }
         let dash = || "—".to_string();
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
             a.case.link,
             a.case.channels,
             t_auto,
@@ -182,10 +178,25 @@ pub fn auto_versus_fixed(results: &[CaseResult]) -> String {
             best.map_or_else(dash, |b| format!("{:.2}", t_auto / b.1)),
             none.map_or_else(dash, |n| format!("{n:.2}")),
             none.map_or_else(dash, |n| format!("{:.2}", t_auto / n)),
+            by_round.map_or_else(dash, |r| format!("{r:.2}")),
             shares
         ));
     }
     s
+}
+
+/// The median over rounds of `a`'s time divided by `b`'s in the same round (the bench runs
+/// every case of a link once per round, side by side: see `matrix::schedule`), when both ran
+/// every round (at least two). On a machine whose load drifts this compares like with like,
+/// where the ratio of two medians may pair a quiet run with a busy one.
+pub fn ratio_by_round(a: &CaseResult, b: &CaseResult) -> Option<f64> {
+    if a.runs.len() < 2 || a.runs.len() != b.runs.len() {
+        return None;
+    }
+    let mut r: Vec<f64> = a.runs.iter().zip(&b.runs).map(|(x, y)| x.metrics.time_s / y.metrics.time_s).collect();
+    r.sort_by(f64::total_cmp);
+    let n = r.len();
+    Some(if n % 2 == 1 { r[n / 2] } else { 0.5 * (r[n / 2 - 1] + r[n / 2]) })
 }
 
 /// One JSON object per case: the case, status, verification, median/min/max of every metric
@@ -285,8 +296,28 @@ mod tests {
         ];
         let t = auto_versus_fixed(&rs);
         let row = t.lines().find(|l| l.starts_with("| cap:1gbit")).unwrap_or_else(|| panic!("{t}"));
-        assert_eq!(row, "| cap:1gbit | 2 | 5.00 | zlib 1 | 4.60 | 1.09 | 8.50 | 0.59 | zstd:1 90%, none 10% |");
+        assert_eq!(row, "| cap:1gbit | 2 | 5.00 | zlib 1 | 4.60 | 1.09 | 8.50 | 0.59 | — | zstd:1 90%, none 10% |");
         assert_eq!(auto_versus_fixed(&rs[1..]), "");
+    }
+
+    /// Round by round: a quiet round and a busy one each compare auto with the none run
+    /// beside it, where the ratio of the medians pairs runs from different rounds.
+    #[test]
+    fn auto_over_none_by_round_is_the_median_of_the_ratios_within_each_round() {
+        let case = |m: BenchMethod| Case { method: m, level: 0, channels: 2, link: Link::Unlimited, tls: false };
+        let runs = |ts: &[f64]| ts.iter().map(|&t| run(t)).collect::<Vec<_>>();
+        let auto = CaseResult { case: case(BenchMethod::Auto), status: Status::Ok, reason: None, runs: runs(&[1.0, 2.0, 1.1]) };
+        let none = CaseResult { case: case(named("none").into()), status: Status::Ok, reason: None, runs: runs(&[1.1, 2.1, 1.0]) };
+        let r = ratio_by_round(&auto, &none).unwrap();
+        assert!((r - 2.0 / 2.1).abs() < 1e-9, "{r}");
+        let t = auto_versus_fixed(&[auto.clone(), none.clone()]);
+        let row = t.lines().find(|l| l.starts_with("| unlimited")).unwrap_or_else(|| panic!("{t}"));
+        assert!(row.contains("| 1.10 | 1.00 | 0.95 |"), "{row}");
+        // Not every round ran both, or a single round: no paired figure.
+        let short = CaseResult { runs: runs(&[1.0, 2.0]), ..none.clone() };
+        assert_eq!(ratio_by_round(&auto, &short), None);
+        let one = |c: &CaseResult| CaseResult { runs: c.runs[..1].to_vec(), ..c.clone() };
+        assert_eq!(ratio_by_round(&one(&auto), &one(&none)), None);
     }
 
     #[test]
