@@ -43,9 +43,10 @@
 //! sent like that — every packet names its method), at most a small share of the CPU. A
 //! candidate predicted much slower than the current one (by [`AutoConfig::backoff_above`])
 //! is probed half as often after each such window, down to once per
-//! [`AutoConfig::max_probe_gap`] batches; one that comes close again, or a link rate that
-//! moved by half or more, brings every candidate back to [`AutoConfig::probe_gap`]. On a link
-//! faster than any compressor (loopback), probes are then a fraction of a percent of the
+//! [`AutoConfig::max_probe_gap`] batches — at once when its worker stage alone is that much
+//! slower, since then no ratio can make it win; one that comes close again, or a link rate
+//! that moved by half or more, brings every candidate back to [`AutoConfig::probe_gap`]. On a
+//! link faster than any compressor (loopback), probes are then a fraction of a percent of the
 //! batches instead of a few percent of the CPU.
 //!
 //! Probes are paired while the current candidate compresses: the worker compresses the probe's
@@ -494,18 +495,35 @@ impl Policy {
 
     /// Batches between probes of each candidate, after a decision: doubled for those predicted
     /// slower than the current one by [`AutoConfig::backoff_above`], reset for the others;
-    /// all reset when the link rate moved by half or more (`link_moved`).
-    fn schedule_probes(&mut self, link_moved: bool) {
+    /// all reset when the link rate moved by half or more (`link_moved`) — but for those out
+    /// of the race by their worker stage when it got faster (`link_faster`), which only
+    /// widens their gap.
+    ///
+    /// A compressor whose worker stage alone is slower than the current prediction by that
+    /// factor goes to [`AutoConfig::max_probe_gap`] at once: no ratio can make it win, only a
+    /// slower link (which resets every gap) or a faster CPU. On loopback that is every
+    /// compressor from the first decision on, and their probes — each a batch compressed on
+    /// the source and decompressed on the destination, the two sharing the cores — drop from
+    /// ~14 to ~6 per GiB.
+    fn schedule_probes(&mut self, link_moved: bool, link_faster: bool) {
         let t_cur = self.predict(self.current);
+        let max_gap = self.cfg.max_probe_gap.max(self.cfg.probe_gap);
         for i in 0..self.cands.len() {
-            let far = match (self.predict(i), t_cur) {
-                (Some(t), Some(c)) => t > c * self.cfg.backoff_above,
-                _ => false,
+            let beyond = |t: f64| t_cur.is_some_and(|c| t > c * self.cfg.backoff_above);
+            let far = self.predict(i).is_some_and(beyond);
+            let cpu_out = i != self.current && self.cands[i].compresses() && self.estimate(i).1.is_some_and(|r| beyond(1.0 / (r * self.cores)));
+            let gap = match (link_moved && !(cpu_out && link_faster), cpu_out, far) {
+                (true, _, _) => self.cfg.probe_gap,
+                (false, true, _) => max_gap,
+                (false, false, true) => (self.gap[i] * 2).min(max_gap),
+                (false, false, false) => self.cfg.probe_gap,
             };
-            let gap = if far && !link_moved { (self.gap[i] * 2).min(self.cfg.max_probe_gap.max(self.cfg.probe_gap)) } else { self.cfg.probe_gap };
             if gap < self.gap[i] {
                 // Coming back: probe soon.
                 self.due[i] = self.due[i].min(self.batches + gap as u64);
+            } else if cpu_out && gap > self.gap[i] {
+                // Out of the race: not even the probe the old gap had planned.
+                self.due[i] = self.due[i].max(self.batches + gap as u64);
             }
             self.gap[i] = gap;
         }
@@ -641,7 +659,7 @@ impl Policy {
                 e.loaded = None;
             }
         }
-        let mut link_moved = false;
+        let (mut link_moved, mut link_faster) = (false, false);
         let cap_changed = link.cap != self.cap;
         self.cap = link.cap;
         if let Some(r) = link.rate() {
@@ -663,6 +681,7 @@ impl Policy {
                 // Faster by more than half, or a new cap: taken at once.
                 _ => {
                     link_moved = self.link.is_some();
+                    link_faster = !cap_changed && self.link.is_some_and(|l| r > l);
                     (self.link, self.drop_since) = (Some(r), None);
                 }
             }
@@ -725,7 +744,7 @@ impl Policy {
             reason.push_str(&format!("; kept {} (within the {:.0}% margin)", self.current(), self.cfg.hysteresis * 100.0));
         }
         self.report.last_reason = reason;
-        self.schedule_probes(link_moved);
+        self.schedule_probes(link_moved, link_faster);
         self.current()
     }
 

@@ -270,6 +270,47 @@ fn far_slower_candidates_are_probed_less_and_less() {
 }
 
 #[test]
+fn a_compressor_whose_worker_stage_alone_loses_backs_off_at_once() {
+    // Loopback-fast link, slow CPU: each compressor's worker stage alone is several times
+    // slower than none's whole pipeline, so no ratio makes it win. From the first decision on
+    // it is probed once per max_probe_gap, without the windows of doubling in between.
+    let mut w = World::new(2e9, 0.2);
+    let mut p = w.policy();
+    w.run(&mut p, 12);
+    assert_eq!(p.report().decisions, 1, "the first window ends once every candidate was probed");
+    assert!(p.gap.iter().skip(1).all(|&g| g == p.cfg.max_probe_gap), "{:?}", p.gap);
+    w.run(&mut p, 2048 - 12);
+    assert_eq!(p.current(), Candidate::none());
+    // 5 compressors: one probe each before the first decision, then one per 1024 batches.
+    let probes: u64 = p.report().shares.iter().map(|s| s.probes).sum();
+    assert!(probes <= 5 * 3, "{probes} probes in 2048 batches: {}", p.report().summary());
+    // A link that gets faster (TCP ramping up on loopback) only puts them further behind:
+    // their gaps stay; a slower one brings them back. (No CPU budget here: it alone would
+    // hold the probes back in this short run.)
+    let mut w = World::new(0.5e9, 0.2);
+    let cands: Vec<Candidate> = w.cpu.iter().map(|c| c.0).collect();
+    let mut p = Policy::new(&cands, AutoConfig { probe_cpu_share: 1.0, ..AutoConfig::default() }, 2, w.now);
+    w.run(&mut p, 200);
+    assert!(p.gap.iter().skip(1).all(|&g| g == p.cfg.max_probe_gap), "{:?}", p.gap);
+    let before: u64 = p.report().shares.iter().map(|s| s.probes).sum();
+    w.link = 2e9;
+    w.run(&mut p, 200);
+    let during = p.report().shares.iter().map(|s| s.probes).sum::<u64>() - before;
+    assert_eq!(during, 0, "probes once the link got faster");
+    assert!(p.gap.iter().skip(1).all(|&g| g == p.cfg.max_probe_gap), "faster link: {:?}", p.gap);
+    w.link = 12.5e6;
+    w.run(&mut p, 200);
+    assert!(p.gap.iter().skip(1).any(|&g| g == p.cfg.probe_gap), "slower link: {:?}", p.gap);
+    // A compressor within reach (zstd:-5 at this machine's CPU on a 2 GB/s link: its worker
+    // stage is 1.1x none's time) is not cut off.
+    let mut w = World::new(2e9, 1.0);
+    let mut p = w.policy();
+    w.run(&mut p, 12);
+    let i = p.cands.iter().position(|c| c.to_string() == "zstd:-5").unwrap();
+    assert_eq!(p.gap[i], p.cfg.probe_gap, "{:?}", p.gap);
+}
+
+#[test]
 fn a_link_that_moves_brings_probes_back() {
     // Backed off on a fast link, then the link drops to 100 Mbit/s: the policy switches to
     // a compressor at the next decision and probes the others at probe_gap again.
