@@ -1,7 +1,8 @@
 //! The benchmark matrix: every (link, method, level, channels) case, `--reps` times, each run
 //! a real destination process (`pageferry recv`, inside the namespace for `tc:` links) and a
 //! real source process (`pageferry send --json`). The source's report carries both sides'
-//! CPU; after each run the two image files are compared with xxh3-128.
+//! CPU; after each run the two image files are compared with xxh3-128. Runs go in rounds
+//! ([`schedule`]) so that every case of a link sees the same drift in the machine's load.
 
 use super::link::{self, Link, TcNet};
 use super::metrics::{Metrics, Summary};
@@ -33,7 +34,8 @@ pub struct MatrixArgs {
     /// root only).
     #[arg(long, default_value = "cap:1gbit,unlimited")]
     links: String,
-    /// Runs per case; the table shows the median (and min–max when > 1).
+    /// Runs per case; the table shows the median (and min–max when > 1). They go in rounds:
+    /// every case of a link once per round, each round starting one case later.
     #[arg(long, default_value_t = 1)]
     reps: usize,
     #[command(flatten)]
