@@ -133,6 +133,11 @@ impl AutoSelector {
         self.state.lock().unwrap().policy.record_pair(choice, raw, wire, wire_cur, secs, secs_cur);
     }
 
+    /// A sampled probe: see [`Policy::record_sample`].
+    pub fn record_sample(&self, index: usize, raw: u64, wire: u64, secs: f64) {
+        self.state.lock().unwrap().policy.record_sample(index, raw, wire, secs);
+    }
+
     pub fn report(&self) -> AutoReport {
         self.state.lock().unwrap().policy.report()
     }

@@ -329,8 +329,10 @@ struct Worker {
     /// auto, a probe with a shadow (`Choice::shadow`): raw bytes, the probe's and the shadow's
     /// wire bytes and codec seconds, on the same input.
     paired: (u64, u64, u64, f64, f64),
-    /// Output of the shadow compression (thrown away).
+    /// Output of the shadow compression and of sampled probes (thrown away).
     shadow_out: Vec<u8>,
+    /// Input of a sampled probe: a copy of the slice (guest memory may change under it).
+    sample_in: Vec<u8>,
     /// Compress a stable copy, not guest memory in place (see `Codec::tolerates_changing_input`).
     copy_for_codec: bool,
     pool: Pool,
@@ -349,7 +351,7 @@ impl Worker {
         let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let mut pool = Pool { tx, rx, allocated: 0, buf_len, waited: 0.0 };
         let scratch = pool.get();
-        let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), paired: (0, 0, 0, 0.0, 0.0), shadow_out: Vec::new(), copy_for_codec: false, pool, scratch, to_socket };
+        let mut w = Self { ctx, coder, choice: None, method: MethodCode(0), compresses: false, learned: (0, 0, 0.0), paired: (0, 0, 0, 0.0, 0.0), shadow_out: Vec::new(), sample_in: Vec::new(), copy_for_codec: false, pool, scratch, to_socket };
         if let Coder::Fixed(c, code) = &w.coder {
             (w.method, w.compresses) = (*code, c.compresses());
             w.copy_for_codec = (w.ctx.live && !c.tolerates_changing_input()) || !w.ctx.zero_copy;
@@ -363,7 +365,7 @@ impl Worker {
         self.paired = (0, 0, 0, 0.0, 0.0);
         if let Coder::Auto { selector, encoders } = &mut self.coder {
             let ch = selector.choose();
-            if let Some(j) = ch.shadow {
+            if let Some(j) = ch.shadow.or(ch.sample) {
                 encoders.get(j)?;
             }
             let c = encoders.get(ch.index)?;
@@ -386,6 +388,12 @@ impl Worker {
         }
         let view = RegionView::new(&self.ctx.memory, batch.region);
         plan.make(&view, &batch.pages);
+        if let Some(j) = self.choice.and_then(|c| c.sample) {
+            // Not the batch's work: the policy's.
+            let t = std::time::Instant::now();
+            self.sample(&view, plan.runs.first().copied(), j);
+            self.learned.2 += t.elapsed().as_secs_f64();
+        }
         let split = self.compresses && !self.copy_for_codec;
         for (runs, zero) in plan.packets(split) {
             let n_pages: usize = runs.iter().map(|&(_, n)| n as usize).sum();
@@ -406,6 +414,34 @@ impl Worker {
                 selector.record_pair(ch, raw, wire, wire_cur, s, s_cur);
             }
         }
+    }
+
+    /// auto's sampled probe of candidate `j`: compress a copy of up to
+    /// [`SAMPLE_BYTES`](super::policy::SAMPLE_BYTES) of the batch's first run of non-zero pages
+    /// (`run`; none: zero pages only), output thrown away, and tell the policy.
+    fn sample(&mut self, view: &RegionView, run: Option<(u32, u32)>, j: usize) {
+        let Coder::Auto { selector, encoders } = &mut self.coder else { return };
+        let (raw, wire, secs) = match run {
+            None => (0, 0, 0.0),
+            Some((first, n)) => {
+                let pages = n.min((super::policy::SAMPLE_BYTES / PAGE_SIZE) as u32);
+                self.sample_in.clear();
+                self.sample_in.extend_from_slice(view.run((first, pages)));
+                let codec = encoders.opened(j);
+                let len = self.sample_in.len();
+                let need = codec.max_compressed_len(len);
+                if self.shadow_out.len() < need {
+                    self.shadow_out.resize(need, 0);
+                }
+                let clock = CodecClock::start(codec.hardware());
+                let wire = match codec.compress(&self.sample_in, &mut self.shadow_out) {
+                    Ok(Some(k)) if k < len => k,
+                    _ => len,
+                };
+                (len as u64, wire as u64, clock.secs())
+            }
+        };
+        selector.record_sample(j, raw, wire, secs);
     }
 
     /// The payload of `runs` and whether it is raw: compressed when the method compresses and

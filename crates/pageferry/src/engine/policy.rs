@@ -47,7 +47,11 @@
 //! slower, since then no ratio can make it win; one that comes close again, or a link rate
 //! that moved by half or more, brings every candidate back to [`AutoConfig::probe_gap`]. On a
 //! link faster than any compressor (loopback), probes are then a fraction of a percent of the
-//! batches instead of a few percent of the CPU.
+//! batches instead of a few percent of the CPU. And while `none` carries the migration, a
+//! compressor at the longest gap is probed on a slice ([`SAMPLE_BYTES`] of a batch that goes
+//! raw, compressed and thrown away): an eighth of a whole probe on the source and nothing on
+//! the destination, which on loopback shares the cores. Its ratio on 64 KiB is a little worse
+//! than on a whole batch; that only matters once it is back in the race, measured whole again.
 //!
 //! Probes are paired while the current candidate compresses: the worker compresses the probe's
 //! batch with the current candidate too (thrown away), so the two are compared on the same
@@ -265,7 +269,15 @@ pub struct Choice {
     /// also compresses the batch with this one (the current candidate, by index) and throws
     /// the result away, so both are measured on the same bytes ([`Policy::record_pair`]).
     pub shadow: Option<usize>,
+    /// Measure this candidate (by index) on a slice of the batch ([`SAMPLE_BYTES`], the
+    /// output thrown away) while the batch itself goes with the current candidate, `none`:
+    /// how a compressor out of the race is kept measured at a fraction of a whole probe's
+    /// cost ([`Policy::record_sample`]).
+    pub sample: Option<usize>,
 }
+
+/// Raw bytes a sampled probe compresses (16 pages).
+pub const SAMPLE_BYTES: usize = 64 << 10;
 
 /// Moving estimates for one candidate.
 #[derive(Clone, Copy, Debug, Default)]
@@ -320,6 +332,10 @@ pub struct AutoShare {
     /// Of those, probes compared with the current candidate on the same bytes (paired).
     #[serde(default)]
     pub paired: u64,
+    /// Sampled probes: a slice of a batch another candidate sent, compressed with this one
+    /// to measure it (not counted in `batches`).
+    #[serde(default)]
+    pub sampled: u64,
     /// Raw (non-zero) bytes these batches carried.
     pub raw_bytes: u64,
     /// Wire bytes of their payloads.
@@ -455,10 +471,15 @@ impl Policy {
         self.batches += 1;
         if let Some(i) = self.probe_target(now) {
             self.since_probe = 0;
+            if !self.current().compresses() && self.cands[i].compresses() && self.gap[i] >= self.max_gap() {
+                // Out of the race while none carries the migration: a slice is enough to see
+                // whether that changed (a slower link brings it back to whole probes anyway).
+                return Choice { index: self.current, candidate: self.current(), probe: false, shadow: None, sample: Some(i) };
+            }
             let shadow = (self.cands[i].compresses() && self.current().compresses()).then_some(self.current);
-            return Choice { index: i, candidate: self.cands[i], probe: true, shadow };
+            return Choice { index: i, candidate: self.cands[i], probe: true, shadow, sample: None };
         }
-        Choice { index: self.current, candidate: self.cands[self.current], probe: false, shadow: None }
+        Choice { index: self.current, candidate: self.cands[self.current], probe: false, shadow: None, sample: None }
     }
 
     fn probe_target(&mut self, now: f64) -> Option<usize> {
@@ -493,6 +514,10 @@ impl Policy {
         Some(i)
     }
 
+    fn max_gap(&self) -> u32 {
+        self.cfg.max_probe_gap.max(self.cfg.probe_gap)
+    }
+
     /// Batches between probes of each candidate, after a decision: doubled for those predicted
     /// slower than the current one by [`AutoConfig::backoff_above`], reset for the others;
     /// all reset when the link rate moved by half or more (`link_moved`) — but for those out
@@ -507,7 +532,7 @@ impl Policy {
     /// ~14 to ~6 per GiB.
     fn schedule_probes(&mut self, link_moved: bool, link_faster: bool) {
         let t_cur = self.predict(self.current);
-        let max_gap = self.cfg.max_probe_gap.max(self.cfg.probe_gap);
+        let max_gap = self.max_gap();
         for i in 0..self.cands.len() {
             let beyond = |t: f64| t_cur.is_some_and(|c| t > c * self.cfg.backoff_above);
             let far = self.predict(i).is_some_and(beyond);
@@ -573,6 +598,27 @@ impl Policy {
         p.wire_cur += wire_cur as f64;
         p.secs += secs;
         p.secs_cur += secs_cur;
+    }
+
+    /// A sampled probe ([`Choice::sample`]) compressed `raw` bytes of a batch with candidate
+    /// `i` into `wire` bytes in `secs` of codec time. The batch itself is recorded as usual.
+    pub fn record_sample(&mut self, i: usize, raw: u64, wire: u64, secs: f64) {
+        self.probe_secs += secs;
+        if raw == 0 {
+            // Zero pages only: measured nothing; the next batch samples again.
+            self.since_probe = self.cfg.probe_gap.max(2);
+            self.due[i] = self.batches;
+            return;
+        }
+        // The worker's whole time with `i` on these bytes: its codec time plus what the current
+        // candidate's worker spends per byte besides the codec (scan, checksums).
+        let cur = self.est[self.current];
+        let besides = cur.loaded.map(|l| l.0).or(cur.cpu_rate).map_or(0.0, |r| raw as f64 / r);
+        let a = &mut self.win[i];
+        a.raw += raw;
+        a.wire += wire;
+        a.secs += secs + besides;
+        self.report.shares[i].sampled += 1;
     }
 
     /// Candidate `i`'s wire bytes per raw byte and one worker's raw bytes per second, as far

@@ -49,6 +49,14 @@ impl World {
                 None => (0.0, BATCH),
             };
             p.record(&ch, BATCH, wire, secs);
+            let mut sampled = 0.0;
+            if let Some(j) = ch.sample {
+                let &(_, rate, ratio) = self.cpu.iter().find(|c| c.0 == p.candidates()[j]).expect("samples compressors");
+                let raw = SAMPLE_BYTES as f64;
+                sampled = raw / rate;
+                p.record_sample(j, SAMPLE_BYTES as u64, (raw / ratio) as u64, sampled);
+            }
+            let secs = secs + sampled;
             let link_s = wire as f64 / self.link;
             self.now += (secs / self.cores).max(link_s);
             wire_w += wire;
@@ -124,10 +132,12 @@ fn a_changing_link_changes_the_choice() {
 fn candidates_are_probed_but_cheaply() {
     let mut w = World::new(2e9, 1.0);
     let mut p = w.policy();
-    let used = w.run(&mut p, 4000);
-    // Every candidate was measured ...
+    w.run(&mut p, 4000);
+    // Every candidate was measured (a whole batch, or a slice of one once out of the race) ...
+    let r = p.report();
     for c in &w.cpu {
-        assert!(used.get(&c.0).copied().unwrap_or(0) >= 2, "{} never probed: {used:?}", c.0);
+        let s = r.shares.iter().find(|s| s.candidate == c.0.to_string()).unwrap();
+        assert!(s.batches + s.sampled >= 2, "{} never probed: {r:?}", c.0);
     }
     // ... and probes stayed a small share of the batches.
     let probes: u64 = p.report().shares.iter().map(|s| s.probes).sum();
@@ -281,9 +291,14 @@ fn a_compressor_whose_worker_stage_alone_loses_backs_off_at_once() {
     assert!(p.gap.iter().skip(1).all(|&g| g == p.cfg.max_probe_gap), "{:?}", p.gap);
     w.run(&mut p, 2048 - 12);
     assert_eq!(p.current(), Candidate::none());
-    // 5 compressors: one probe each before the first decision, then one per 1024 batches.
-    let probes: u64 = p.report().shares.iter().map(|s| s.probes).sum();
-    assert!(probes <= 5 * 3, "{probes} probes in 2048 batches: {}", p.report().summary());
+    // 5 compressors: one probe each before the first decision, then one per 1024 batches,
+    // on a slice of a batch that none carries.
+    let r = p.report();
+    let probes: u64 = r.shares.iter().map(|s| s.probes).sum();
+    let sampled: u64 = r.shares.iter().map(|s| s.sampled).sum();
+    assert_eq!(probes, 5, "{r:?}");
+    assert!((5..=10).contains(&sampled), "{sampled} sampled probes in 2048 batches: {r:?}");
+    assert_eq!(r.share_of("none"), 1.0 - 5.0 / 2048.0);
     // A link that gets faster (TCP ramping up on loopback) only puts them further behind:
     // their gaps stay; a slower one brings them back. (No CPU budget here: it alone would
     // hold the probes back in this short run.)
@@ -308,6 +323,31 @@ fn a_compressor_whose_worker_stage_alone_loses_backs_off_at_once() {
     w.run(&mut p, 12);
     let i = p.cands.iter().position(|c| c.to_string() == "zstd:-5").unwrap();
     assert_eq!(p.gap[i], p.cfg.probe_gap, "{:?}", p.gap);
+}
+
+#[test]
+fn samples_keep_measuring_compressors_out_of_the_race_and_a_slower_link_brings_whole_probes_back() {
+    let mut w = World::new(2e9, 0.2);
+    let mut p = w.policy();
+    w.run(&mut p, 3000);
+    assert_eq!(p.current(), Candidate::none());
+    let r = p.report();
+    assert!(r.shares.iter().skip(1).all(|s| s.sampled >= 2), "every compressor sampled: {r:?}");
+    // What the samples measured is what the policy knows of them: each compressor's ratio.
+    for (i, c) in p.cands.iter().enumerate().skip(1) {
+        let want = 1.0 / w.cpu.iter().find(|x| x.0 == *c).unwrap().2;
+        let got = p.est[i].ratio.unwrap();
+        assert!((got - want).abs() < 0.01, "{c}: ratio estimate {got}, world {want}");
+    }
+    // The link drops to 100 Mbit/s: auto compresses, and probes are whole batches again
+    // (samples only while none carries the migration).
+    let before: u64 = r.shares.iter().map(|s| s.sampled).sum();
+    w.link = 12.5e6;
+    w.run(&mut p, 300);
+    assert!(p.current().compresses(), "{}", p.report().last_reason);
+    let r = p.report();
+    assert_eq!(r.shares.iter().map(|s| s.sampled).sum::<u64>(), before, "no samples while compressing: {r:?}");
+    assert!(r.shares.iter().map(|s| s.probes).sum::<u64>() > 5, "{r:?}");
 }
 
 #[test]

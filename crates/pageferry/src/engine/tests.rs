@@ -807,6 +807,42 @@ fn auto_pairs_its_probes_with_the_compressing_current_candidate() {
 }
 
 #[test]
+fn auto_keeps_measuring_a_compressor_out_of_the_race_on_slices_of_raw_batches() {
+    // Loopback, and compression allowed a hundredth of a core: zstd:3's worker stage alone
+    // loses to none by far, so after the first decision it is only sampled (a slice of a
+    // batch that goes raw, compressed and thrown away). The pages arrive intact.
+    let src = text_memory(32768);
+    let dst = empty_like(&src);
+    let auto = policy::AutoConfig {
+        candidates: vec!["zstd:3".parse().unwrap()],
+        max_cpu: Some(0.01),
+        window_batches: 16,
+        probe_gap: 4,
+        max_probe_gap: 8,
+        // The probes' CPU budget scales with the cores: here it would stop them all.
+        probe_cpu_share: 100.0,
+        ..Default::default()
+    };
+    let cfg = SourceConfig { auto: Some(auto), ..Default::default() };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (r, d) = std::thread::scope(|s| {
+        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &DestinationConfig::default()));
+        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress);
+        (r, d.join().unwrap())
+    });
+    let r = r.unwrap();
+    d.unwrap();
+    assert_eq!(src.digest(), dst.digest());
+    let a = r.auto.expect("auto report");
+    let z = a.shares.iter().find(|s| s.candidate == "zstd:3").expect("zstd:3 is a candidate");
+    // Whole probes only until the first decision with a link measurement, then samples.
+    assert!(z.sampled >= 3 && z.batches * 2 < z.sampled, "{a:?}");
+    assert_eq!(z.batches, z.probes, "{a:?}");
+    assert_eq!(a.switches, 0, "{a:?}");
+}
+
+#[test]
 fn auto_against_a_destination_restricted_to_one_method_uses_only_that_method() {
     let src = test_memory([2048, 256]);
     let dst = empty_like(&src);
