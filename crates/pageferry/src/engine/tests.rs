@@ -824,13 +824,7 @@ fn auto_keeps_measuring_a_compressor_out_of_the_race_on_slices_of_raw_batches() 
         ..Default::default()
     };
     let cfg = SourceConfig { auto: Some(auto), ..Default::default() };
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (r, d) = std::thread::scope(|s| {
-        let d = s.spawn(|| run_destination(&listener, &dst, &mut NoWorkload, &DestinationConfig::default()));
-        let r = run_source(&addr, &src, &mut StaticTracker::new(), &mut NoWorkload, &cfg, &NoProgress);
-        (r, d.join().unwrap())
-    });
+    let (r, d) = migrate(&src, &dst, &mut StaticTracker::new(), &mut NoWorkload, cfg);
     let r = r.unwrap();
     d.unwrap();
     assert_eq!(src.digest(), dst.digest());
