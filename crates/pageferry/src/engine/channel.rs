@@ -308,6 +308,22 @@ impl CodecClock {
     }
 }
 
+/// Compress `input` with `codec` into `out` (grown to the codec's bound) only to measure it, for
+/// auto's paired and sampled probes: the wire bytes it would take (its length when it did not
+/// shrink or the codec failed) and the codec's time ([`CodecClock`]).
+fn measure_compress(codec: &mut dyn Codec, input: &[u8], out: &mut Vec<u8>) -> (usize, f64) {
+    let need = codec.max_compressed_len(input.len());
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    let clock = CodecClock::start(codec.hardware());
+    let wire = match codec.compress(input, out) {
+        Ok(Some(n)) if n < input.len() => n,
+        _ => input.len(),
+    };
+    (wire, clock.secs())
+}
+
 /// What compressing a packet's pages gave.
 enum Compressed {
     Shrunk(Payload),
@@ -427,18 +443,8 @@ impl Worker {
                 let pages = n.min((super::policy::SAMPLE_BYTES / PAGE_SIZE) as u32);
                 self.sample_in.clear();
                 self.sample_in.extend_from_slice(view.run((first, pages)));
-                let codec = encoders.opened(j);
-                let len = self.sample_in.len();
-                let need = codec.max_compressed_len(len);
-                if self.shadow_out.len() < need {
-                    self.shadow_out.resize(need, 0);
-                }
-                let clock = CodecClock::start(codec.hardware());
-                let wire = match codec.compress(&self.sample_in, &mut self.shadow_out) {
-                    Ok(Some(k)) if k < len => k,
-                    _ => len,
-                };
-                (len as u64, wire as u64, clock.secs())
+                let (wire, secs) = measure_compress(encoders.opened(j), &self.sample_in, &mut self.shadow_out);
+                (self.sample_in.len() as u64, wire as u64, secs)
             }
         };
         selector.record_sample(j, raw, wire, secs);
@@ -490,19 +496,10 @@ impl Worker {
             // auto's paired probe: the current candidate on the same bytes, for comparison.
             let secs = clock.secs();
             let wire = got.filter(|&n| n < n_bytes).unwrap_or(n_bytes);
-            let shadow = encoders.opened(j);
-            let need = shadow.max_compressed_len(n_bytes);
-            if self.shadow_out.len() < need {
-                self.shadow_out.resize(need, 0);
-            }
-            let clock = CodecClock::start(shadow.hardware());
             let wall = std::time::Instant::now();
-            let wire_cur = match shadow.compress(input, &mut self.shadow_out) {
-                Ok(Some(n)) if n < n_bytes => n,
-                _ => n_bytes,
-            };
+            let (wire_cur, secs_cur) = measure_compress(encoders.opened(j), input, &mut self.shadow_out);
             let p = &mut self.paired;
-            *p = (p.0 + n_bytes as u64, p.1 + wire as u64, p.2 + wire_cur as u64, p.3 + secs, p.4 + clock.secs());
+            *p = (p.0 + n_bytes as u64, p.1 + wire as u64, p.2 + wire_cur as u64, p.3 + secs, p.4 + secs_cur);
             // Not the probe's work: the policy's.
             self.learned.2 += wall.elapsed().as_secs_f64();
         }

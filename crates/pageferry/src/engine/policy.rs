@@ -565,9 +565,7 @@ impl Policy {
         if choice.probe {
             self.probe_secs += secs;
             if raw == 0 {
-                // Zero pages only: the probe measured nothing; the next batch probes again.
-                self.since_probe = self.cfg.probe_gap.max(2);
-                self.due[choice.index] = self.batches;
+                self.probe_again(choice.index);
             }
         }
         let s = &mut self.report.shares[choice.index];
@@ -600,14 +598,19 @@ impl Policy {
         p.secs_cur += secs_cur;
     }
 
+    /// A probe of candidate `i` (whole or sampled) drew zero pages only and measured nothing:
+    /// the next batch probes it again.
+    fn probe_again(&mut self, i: usize) {
+        self.since_probe = self.cfg.probe_gap.max(2);
+        self.due[i] = self.batches;
+    }
+
     /// A sampled probe ([`Choice::sample`]) compressed `raw` bytes of a batch with candidate
     /// `i` into `wire` bytes in `secs` of codec time. The batch itself is recorded as usual.
     pub fn record_sample(&mut self, i: usize, raw: u64, wire: u64, secs: f64) {
         self.probe_secs += secs;
         if raw == 0 {
-            // Zero pages only: measured nothing; the next batch samples again.
-            self.since_probe = self.cfg.probe_gap.max(2);
-            self.due[i] = self.batches;
+            self.probe_again(i);
             return;
         }
         // The worker's whole time with `i` on these bytes: its codec time plus what the current
